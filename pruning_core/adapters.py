@@ -1,0 +1,243 @@
+"""Architecture adapters: one per model family, naming projections, head layout and norms.
+
+Every architecture-specific fact lives here; the rest of the core asks the adapter. Supported:
+Llama-like decoders (Llama, Mistral, Qwen2, SmolLM: SwiGLU MLP, RMSNorm, GQA, optional q/k/v bias)
+and OPT (fc1/fc2 with biases, LayerNorm, learned positions, MHA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping `idx` along `dim` (0: output rows, 1: input columns); bias follows rows."""
+    w = lin.weight.data.index_select(dim, idx.to(lin.weight.device)).clone()
+    bias = lin.bias is not None
+    out_f, in_f = w.shape
+    new = nn.Linear(in_f, out_f, bias=bias, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if bias:
+        b = lin.bias.data
+        new.bias.data.copy_(b.index_select(0, idx.to(b.device)) if dim == 0 else b)
+    new.weight.requires_grad_(lin.weight.requires_grad)
+    return new
+
+
+def _idx(keep: list[int]) -> torch.Tensor:
+    return torch.as_tensor(sorted(keep), dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    kind: str = "decoder"  # "decoder" or a replacement kind registered in `modules`
+
+
+class Adapter:
+    """Base: subclasses fill in names; methods here are written once against those names."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    q, k, v, o = "q_proj", "k_proj", "v_proj", "o_proj"
+    mlp_in: tuple[str, ...] = ()  # modules whose output rows are FFN channels
+    mlp_out: str = ""  # module whose input columns are FFN channels
+    attn_path: str = "self_attn"
+    mlp_path: str = "mlp"
+
+    # -- navigation ------------------------------------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.decoder(model).layers
+
+    def attn(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.attn_path)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.mlp_path) if self.mlp_path else layer
+
+    def proj(self, layer: nn.Module, name: str) -> nn.Linear:
+        if name in (self.q, self.k, self.v, self.o):
+            return getattr(self.attn(layer), name)
+        return getattr(self.mlp(layer), name)
+
+    def module_name(self, name: str) -> str:
+        """Path of a projection relative to the decoder layer (for hooks)."""
+        if name in (self.q, self.k, self.v, self.o):
+            return f"{self.attn_path}.{name}"
+        return f"{self.mlp_path}.{name}" if self.mlp_path else name
+
+    # -- shapes ----------------------------------------------------------------------------------
+    def head_dim(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
+        kind = getattr(layer, "pruneflow_kind", "decoder")
+        if kind != "decoder":
+            return LayerShape(0, 0, self.head_dim(model), 0, kind)
+        hd = self.head_dim(model)
+        n_q = self.proj(layer, self.q).out_features // hd
+        n_kv = self.proj(layer, self.k).out_features // hd
+        ffn = self.proj(layer, self.mlp_out).in_features
+        return LayerShape(n_q, n_kv, hd, ffn)
+
+    def shapes(self, model: nn.Module) -> list[LayerShape]:
+        return [self.layer_shape(model, layer) for layer in self.layers(model)]
+
+    # -- surgery ---------------------------------------------------------------------------------
+    def prune_heads(self, model: nn.Module, layer: nn.Module, keep_q: list[int], keep_kv: list[int]) -> None:
+        """Physically keep query heads `keep_q` and KV heads `keep_kv` (GQA grouping checked)."""
+        hd = self.head_dim(model)
+        shape = self.layer_shape(model, layer)
+        if not keep_q or not keep_kv:
+            raise ConfigError("ratio", 1.0, "a ratio that keeps at least one head per layer")
+        rep = shape.n_heads // shape.n_kv_heads
+        groups = {q // rep for q in keep_q}
+        if not groups <= set(keep_kv):
+            raise ConfigError("plan.heads", sorted(keep_q), f"query heads whose KV groups {sorted(keep_kv)} are kept")
+        per_group = [sum(1 for q in keep_q if q // rep == g) for g in sorted(keep_kv)]
+        if len(set(per_group)) != 1:
+            raise ConfigError(
+                "plan.heads", sorted(keep_q), "the same number of query heads in every kept KV group (GQA)"
+            )
+        qi = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in sorted(keep_q)])
+        kvi = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in sorted(keep_kv)])
+        attn = self.attn(layer)
+        setattr(attn, self.q, _slice_linear(getattr(attn, self.q), qi, 0))
+        setattr(attn, self.k, _slice_linear(getattr(attn, self.k), kvi, 0))
+        setattr(attn, self.v, _slice_linear(getattr(attn, self.v), kvi, 0))
+        setattr(attn, self.o, _slice_linear(getattr(attn, self.o), qi, 1))
+        self._set_head_attrs(attn, len(keep_q), len(keep_kv))
+
+    def _set_head_attrs(self, attn: nn.Module, n_q: int, n_kv: int) -> None:
+        raise NotImplementedError
+
+    def prune_ffn(self, layer: nn.Module, keep: list[int]) -> None:
+        if not keep:
+            raise ConfigError("ratio", 1.0, "a ratio that keeps at least one FFN channel per layer")
+        idx = _idx(keep)
+        mlp = self.mlp(layer)
+        for name in self.mlp_in:
+            setattr(mlp, name, _slice_linear(getattr(mlp, name), idx, 0))
+        setattr(mlp, self.mlp_out, _slice_linear(getattr(mlp, self.mlp_out), idx, 1))
+
+    def renumber(self, model: nn.Module) -> None:
+        """Give kept layers consecutive `layer_idx` (KV cache slots) and fix per-layer config lists."""
+        layers = self.layers(model)
+        for i, layer in enumerate(layers):
+            layer.layer_idx = i if hasattr(layer, "layer_idx") else getattr(layer, "layer_idx", None)
+            attn = getattr(layer, self.attn_path.split(".")[0], None)
+            if attn is not None and hasattr(attn, "layer_idx"):
+                attn.layer_idx = i
+
+    # -- config ----------------------------------------------------------------------------------
+    def stock_config(self, config, shapes: list[LayerShape]) -> dict | None:
+        """Config updates that let stock transformers build this shape, or None if it can't."""
+        raise NotImplementedError
+
+    def ffn_sizes_key(self) -> str:
+        raise NotImplementedError
+
+
+class LlamaAdapter(Adapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "smollm3")
+    mlp_in = ("gate_proj", "up_proj")
+    mlp_out = "down_proj"
+
+    def decoder(self, model):
+        return model.model
+
+    def head_dim(self, model):
+        c = model.config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def _set_head_attrs(self, attn, n_q, n_kv):
+        attn.num_key_value_groups = n_q // n_kv
+        for a, v in (("num_heads", n_q), ("num_key_value_heads", n_kv)):
+            if hasattr(attn, a):
+                setattr(attn, a, v)
+
+    def stock_config(self, config, shapes):
+        kinds = {s.kind for s in shapes}
+        uniq = {(s.n_heads, s.n_kv_heads, s.ffn) for s in shapes}
+        if kinds != {"decoder"} or len(uniq) != 1:
+            return None
+        n_q, n_kv, ffn = uniq.pop()
+        upd = {
+            "num_hidden_layers": len(shapes),
+            "num_attention_heads": n_q,
+            "num_key_value_heads": n_kv,
+            "intermediate_size": ffn,
+            "head_dim": shapes[0].head_dim,
+        }
+        if getattr(config, "layer_types", None) is not None:
+            upd["layer_types"] = None  # filled by the caller with the kept layers' types
+        return upd
+
+    def ffn_sizes_key(self):
+        return "intermediate_size"
+
+
+class OPTAdapter(Adapter):
+    family = "opt"
+    model_types = ("opt",)
+    o = "out_proj"
+    mlp_in = ("fc1",)
+    mlp_out = "fc2"
+    mlp_path = ""
+
+    def decoder(self, model):
+        return model.model.decoder
+
+    def head_dim(self, model):
+        c = model.config
+        return c.hidden_size // c.num_attention_heads
+
+    def _set_head_attrs(self, attn, n_q, n_kv):
+        attn.num_heads = n_q
+
+    def layer_shape(self, model, layer):
+        s = super().layer_shape(model, layer)
+        return s
+
+    def stock_config(self, config, shapes):
+        kinds = {s.kind for s in shapes}
+        uniq = {(s.n_heads, s.ffn) for s in shapes}
+        if kinds != {"decoder"} or len(uniq) != 1:
+            return None
+        n_q, ffn = uniq.pop()
+        if n_q != config.num_attention_heads:  # OPT derives head_dim from hidden/heads: heads can't change
+            return None
+        return {"num_hidden_layers": len(shapes), "ffn_dim": ffn}
+
+    def ffn_sizes_key(self):
+        return "ffn_dim"
+
+
+ADAPTERS: dict[str, Adapter] = {}
+for _a in (LlamaAdapter(), OPTAdapter()):
+    for _t in _a.model_types:
+        ADAPTERS[_t] = _a
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(model_or_config) -> Adapter:
+    config = getattr(model_or_config, "config", model_or_config)
+    mt = getattr(config, "model_type", None)
+    if mt not in ADAPTERS:
+        raise ConfigError("model.architecture", mt, ", ".join(supported_architectures()))
+    return ADAPTERS[mt]

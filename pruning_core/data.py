@@ -1,0 +1,148 @@
+"""Text sources and the calibration set.
+
+The embedded default is the English prose that ships with every CPython (`pydoc_data.topics`):
+79 topics, ~113k SmolLM2 tokens. It is split *by topic*, deterministically, so the parts never
+overlap: walking the topics in sorted order, a topic goes to the evaluation part while that part
+holds less than 20 % of the characters seen so far; the rest is training text (calibration and
+recovery fine-tuning).
+
+Other sources: a local `.txt` / `.jsonl` (field `text`) / `.parquet` (column `text`) file, or a
+Hugging Face dataset `hf:<name>[:<config>]` (only when the hub is reachable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, DataError
+
+DEFAULT_SOURCE = "pydoc"
+SPLITS = ("train", "eval", "all")
+EVAL_FRACTION = 0.2
+
+
+def pydoc_topics() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    return dict(topics)
+
+
+def _pydoc_text(split: str) -> str:
+    topics = pydoc_topics()
+    keys = sorted(topics)
+    docs = [topics[k] for k in keys]
+    return "\n\n".join(_split_docs(docs, split))
+
+
+def _file_texts(path: Path) -> list[str]:
+    suf = path.suffix.lower()
+    if suf == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suf == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "text" not in row:
+                raise DataError("calibration.source", str(path), f"JSON lines with a 'text' field (line {n + 1})")
+            out.append(row["text"])
+        return out
+    if suf == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise DataError("calibration.source", str(path), "a parquet file with a 'text' column")
+        return [t for t in table.column("text").to_pylist() if t]
+    raise DataError("calibration.source", str(path), "a .txt, .jsonl or .parquet file, 'pydoc', or 'hf:<dataset>'")
+
+
+def eval_mask(lengths: list[int], fraction: float = EVAL_FRACTION) -> list[bool]:
+    """Deterministic, order-based split: a document goes to eval while eval holds less than
+    `fraction` of the characters seen so far. Whole documents, so the parts never overlap."""
+    mask, seen, in_eval = [], 0, 0
+    for n in lengths:
+        seen += n
+        e = in_eval < fraction * seen
+        in_eval += n if e else 0
+        mask.append(e)
+    return mask
+
+
+def _split_docs(docs: list[str], split: str) -> list[str]:
+    if split == "all":
+        return docs
+    if len(docs) == 1:  # one long document: split by paragraphs, the same rule as topics
+        docs = [p for p in docs[0].split("\n\n") if p.strip()]
+    mask = eval_mask([len(d) for d in docs])
+    return [d for d, e in zip(docs, mask) if e == (split == "eval")]
+
+
+def load_text(source: str = DEFAULT_SOURCE, split: str = "train") -> str:
+    """The text of `source` restricted to `split` ("train", "eval" or "all")."""
+    if split not in SPLITS:
+        raise ConfigError("split", split, ", ".join(SPLITS))
+    if source in (None, "", DEFAULT_SOURCE):
+        return _pydoc_text(split)
+    if source.startswith("hf:"):
+        return "\n\n".join(_split_docs(_hf_texts(source[3:]), split))
+    path = Path(os.path.expanduser(source))
+    if not path.exists():
+        raise DataError("calibration.source", source, "an existing .txt/.jsonl/.parquet path, 'pydoc' or 'hf:<dataset>'")
+    return "\n\n".join(_split_docs(_file_texts(path), split))
+
+
+def _hf_texts(spec: str) -> list[str]:
+    parts = spec.split(":")
+    name, config = parts[0], (parts[1] if len(parts) > 1 else None)
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError("calibration.source", "hf:" + spec, "a local file or 'pydoc' (the hub is offline: HF_HUB_OFFLINE=1)")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split="train")
+    except Exception as e:  # network, missing dataset
+        raise DataError("calibration.source", "hf:" + spec, "a reachable Hugging Face dataset", str(e)[:120]) from e
+    col = "text" if "text" in ds.column_names else ds.column_names[0]
+    return [t for t in ds[col] if isinstance(t, str) and t]
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """One long 1-D stream of token ids (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def calibration_set(
+    tokenizer, source: str = DEFAULT_SOURCE, n_samples: int = 32, seq_len: int = 256, seed: int = 0, split: str = "train"
+) -> torch.Tensor:
+    """N x L token blocks: the stream is cut into L-token chunks and N distinct chunks are drawn (seeded)."""
+    if n_samples < 1:
+        raise ConfigError("calibration.n_samples", n_samples, "an integer >= 1")
+    if seq_len < 2:
+        raise ConfigError("calibration.seq_len", seq_len, "an integer >= 2")
+    ids = tokenize_text(tokenizer, load_text(source, split))
+    n_chunks = ids.numel() // seq_len
+    if n_chunks < n_samples:
+        raise DataError(
+            "calibration.n_samples",
+            n_samples,
+            f"at most {n_chunks} samples of {seq_len} tokens from {source!r} ({ids.numel()} tokens in split {split!r})",
+        )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_chunks, generator=g)[:n_samples].sort().values
+    return ids[: n_chunks * seq_len].view(n_chunks, seq_len)[pick].clone()
+
+
+def eval_tokens(tokenizer, source: str = DEFAULT_SOURCE) -> torch.Tensor:
+    return tokenize_text(tokenizer, load_text(source, "eval"))
+
+
+def digest_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()

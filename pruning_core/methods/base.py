@@ -1,0 +1,101 @@
+"""The method interface and its registry.
+
+A method is one module in `pruning_core/methods/`: a pydantic settings model (unknown keys
+rejected), pure scoring maths on tensors, and one `register(Method(...))` line. Two shapes exist:
+
+* **score-then-select** (`score` + `select`): scores depend on model + calibration statistics +
+  scoring settings, *not* on the ratio, so a sweep over ratios reuses them ("score once, prune
+  many"). `select` turns scores and a ratio into a `PrunePlan`; surgery applies it.
+* **coupled** (`prune`): selection and weight update are interleaved (SlimGPT's sequential OBS).
+  `prune` consumes the calibration token blocks directly, updates surviving weights in place and
+  returns the plan; surgery then removes the dead structures.
+
+Statistics a score-then-select method needs are named in `needs` and produced by
+`capture.capture_stats` (see its docstring for the keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import ConfigError
+
+Scores = dict[str, torch.Tensor]  # e.g. {"heads.3": [n_q], "ffn.3": [d_ff], "layers": [L]}
+
+
+class MethodSettings(BaseModel):
+    """Base for every method's settings: unknown keys are an error, values are validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    settings: type[MethodSettings]
+    paper: str = ""
+    targets: tuple[str, ...] = ("heads", "ffn")  # what it removes: heads, ffn, layers
+    needs: frozenset[str] = frozenset()  # capture requests (see capture.REQUESTS)
+    # score(model, adapter, stats, settings) -> Scores
+    score: Callable[..., Scores] | None = None
+    # select(model, adapter, scores, ratio, settings) -> PrunePlan
+    select: Callable[..., Any] | None = None
+    # prune(model, adapter, calib_ids, ratio, settings, device=...) -> PrunePlan (coupled methods)
+    prune: Callable[..., Any] | None = None
+    # optional: what the recovery step should do by default ("lora", "replacement", "none")
+    default_recovery: str = "none"
+    baseline_of: tuple[str, ...] = field(default=())
+
+    @property
+    def coupled(self) -> bool:
+        return self.prune is not None
+
+    def parse_settings(self, raw: dict | None) -> MethodSettings:
+        from pydantic import ValidationError
+
+        try:
+            return self.settings(**(raw or {}))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            field_info = self.settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+            accepted = err["msg"]
+            if err["type"] == "extra_forbidden":
+                accepted = "one of " + ", ".join(sorted(self.settings.model_fields)) if self.settings.model_fields else "no settings"
+            elif field_info is not None and field_info.description:
+                accepted = f"{err['msg']} ({field_info.description})"
+            raise ConfigError(f"method.settings.{loc}", err.get("input"), accepted) from None
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} registered twice")
+    if not method.coupled and (method.score is None or method.select is None):
+        raise ValueError(f"method {method.name!r} needs score+select or prune")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    from . import _load_all
+
+    _load_all()
+    if name not in REGISTRY:
+        raise ConfigError("method.name", name, ", ".join(sorted(REGISTRY)))
+    return REGISTRY[name]
+
+
+def list_methods() -> list[Method]:
+    from . import _load_all
+
+    _load_all()
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
