@@ -14,6 +14,7 @@ own forward call, so they are exactly what the installed transformers version pa
 `layer.{i}.mlp_gram`   same for the input of `down_proj` / `fc2` (request "mlp_gram")
 `layer.{i}.attn_in_sq` / `attn_in_sum`   per-channel sum of squares / sum of the o_proj input
 `layer.{i}.mlp_in_sq` / `mlp_in_sum`     same for the down_proj input (the FFN channels)
+`layer.{i}.mlp_out_sq` per-feature sum of squares of the down_proj / fc2 output (d_model)
 `layer.{i}.up_out_sq`  per-channel sum of squares of the up_proj (OPT: fc1) output
 `layer.{i}.attn_x_sq`  per-feature sum of squares of the (normed) input of q/k/v
 `layer.{i}.mlp_x_sq`   per-feature sum of squares of the (normed) input of gate/up (fc1)
@@ -36,7 +37,7 @@ from torch import nn
 
 from .adapters import Adapter
 
-REQUESTS = frozenset({"attn_gram", "mlp_gram", "cosine"})
+REQUESTS = frozenset({"norms", "attn_gram", "mlp_gram", "cosine"})  # "norms": the cheap vectors only
 
 
 class _Caught(Exception):
@@ -250,7 +251,8 @@ def stat_hooks(adapter: Adapter, acc: _Acc, prefix: str, requests: frozenset[str
         if "attn_gram" in requests:
             acc.gram(prefix + "attn_gram", x)
 
-    def on_down(x, _y):
+    def on_down(x, y):
+        acc.vec(prefix + "mlp_out_sq", y)
         acc.vec(prefix + "mlp_in_sq", x)
         acc.vec(prefix + "mlp_in_sum", x, square=False)
         if "mlp_gram" in requests:

@@ -1,0 +1,320 @@
+"""LLM-Rank: weighted PageRank over the FFNs seen as a layered graph (FFN channels removed).
+
+Paper: Hoffmann, Budhathoki, Kleindessner, "LLM-Rank: A Graph Theoretical Approach to Pruning
+Large Language Models", arXiv 2410.13299 (2024); the MLP version ("MLP-Rank") is the same scorer
+applied to plain perceptrons (see `pruning_core.mlp`). Spec: `shared/specs/llm-rank.md` §1.3.
+
+Each Linear layer with weight W (n_out x n_in) is a bipartite slice of a DAG: edge j -> i with
+weight |W[i,j]|, adjacency A[i,j] = (W[i,j] != 0). With p the (per-layer normalised) importance of
+the layer's input nodes and a_out the calibration L2 norm of its output nodes:
+
+    c_j  = sum_i |W[i,j]|          d_j = sum_i A[i,j]        (column strength / mask-aware out-degree)
+    M p  = theta * |W| (p / c) + (1 - theta) * A (p / d)      (0/0 -> 0)
+    p'   = normalise( gamma * M p + (1 - gamma) * a_out / sum(a_out) )
+
+One forward sweep in topological order is the exact fixed point (the graph is a DAG). Only the
+column vectors c, d and two mat-vecs are needed; W is read in row chunks so no dense temporary
+larger than one chunk is made (`_CHUNK_ELEMS`).
+
+Defaults and why:
+* gamma = 0.9, theta = 0.5: the MLP-Rank code's defaults. The released LLM code uses gamma = 0,
+  where the score *is* the activation norm of the channel (the propagated prior is multiplied by
+  0), so "LLM-Rank" with gamma = 0 is the activation baseline and chained == isolated. gamma > 0 is
+  what makes the method a graph method, so it is the default here; gamma is settable.
+* theta only matters once a layer has zero weights: on a dense layer A (p/d) = sum(p)/n_out is the
+  same for every node, so it shifts all scores by a constant and never changes the ranking.
+* node = "up": the channel's activation is the up_proj (OPT: fc1) output norm, as upstream.
+  "down_in" uses the norm of the down_proj input h = silu(gate) * up (OPT: relu(fc1)), the value
+  the channel actually writes with; it is the better-founded choice and a setting.
+* pipeline = "chained": the FFNs form one deep graph up_0 -> down_0 -> up_1 -> ..., the residual
+  stream being an identity link (attention and norms ignored, as in the paper); "isolated" scores
+  each FFN as its own 2-layer graph with the FFN input norm as prior.
+* allocation "local" removes round(n * ratio) lowest channels in every layer (the paper's
+  "uniform"). "global" ranks all layers together; because every layer's scores sum to 1, a wide
+  layer's scores are smaller (mean 1/n) and the upstream global pruner over-prunes wide layers. We
+  correct that bias by comparing n_l * score (each layer's scores then have mean 1), and keep at
+  least one channel per layer.
+
+The unit removed is the FFN intermediate channel: SwiGLU gate row, up row and down column; OPT fc1
+row with its bias and fc2 column. Edges into a channel are up_proj's (OPT: fc1's) row, as upstream;
+the gate is not part of the graph. Baseline "mpr" (the repo's ModifiedPageRank):
+score_i = (|W| p)_i * a_out_i, normalised per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import ConfigError, DataError
+from ..plan import LayerPlan, PrunePlan
+from ..surgery import count_params
+from .base import Method, MethodSettings, register
+
+_CHUNK_ELEMS = 1 << 22  # rows of W are read in chunks of at most ~4M elements (32 MB in fp64)
+_DT = torch.float64
+
+
+# ------------------------------------------------------------------------------------------------
+# pure maths on tensors
+# ------------------------------------------------------------------------------------------------
+def normalise(v: torch.Tensor) -> torch.Tensor:
+    """v / sum(v) in fp64; a vector with zero (or non-finite) sum becomes uniform."""
+    v = v.to(_DT).clamp_min(0)
+    s = float(v.sum())
+    if not math.isfinite(s) or s <= 0:
+        return torch.full_like(v, 1.0 / max(1, v.numel()))
+    return v / s
+
+
+def _row_chunks(w: torch.Tensor):
+    step = max(1, _CHUNK_ELEMS // max(1, w.shape[1]))
+    for r in range(0, w.shape[0], step):
+        yield r, w[r : r + step].to(_DT)
+
+
+def column_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, d): column sums of |W| and the number of non-zero entries per column (out-degree)."""
+    c = torch.zeros(w.shape[1], dtype=_DT, device=w.device)
+    d = torch.zeros(w.shape[1], dtype=_DT, device=w.device)
+    for _, ch in _row_chunks(w):
+        c += ch.abs().sum(0)
+        d += (ch != 0).sum(0).to(_DT)
+    return c, d
+
+
+def transition(w: torch.Tensor, p: torch.Tensor, theta: float) -> torch.Tensor:
+    """M p with M = theta * |W|/c + (1 - theta) * A/d (column-stochastic, 0/0 -> 0), chunked."""
+    p = p.to(device=w.device, dtype=_DT)
+    if p.numel() != w.shape[1]:
+        raise DataError("prior", int(p.numel()), f"a vector with one entry per input of a {tuple(w.shape)} weight")
+    c, d = column_stats(w)
+    pw = torch.where(c > 0, p / c.clamp_min(1e-300), torch.zeros_like(p))
+    pd = torch.where(d > 0, p / d.clamp_min(1.0), torch.zeros_like(p))
+    out = torch.empty(w.shape[0], dtype=_DT, device=w.device)
+    for r, ch in _row_chunks(w):
+        term = theta * (ch.abs() @ pw)
+        if theta != 1:
+            term += (1 - theta) * ((ch != 0).to(_DT) @ pd)
+        out[r : r + ch.shape[0]] = term
+    return out
+
+
+def wpr_layer(w: torch.Tensor, prior: torch.Tensor, a_out: torch.Tensor, gamma: float, theta: float) -> torch.Tensor:
+    """One layer of the modified weighted PageRank: normalise(gamma M p + (1 - gamma) beta)."""
+    beta = normalise(a_out.to(w.device))
+    if gamma == 0:
+        return beta
+    return normalise(gamma * transition(w, normalise(prior), theta) + (1 - gamma) * beta)
+
+
+def wpr_chain(
+    weights: list[torch.Tensor], a_in: torch.Tensor, a_outs: list[torch.Tensor], gamma: float, theta: float
+) -> list[torch.Tensor]:
+    """The exact fixed point on a chain of layers (a DAG): one sweep, p^(0) = normalise(a_in)."""
+    p, out = normalise(a_in), []
+    for w, a in zip(weights, a_outs):
+        p = wpr_layer(w, p, a, gamma, theta)
+        out.append(p)
+    return out
+
+
+def mpr_layer(w: torch.Tensor, prior: torch.Tensor, a_out: torch.Tensor) -> torch.Tensor:
+    """The repo's ModifiedPageRank baseline: normalise((|W| p) * a_out), no transition normalising."""
+    p = normalise(prior).to(w.device)
+    out = torch.empty(w.shape[0], dtype=_DT, device=w.device)
+    for r, ch in _row_chunks(w):
+        out[r : r + ch.shape[0]] = ch.abs() @ p
+    return normalise(out * a_out.to(device=w.device, dtype=_DT))
+
+
+def keep_local(scores: torch.Tensor, ratio: float) -> list[int]:
+    """Indices kept when the round(n * ratio) lowest scores are removed (ties: lower index goes first)."""
+    n = scores.numel()
+    k = min(n - 1, int(round(n * ratio)))
+    order = torch.sort(scores.double().cpu(), stable=True).indices
+    return sorted(order[max(0, k) :].tolist())
+
+
+def keep_global(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
+    """Global allocation with the per-layer normalisation bias corrected: compare n_l * s (each
+    layer's mean becomes 1), remove the round(N * ratio) lowest overall, keep >= 1 per layer."""
+    sizes = [s.numel() for s in scores]
+    corrected = torch.cat([s.double().cpu() * n / max(float(s.double().sum()), 1e-300) for s, n in zip(scores, sizes)])
+    layer_of = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+    local_idx = torch.cat([torch.arange(n) for n in sizes])
+    order = torch.sort(corrected, stable=True).indices
+    lay = layer_of[order]
+    # rank of each candidate within its own layer (ascending order is preserved within a layer)
+    onehot = torch.nn.functional.one_hot(lay, len(sizes))
+    within = (onehot.cumsum(0) * onehot).sum(1) - 1
+    eligible = within < torch.as_tensor(sizes)[lay] - 1
+    k = int(round(sum(sizes) * ratio))
+    removed = order[eligible][:k]
+    keep = [set(range(n)) for n in sizes]
+    for g in removed.tolist():
+        keep[int(layer_of[g])].discard(int(local_idx[g]))
+    return [sorted(s) for s in keep]
+
+
+# ------------------------------------------------------------------------------------------------
+# settings, scoring and selection on decoders
+# ------------------------------------------------------------------------------------------------
+Pipeline = Literal["isolated", "chained"]
+Node = Literal["up", "down_in"]
+Allocation = Literal["local", "global"]
+
+
+class LLMRankSettings(MethodSettings):
+    gamma: float = Field(0.9, ge=0.0, le=1.0, description="damping in [0, 1]; 0 = activation norm")
+    theta: float = Field(0.5, ge=0.0, le=1.0, description="weight vs degree transition mix in [0, 1]")
+    pipeline: Pipeline = Field("chained", description="'isolated' or 'chained'")
+    node: Node = Field("up", description="'up' (up_proj output) or 'down_in' (down_proj input)")
+    allocation: Allocation = Field("local", description="'local' (uniform) or 'global'")
+
+
+class MPRSettings(MethodSettings):
+    pipeline: Pipeline = Field("chained", description="'isolated' or 'chained'")
+    node: Node = Field("up", description="'up' (up_proj output) or 'down_in' (down_proj input)")
+    allocation: Allocation = Field("local", description="'local' (uniform) or 'global'")
+
+
+def _norm(stats: dict, key: str) -> torch.Tensor:
+    if key not in stats:
+        raise DataError("stats", key, "statistics from pruning_core.capture.capture_stats (per-layer sums of squares)")
+    return stats[key].to(_DT).clamp_min(0).sqrt()
+
+
+def _decoder_layers(model, adapter):
+    for i, layer in enumerate(adapter.layers(model)):
+        if getattr(layer, "pruneflow_kind", "decoder") == "decoder":
+            yield i, layer
+
+
+def rank_ffn(model, adapter, stats: dict, settings, kind: str = "wpr") -> dict[str, torch.Tensor]:
+    """Scores {"ffn.{i}": [d_ff]} of every decoder layer's FFN channels (higher = more important)."""
+    node_key = "up_out_sq" if settings.node == "up" else "mlp_in_sq"
+    chained = settings.pipeline == "chained"
+    gamma = getattr(settings, "gamma", 0.0)
+    theta = getattr(settings, "theta", 0.5)
+    scores: dict[str, torch.Tensor] = {}
+    prior = None  # importance of the residual-stream nodes entering the next FFN (chained)
+    with torch.no_grad():
+        for i, layer in _decoder_layers(model, adapter):
+            up = adapter.proj(layer, adapter.mlp_in[-1]).weight.detach()
+            down = adapter.proj(layer, adapter.mlp_out).weight.detach()
+            node = _norm(stats, f"layer.{i}.{node_key}")
+            if prior is None or not chained:
+                prior = _norm(stats, f"layer.{i}.mlp_x_sq")
+            if kind == "wpr":
+                p_up = wpr_layer(up, prior, node, gamma, theta)
+            else:
+                p_up = mpr_layer(up, prior, node)
+            scores[f"ffn.{i}"] = p_up.float().cpu()
+            if chained and (kind != "wpr" or gamma > 0):
+                out = _norm(stats, f"layer.{i}.mlp_out_sq")
+                prior = wpr_layer(down, p_up, out, gamma, theta) if kind == "wpr" else mpr_layer(down, p_up, out)
+    return scores
+
+
+def _score_wpr(model, adapter, stats, settings):
+    return rank_ffn(model, adapter, stats, settings, kind="wpr")
+
+
+def _score_mpr(model, adapter, stats, settings):
+    return rank_ffn(model, adapter, stats, settings, kind="mpr")
+
+
+def _check_ratio(ratio) -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ConfigError("ratio", ratio, "a number in [0, 1)") from None
+    if not (0.0 <= r < 1.0) or not math.isfinite(r):
+        raise ConfigError("ratio", ratio, "a number in [0, 1)")
+    return r
+
+
+def ffn_params_per_channel(adapter, layer) -> int:
+    """Parameters one FFN channel owns: a row (+ bias) of every mlp_in projection and a down column."""
+    n = 0
+    for name in adapter.mlp_in:
+        lin = adapter.proj(layer, name)
+        n += lin.in_features + (1 if lin.bias is not None else 0)
+    n += adapter.proj(layer, adapter.mlp_out).out_features
+    return n
+
+
+def select_ffn(model, adapter, scores: dict, ratio: float, settings, method: str = "llm-rank") -> PrunePlan:
+    """A PrunePlan keeping the highest-scoring FFN channels (local or global allocation)."""
+    r = _check_ratio(ratio)
+    layers = adapter.layers(model)
+    idx = [i for i, _ in _decoder_layers(model, adapter)]
+    missing = [i for i in idx if f"ffn.{i}" not in scores]
+    if missing:
+        raise DataError("scores", f"ffn.{missing[0]}", "scores for every decoder layer's FFN (ffn.{i})")
+    if settings.allocation == "global":
+        keeps = keep_global([scores[f"ffn.{i}"] for i in idx], r)
+    else:
+        keeps = [keep_local(scores[f"ffn.{i}"], r) for i in idx]
+    by_layer = dict(zip(idx, keeps))
+    before = count_params(model)
+    removed, per_layer, plans = 0, [], []
+    for i, layer in enumerate(layers):
+        if i not in by_layer:
+            plans.append(LayerPlan(i))
+            per_layer.append(0.0)
+            continue
+        n = scores[f"ffn.{i}"].numel()
+        keep = by_layer[i]
+        removed += (n - len(keep)) * ffn_params_per_channel(adapter, layer)
+        per_layer.append(1 - len(keep) / n)
+        plans.append(LayerPlan(i, ffn=keep))
+    return PrunePlan(
+        method=method,
+        settings=settings.model_dump(),
+        layers=plans,
+        target_ratio=r,
+        params_before=before,
+        params_after=before - removed,
+        per_layer_ratio=per_layer,
+        notes={"unit": "ffn channel", "allocation": settings.allocation},
+    )
+
+
+def _select_wpr(model, adapter, scores, ratio, settings):
+    return select_ffn(model, adapter, scores, ratio, settings, method="llm-rank")
+
+
+def _select_mpr(model, adapter, scores, ratio, settings):
+    return select_ffn(model, adapter, scores, ratio, settings, method="mpr")
+
+
+register(
+    Method(
+        name="llm-rank",
+        summary="weighted PageRank over the FFN graph (activation norms as teleport); removes FFN channels",
+        settings=LLMRankSettings,
+        paper="Hoffmann et al., LLM-Rank, arXiv 2410.13299 (Sec. 3; MLP-Rank eq. for weighted PageRank)",
+        targets=("ffn",),
+        needs=frozenset(),
+        score=_score_wpr,
+        select=_select_wpr,
+    )
+)
+register(
+    Method(
+        name="mpr",
+        summary="modified PageRank baseline of LLM-Rank's code: (|W| p) * activation norm; removes FFN channels",
+        settings=MPRSettings,
+        paper="Hoffmann et al., LLM-Rank, arXiv 2410.13299 (code baseline ModifiedPageRank)",
+        targets=("ffn",),
+        needs=frozenset(),
+        score=_score_mpr,
+        select=_select_mpr,
+        baseline_of=("llm-rank",),
+    )
+)
