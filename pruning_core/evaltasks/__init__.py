@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 TASK_DIR = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ def _good_sentence(s: str) -> bool:
     return 25 <= len(s) <= 300 and len(s.split()) >= 5 and s[-1] in ".!?"
 
 
-@lru_cache(maxsize=None)
+@cache
 def next_sentence_items(n: int = N_NEXT_SENTENCE, seed: int = SEED) -> tuple[dict, ...]:
     """(sentence, true next sentence) pairs from the same paragraph; 3 distractors drawn from the
     other sentences of the eval text; option order shuffled with a fixed seed."""
@@ -87,7 +87,7 @@ def next_sentence_items(n: int = N_NEXT_SENTENCE, seed: int = SEED) -> tuple[dic
     return tuple(items)
 
 
-@lru_cache(maxsize=None)
+@cache
 def last_word_items(n: int = N_LAST_WORD, seed: int = SEED) -> tuple[dict, ...]:
     """LAMBADA-style cloze: the previous sentence plus the current one up to its last word; the
     target is that word (alphabetic, >= 3 letters) with its leading space; end punctuation dropped."""
@@ -110,7 +110,7 @@ def last_word_items(n: int = N_LAST_WORD, seed: int = SEED) -> tuple[dict, ...]:
     return tuple(items[:n])
 
 
-@lru_cache(maxsize=None)
+@cache
 def rolling_docs(min_chars: int = MIN_SECTION_CHARS) -> tuple[dict, ...]:
     """The eval text cut at its section titles (a line underlined with *** / === / ---), short
     sections merged into the next, so each document is a wikitext-like page."""
