@@ -21,8 +21,11 @@ Defaults and why:
   where the score *is* the activation norm of the channel (the propagated prior is multiplied by
   0), so "LLM-Rank" with gamma = 0 is the activation baseline and chained == isolated. gamma > 0 is
   what makes the method a graph method, so it is the default here; gamma is settable.
-* theta only matters once a layer has zero weights: on a dense layer A (p/d) = sum(p)/n_out is the
-  same for every node, so it shifts all scores by a constant and never changes the ranking.
+* theta: on a dense layer A (p/d) = sum(p)/n_out is the same for every node, so the degree term
+  only shifts all scores by a constant; theta then merely re-weights propagation against the
+  teleport ((gamma, theta) ranks exactly like (gamma*theta/(gamma*theta + 1 - gamma), 1)), and at
+  gamma = 1 it changes no ranking. The degree term itself differs between nodes only once a layer
+  has zero weights (e.g. after an earlier pruning), which is where theta matters on its own.
 * node = "up": the channel's activation is the up_proj (OPT: fc1) output norm, as upstream.
   "down_in" uses the norm of the down_proj input h = silu(gate) * up (OPT: relu(fc1)), the value
   the channel actually writes with; it is the better-founded choice and a setting.
@@ -49,9 +52,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
+from ..metrics import plan_params
 from ..plan import LayerPlan, PrunePlan
-from ..surgery import count_params
+from ..select import check_ratio, plan_from_scores
 from .base import Method, MethodSettings, register
 
 _CHUNK_ELEMS = 1 << 22  # rows of W are read in chunks of at most ~4M elements (32 MB in fp64)
@@ -90,7 +94,9 @@ def transition(w: torch.Tensor, p: torch.Tensor, theta: float) -> torch.Tensor:
     """M p with M = theta * |W|/c + (1 - theta) * A/d (column-stochastic, 0/0 -> 0), chunked."""
     p = p.to(device=w.device, dtype=_DT)
     if p.numel() != w.shape[1]:
-        raise DataError("prior", int(p.numel()), f"a vector with one entry per input of a {tuple(w.shape)} weight")
+        raise DataError(
+            "prior", int(p.numel()), f"a vector with one entry per input of a {tuple(w.shape)} weight"
+        )
     c, d = column_stats(w)
     pw = torch.where(c > 0, p / c.clamp_min(1e-300), torch.zeros_like(p))
     pd = torch.where(d > 0, p / d.clamp_min(1.0), torch.zeros_like(p))
@@ -103,7 +109,9 @@ def transition(w: torch.Tensor, p: torch.Tensor, theta: float) -> torch.Tensor:
     return out
 
 
-def wpr_layer(w: torch.Tensor, prior: torch.Tensor, a_out: torch.Tensor, gamma: float, theta: float) -> torch.Tensor:
+def wpr_layer(
+    w: torch.Tensor, prior: torch.Tensor, a_out: torch.Tensor, gamma: float, theta: float
+) -> torch.Tensor:
     """One layer of the modified weighted PageRank: normalise(gamma M p + (1 - gamma) beta)."""
     beta = normalise(a_out.to(w.device))
     if gamma == 0:
@@ -134,7 +142,7 @@ def mpr_layer(w: torch.Tensor, prior: torch.Tensor, a_out: torch.Tensor) -> torc
 def keep_local(scores: torch.Tensor, ratio: float) -> list[int]:
     """Indices kept when the round(n * ratio) lowest scores are removed (ties: lower index goes first)."""
     n = scores.numel()
-    k = min(n - 1, int(round(n * ratio)))
+    k = min(n - 1, int(math.floor(n * ratio + 0.5)))
     order = torch.sort(scores.double().cpu(), stable=True).indices
     return sorted(order[max(0, k) :].tolist())
 
@@ -143,7 +151,9 @@ def keep_global(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
     """Global allocation with the per-layer normalisation bias corrected: compare n_l * s (each
     layer's mean becomes 1), remove the round(N * ratio) lowest overall, keep >= 1 per layer."""
     sizes = [s.numel() for s in scores]
-    corrected = torch.cat([s.double().cpu() * n / max(float(s.double().sum()), 1e-300) for s, n in zip(scores, sizes)])
+    corrected = torch.cat(
+        [s.double().cpu() * n / max(float(s.double().sum()), 1e-300) for s, n in zip(scores, sizes)]
+    )
     layer_of = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
     local_idx = torch.cat([torch.arange(n) for n in sizes])
     order = torch.sort(corrected, stable=True).indices
@@ -152,7 +162,7 @@ def keep_global(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
     onehot = torch.nn.functional.one_hot(lay, len(sizes))
     within = (onehot.cumsum(0) * onehot).sum(1) - 1
     eligible = within < torch.as_tensor(sizes)[lay] - 1
-    k = int(round(sum(sizes) * ratio))
+    k = int(math.floor(sum(sizes) * ratio + 0.5))
     removed = order[eligible][:k]
     keep = [set(range(n)) for n in sizes]
     for g in removed.tolist():
@@ -184,7 +194,9 @@ class MPRSettings(MethodSettings):
 
 def _norm(stats: dict, key: str) -> torch.Tensor:
     if key not in stats:
-        raise DataError("stats", key, "statistics from pruning_core.capture.capture_stats (per-layer sums of squares)")
+        raise DataError(
+            "stats", key, "statistics from pruning_core.capture.capture_stats (per-layer sums of squares)"
+        )
     return stats[key].to(_DT).clamp_min(0).sqrt()
 
 
@@ -216,7 +228,9 @@ def rank_ffn(model, adapter, stats: dict, settings, kind: str = "wpr") -> dict[s
             scores[f"ffn.{i}"] = p_up.float().cpu()
             if chained and (kind != "wpr" or gamma > 0):
                 out = _norm(stats, f"layer.{i}.mlp_out_sq")
-                prior = wpr_layer(down, p_up, out, gamma, theta) if kind == "wpr" else mpr_layer(down, p_up, out)
+                prior = (
+                    wpr_layer(down, p_up, out, gamma, theta) if kind == "wpr" else mpr_layer(down, p_up, out)
+                )
     return scores
 
 
@@ -228,61 +242,27 @@ def _score_mpr(model, adapter, stats, settings):
     return rank_ffn(model, adapter, stats, settings, kind="mpr")
 
 
-def _check_ratio(ratio) -> float:
-    try:
-        r = float(ratio)
-    except (TypeError, ValueError):
-        raise ConfigError("ratio", ratio, "a number in [0, 1)") from None
-    if not (0.0 <= r < 1.0) or not math.isfinite(r):
-        raise ConfigError("ratio", ratio, "a number in [0, 1)")
-    return r
-
-
-def ffn_params_per_channel(adapter, layer) -> int:
-    """Parameters one FFN channel owns: a row (+ bias) of every mlp_in projection and a down column."""
-    n = 0
-    for name in adapter.mlp_in:
-        lin = adapter.proj(layer, name)
-        n += lin.in_features + (1 if lin.bias is not None else 0)
-    n += adapter.proj(layer, adapter.mlp_out).out_features
-    return n
-
-
 def select_ffn(model, adapter, scores: dict, ratio: float, settings, method: str = "llm-rank") -> PrunePlan:
     """A PrunePlan keeping the highest-scoring FFN channels (local or global allocation)."""
-    r = _check_ratio(ratio)
-    layers = adapter.layers(model)
+    r = check_ratio(ratio)
     idx = [i for i, _ in _decoder_layers(model, adapter)]
     missing = [i for i in idx if f"ffn.{i}" not in scores]
     if missing:
         raise DataError("scores", f"ffn.{missing[0]}", "scores for every decoder layer's FFN (ffn.{i})")
-    if settings.allocation == "global":
-        keeps = keep_global([scores[f"ffn.{i}"] for i in idx], r)
+    if settings.allocation == "local":
+        plan = plan_from_scores(
+            model, adapter, scores, r, targets=("ffn",), method=method, settings=settings.model_dump()
+        )
     else:
-        keeps = [keep_local(scores[f"ffn.{i}"], r) for i in idx]
-    by_layer = dict(zip(idx, keeps))
-    before = count_params(model)
-    removed, per_layer, plans = 0, [], []
-    for i, layer in enumerate(layers):
-        if i not in by_layer:
-            plans.append(LayerPlan(i))
-            per_layer.append(0.0)
-            continue
-        n = scores[f"ffn.{i}"].numel()
-        keep = by_layer[i]
-        removed += (n - len(keep)) * ffn_params_per_channel(adapter, layer)
-        per_layer.append(1 - len(keep) / n)
-        plans.append(LayerPlan(i, ffn=keep))
-    return PrunePlan(
-        method=method,
-        settings=settings.model_dump(),
-        layers=plans,
-        target_ratio=r,
-        params_before=before,
-        params_after=before - removed,
-        per_layer_ratio=per_layer,
-        notes={"unit": "ffn channel", "allocation": settings.allocation},
-    )
+        keeps = dict(zip(idx, keep_global([scores[f"ffn.{i}"] for i in idx], r)))
+        lps = [LayerPlan(i, ffn=keeps.get(i)) for i in range(len(adapter.layers(model)))]
+        plan = PrunePlan(method=method, settings=settings.model_dump(), layers=lps, target_ratio=r)
+        plan.per_layer_ratio = [
+            0.0 if i not in keeps else 1 - len(keeps[i]) / scores[f"ffn.{i}"].numel() for i in range(len(lps))
+        ]
+        plan.params_before, plan.params_after = plan_params(model, plan)
+    plan.notes.update({"unit": "ffn channel", "allocation": settings.allocation})
+    return plan
 
 
 def _select_wpr(model, adapter, scores, ratio, settings):
