@@ -1,0 +1,609 @@
+"""MLflow tracking of a compression run: parent run + one child per step, plots, model + registry.
+
+Called once at the end of the compress flow, after the checkpoint and ``report.json`` are written:
+
+    track_compress_run(spec, report, run_dir) -> {"status": "ok" | "failed: ...", "run_id", "model_name",
+                                                 "model_version", "uri", "experiment_id", "child_runs"}
+
+- **Where**: ``spec["tracking"]["uri"]`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///$PRUNEFLOW_HOME/mlflow.db``
+  (experiment created with artifacts under ``$PRUNEFLOW_HOME/mlartifacts``). Any remote server works the same.
+- **Parent run**: params = the flattened spec; metrics = report figures with sanitised names
+  (``acc,none`` -> ``acc``); artifacts ``report.json``, ``plan.json``, the lm-eval JSON, PNG plots; tags
+  = Prefect flow-run id, code revision, ``pruneflow.cache.<step>`` = hit|miss.
+- **Child run per step**: its settings, ``seconds``, tags ``pruneflow.cache`` and ``pruneflow.cache_key``.
+  A cached step's child carries ``pruneflow.producer_run_id``: the child run that computed it (the index
+  is an MLflow search on the ``pruneflow.cache_key`` tag, or the report's ``producer_run``).
+- **Model**: the pruned checkpoint is logged as an MLflow model and registered under
+  ``<base model>-<method>``. Uniform checkpoints use the transformers flavour (loadable with
+  ``mlflow.transformers.load_model`` and ``mlflow.pyfunc.load_model``); non-uniform ones (per-layer sizes
+  in the config) a pyfunc :class:`PrunedCheckpointModel` that rebuilds them with
+  ``pruning_core.checkpoint.load_pruned``. Both generate text from ``predict(["prompt", ...])``.
+  Gate figures (``ppl_ratio``, ``acc_retention``, ``param_reduction``...) are set as version tags
+  ``pruneflow.<name>``, read by ``flows.promote``.
+- **Unreachable server**: ``tracking.on_failure: warn`` (default) logs a warning and returns
+  ``status: "failed: ..."`` (the checkpoint and report are already on disk); ``fail`` raises
+  :class:`~pruning_core.errors.StorageError`. The outcome is also written to ``<run_dir>/tracking.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pruning_core.errors import ConfigError, StorageError
+
+log = logging.getLogger("pruneflow.tracking")
+
+DEFAULT_EXPERIMENT = "pruneflow"
+TAG = "pruneflow."  # prefix of every tag this module writes
+GATE_FIGURES = ("ppl_before", "ppl_after", "ppl_ratio", "acc_retention", "param_reduction", "params_after",
+                "params_before")
+_METRIC_OK = re.compile(r"[^A-Za-z0-9_\-./ ]")
+_REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------- settings
+@dataclass
+class TrackingSettings:
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the SQLite file under PRUNEFLOW_HOME
+    experiment: str = DEFAULT_EXPERIMENT
+    on_failure: str = "warn"  # warn | fail
+    enabled: bool = True
+    log_model: bool = True
+    registered_model: str | None = None  # None: "<base model>-<method>"
+    plots: bool = True
+    probe_timeout_s: float = 5.0  # reachability probe of an http(s) server before anything is logged
+    max_new_tokens: int = 32  # default generation length of the logged model
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> TrackingSettings:
+        """Tolerant reader of ``spec["tracking"]`` (a dict, a URI string, False/None)."""
+        t = (spec or {}).get("tracking")
+        if hasattr(t, "model_dump"):
+            t = t.model_dump()
+        if t is False:
+            return cls(enabled=False)
+        if isinstance(t, str):
+            t = {"uri": t}
+        t = dict(t or {})
+        known = {k: t[k] for k in cls.__dataclass_fields__ if k in t and t[k] is not None}
+        s = cls(**known)
+        if s.on_failure not in ("warn", "fail"):
+            raise ConfigError("tracking.on_failure", s.on_failure, "warn or fail")
+        return s
+
+
+def pruneflow_home() -> Path:
+    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Spec value, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///$PRUNEFLOW_HOME/mlflow.db``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = pruneflow_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Local SQLite stores keep their artifacts in a sibling ``mlartifacts`` folder; servers decide themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_default_artifact_location(uri))
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def probe(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` fast when an http(s) tracking server does not answer ``/health``."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:  # noqa: S310
+            r.read(64)
+    except Exception as e:  # URLError, timeout, refused, HTTP 5xx
+        raise ConnectionError(f"MLflow tracking server {uri} unreachable: {e}") from e
+
+
+@contextlib.contextmanager
+def using_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (needed by ``log_model``) at ``uri`` for the block, then restore."""
+    prev_t = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    prev_r = os.environ.get("MLFLOW_REGISTRY_URI")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        if prev_t is not None:
+            mlflow.set_tracking_uri(prev_t)
+        else:
+            mlflow.set_tracking_uri(resolve_tracking_uri())
+        mlflow.set_registry_uri(prev_r or mlflow.get_tracking_uri())
+
+
+# ------------------------------------------------------------------------------------------- naming
+def sanitize_metric_name(name: str) -> str:
+    """A valid MLflow metric/param name: ``acc,none`` -> ``acc``, ``acc,flex`` -> ``acc_flex``, rest -> ``_``."""
+    name = re.sub(r",none\b", "", str(name))
+    return _METRIC_OK.sub("_", name.replace(",", "_")).strip() or "_"
+
+
+def registered_model_name(model: str, method: str) -> str:
+    """``smollm2-135m`` + ``slimgpt`` -> ``smollm2-135m-slimgpt``; a path contributes its last part."""
+    base = Path(str(model).rstrip("/")).name or str(model)
+    name = f"{base}-{method}".lower()
+    return re.sub(r"[^a-z0-9_.\-]+", "-", name).strip("-")
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": leaf}``; lists of scalars stay leaves (logged as their JSON)."""
+    out: dict[str, Any] = {}
+    if hasattr(d, "model_dump"):
+        d = d.model_dump()
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        if not d and prefix:
+            out[prefix[:-1]] = "{}"
+        return out
+    out[prefix[:-1] if prefix else "value"] = d
+    return out
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def spec_params(spec: Mapping[str, Any]) -> dict[str, str]:
+    params = {}
+    for k, v in flatten(spec).items():
+        s = v if isinstance(v, str) else json.dumps(v, default=str)
+        params[sanitize_metric_name(k)] = s[:6000]
+    return params
+
+
+def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """Every numeric figure of the report, with MLflow-safe names (``after.lm_eval.task.acc``...)."""
+    m: dict[str, float] = {}
+    for key in ("params_before", "params_after", "removed_fraction", "target_ratio"):
+        if _num(report.get(key)) is not None:
+            m[key] = _num(report.get(key))
+    for section, prefix in (("metrics_before", "before"), ("metrics_after", "after"), ("retention", "retention")):
+        for k, v in flatten(report.get(section) or {}).items():
+            if _num(v) is not None:
+                m[sanitize_metric_name(f"{prefix}.{k}")] = _num(v)
+    for step, secs in (report.get("timings") or {}).items():
+        if _num(secs) is not None:
+            m[sanitize_metric_name(f"time.{step}")] = _num(secs)
+    m.update({f"gate.{k}": v for k, v in gate_figures(report).items()})
+    return m
+
+
+def _find(flat: Mapping[str, Any], leaf: str) -> float | None:
+    """The first numeric value whose key's last part (after sanitising) is ``leaf``; shortest key first."""
+    for k in sorted(flat, key=lambda k: (k.count("."), k)):
+        if sanitize_metric_name(k.split(".")[-1]) == leaf and _num(flat[k]) is not None:
+            return _num(flat[k])
+    return None
+
+
+def gate_figures(report: Mapping[str, Any]) -> dict[str, float]:
+    """What a promotion gate looks at: perplexity ratio to dense, accuracy retention, parameter reduction."""
+    before = flatten(report.get("metrics_before") or {})
+    after = flatten(report.get("metrics_after") or {})
+    g: dict[str, float] = {}
+    pb, pa = _find(before, "ppl"), _find(after, "ppl")
+    if pb is not None:
+        g["ppl_before"] = pb
+    if pa is not None:
+        g["ppl_after"] = pa
+    if pb and pa is not None:
+        g["ppl_ratio"] = pa / pb
+    # accuracy retention: mean over lm-eval "acc" metrics of after / before
+    ratios = []
+    for k, v in after.items():
+        leaf = sanitize_metric_name(k.split(".")[-1])
+        if leaf == "acc" and _num(v) is not None and _num(before.get(k)):
+            ratios.append(_num(v) / _num(before[k]))
+    if not ratios:
+        ratios = [_num(v) for k, v in flatten(report.get("retention") or {}).items()
+                  if sanitize_metric_name(k.split(".")[-1]) == "acc" and _num(v) is not None]
+    if ratios:
+        g["acc_retention"] = sum(ratios) / len(ratios)
+    p0, p1 = _num(report.get("params_before")), _num(report.get("params_after"))
+    if p0 is not None:
+        g["params_before"] = p0
+    if p1 is not None:
+        g["params_after"] = p1
+    if _num(report.get("removed_fraction")) is not None:
+        g["param_reduction"] = _num(report["removed_fraction"])
+    elif p0 and p1 is not None:
+        g["param_reduction"] = 1.0 - p1 / p0
+    return g
+
+
+# ------------------------------------------------------------------------------------ report readers
+def _artifact_path(ref: Any) -> str | None:
+    """A manifest ``{uri, ...}``, a ``file://`` URI or a plain path -> a local path or remote URI."""
+    if isinstance(ref, Mapping):
+        ref = ref.get("uri") or ref.get("path")
+    if not ref or not isinstance(ref, str):
+        return None
+    return ref[len("file://"):] if ref.startswith("file://") else ref
+
+
+def _local_copy(ref: str, tmp: Path) -> Path | None:
+    if "://" not in ref:
+        p = Path(ref).expanduser()
+        return p if p.exists() else None
+    try:  # s3:// and other fsspec stores
+        import fsspec
+
+        dst = tmp / Path(ref.rstrip("/")).name
+        fs, path = fsspec.core.url_to_fs(ref)
+        fs.get(path, str(dst), recursive=fs.isdir(path))
+        return dst
+    except Exception as e:  # a missing remote artifact must not sink the whole tracking
+        log.warning("could not fetch %s for MLflow: %s", ref, e)
+        return None
+
+
+def _artifacts(report: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
+    arts = {k: _artifact_path(v) for k, v in (report.get("artifacts") or {}).items()}
+    arts = {k: v for k, v in arts.items() if v}
+    if "checkpoint" not in arts:
+        for cand in (run_dir / "checkpoint", run_dir / "model", run_dir):
+            if (cand / "config.json").exists():
+                arts["checkpoint"] = str(cand)
+                break
+    if "plan" not in arts:
+        for cand in (run_dir / "plan.json", Path(arts.get("checkpoint", run_dir)) / "plan.json"):
+            if cand.exists():
+                arts["plan"] = str(cand)
+                break
+    if not any("lm_eval" in k or "lmeval" in k for k in arts):
+        found = sorted(run_dir.glob("*lm_eval*.json")) + sorted(run_dir.glob("*lmeval*.json"))
+        if found:
+            arts["lm_eval"] = str(found[0])
+    return arts
+
+
+def _steps(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Union of ``report["steps"]``, ``timings`` and ``cache`` into ``{step: {seconds, cache, ...}}``."""
+    steps: dict[str, dict[str, Any]] = {k: dict(v or {}) for k, v in (report.get("steps") or {}).items()}
+    for name, secs in (report.get("timings") or {}).items():
+        steps.setdefault(name, {}).setdefault("seconds", secs)
+    for name, c in (report.get("cache") or {}).items():
+        if isinstance(c, Mapping):
+            for k, v in c.items():
+                steps.setdefault(name, {}).setdefault("cache_key" if k == "key" else k, v)
+            continue
+        if isinstance(c, bool):
+            c = "hit" if c else "miss"
+        steps.setdefault(name, {}).setdefault("cache", c)
+    return steps
+
+
+def code_revision(report: Mapping[str, Any]) -> str:
+    v = report.get("versions") or {}
+    for k in ("code_revision", "git", "git_sha", "revision"):
+        if isinstance(v, Mapping) and v.get(k):
+            return str(v[k])
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flow_run_id(report: Mapping[str, Any]) -> str | None:
+    for k in ("flow_run_id", "prefect_flow_run_id"):
+        if report.get(k):
+            return str(report[k])
+    pf = report.get("prefect")
+    if isinstance(pf, Mapping) and pf.get("flow_run_id"):
+        return str(pf["flow_run_id"])
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:
+        return None
+
+
+def find_producer_run(client: MlflowClient, experiment_id: str, cache_key: str) -> str | None:
+    """The child run that computed ``cache_key`` (cache miss), newest first: the cache index."""
+    if not cache_key:
+        return None
+    key = str(cache_key).replace("'", "")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG}cache_key` = '{key}' and tags.`{TAG}cache` = 'miss'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+# --------------------------------------------------------------------------------------------- model
+def pip_requirements() -> list[str]:
+    """Explicit requirements (MLflow's inference would add torchvision, which is not installed)."""
+    import torch
+    import transformers
+
+    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}", "safetensors", "accelerate", "pydantic", "pyyaml"]
+
+
+class PrunedCheckpointModel(mlflow.pyfunc.PythonModel):
+    """pyfunc for pruned checkpoints with per-layer sizes: rebuilt by ``pruning_core.checkpoint.load_pruned``.
+
+    ``predict(["prompt", ...])`` (or a DataFrame whose first column holds prompts) returns the prompt
+    followed by a greedy continuation, like the transformers text-generation pipeline.
+    ``params``/model_config: ``max_new_tokens`` (default 32).
+    """
+
+    def load_context(self, context):
+        from pruning_core.checkpoint import load_pruned
+
+        self.model, self.tokenizer = load_pruned(context.artifacts["checkpoint"], device="cpu")
+        self.max_new_tokens = int((context.model_config or {}).get("max_new_tokens", 32))
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        if hasattr(model_input, "iloc"):  # pandas DataFrame
+            prompts = [str(x) for x in model_input.iloc[:, 0].tolist()]
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        elif isinstance(model_input, Mapping):
+            v = next(iter(model_input.values()))
+            prompts = [v] if isinstance(v, str) else [str(x) for x in v]
+        else:
+            prompts = [str(x) for x in model_input]
+        n = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        tok, out = self.tokenizer, []
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for p in prompts:
+            enc = tok(p, return_tensors="pt")
+            with torch.no_grad():
+                ids = self.model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=pad)
+            out.append(tok.decode(ids[0], skip_special_tokens=True))
+        return out
+
+
+def log_checkpoint_model(checkpoint: str | Path, name: str | None, max_new_tokens: int = 32):
+    """Log a checkpoint folder as an MLflow model in the active run (and register it when ``name``)."""
+    from pruning_core.checkpoint import is_uniform, load_pruned
+
+    ckpt = Path(checkpoint)
+    reqs = pip_requirements()
+    if is_uniform(ckpt):
+        model, tok = load_pruned(ckpt, device="cpu")
+        if tok is None:
+            raise StorageError("artifacts.checkpoint", str(ckpt), "a checkpoint folder with its tokenizer")
+        return mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tok}, task="text-generation", name="model",
+            registered_model_name=name, pip_requirements=reqs,
+            model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
+            metadata={"pruneflow_uniform": True})
+    code = [str(_REPO / "pruning_core"), str(_REPO / "tasks")]
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=PrunedCheckpointModel(), artifacts={"checkpoint": str(ckpt)},
+        code_paths=[c for c in code if Path(c).is_dir()], registered_model_name=name, pip_requirements=reqs,
+        model_config={"max_new_tokens": max_new_tokens}, metadata={"pruneflow_uniform": False})
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plots(report: Mapping[str, Any], arts: Mapping[str, str], tmp: Path) -> list[Path]:
+    from pruning_core import plots
+
+    made: list[Path] = []
+
+    def attempt(fn, *a, **kw):
+        try:
+            made.append(fn(*a, **kw))
+        except Exception as e:  # a plot is never worth failing the tracking
+            log.warning("plot %s skipped: %s", fn.__name__, e)
+
+    plan_ref = arts.get("plan")
+    plan_file = _local_copy(plan_ref, tmp) if plan_ref else None
+    if plan_file and plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+        attempt(plots.plot_kept_per_layer, plan, tmp / "plots" / "kept_per_layer.png", full=report.get("full_sizes"))
+    scores = report.get("scores_summary") or report.get("scores")
+    if not scores and arts.get("scores", "").endswith(".json"):
+        f = _local_copy(arts["scores"], tmp)
+        scores = json.loads(f.read_text()) if f else None
+    if isinstance(scores, Mapping) and scores:
+        attempt(plots.plot_scores_per_layer, scores, tmp / "plots" / "scores_per_layer.png")
+    rec = report.get("recovery") or (report.get("steps") or {}).get("recover") or {}
+    losses = rec.get("losses") or rec.get("loss_curve") if isinstance(rec, Mapping) else None
+    if losses:
+        attempt(plots.plot_loss_curves, losses, tmp / "plots" / "recovery_loss.png")
+    return made
+
+
+# ----------------------------------------------------------------------------------------- the entry
+def track_compress_run(spec: Mapping[str, Any], report: Mapping[str, Any], run_dir: str | os.PathLike) -> dict:
+    """Log one compression run to MLflow (see the module doc). Never loses the run's own outputs."""
+    settings = TrackingSettings.from_spec(spec)
+    run_dir = Path(run_dir)
+    if not settings.enabled:
+        return _record(run_dir, {"status": "disabled"})
+    uri = resolve_tracking_uri(settings.uri)
+    try:
+        probe(uri, settings.probe_timeout_s)
+        result = _track(settings, uri, spec, report, run_dir)
+    except Exception as e:
+        msg = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        _record(run_dir, {"status": msg, "uri": uri})
+        if settings.on_failure == "fail":
+            raise StorageError("tracking.uri", uri, "a reachable, writable MLflow tracking store "
+                               "(or tracking.on_failure: warn)", str(e).splitlines()[0][:200] if str(e) else None
+                               ) from e
+        log.warning("MLflow tracking failed; checkpoint and report are kept in %s: %s", run_dir, msg)
+        return {"status": msg, "uri": uri, "run_id": None, "model_version": None}
+    return _record(run_dir, result)
+
+
+def _record(run_dir: Path, result: dict) -> dict:
+    try:
+        if run_dir.is_dir():
+            tmp = run_dir / ".tracking.json.tmp"
+            tmp.write_text(json.dumps(result, indent=1, default=str))
+            os.replace(tmp, run_dir / "tracking.json")
+    except OSError as e:
+        log.warning("could not write tracking.json: %s", e)
+    return result
+
+
+def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) -> dict:
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp_id = ensure_experiment(client, settings.experiment, uri)
+    model, method = str(report.get("model", "model")), str(report.get("method", "method"))
+    ratio = report.get("target_ratio")
+    steps = _steps(report)
+    arts = _artifacts(report, run_dir)
+    tags = {f"{TAG}model": model, f"{TAG}method": method, f"{TAG}code_revision": code_revision(report),
+            "mlflow.source.git.commit": code_revision(report), f"{TAG}run_dir": str(run_dir.resolve())}
+    flow_run = _flow_run_id(report)
+    if flow_run:
+        tags[f"{TAG}prefect_flow_run_id"] = flow_run
+    for name, st in steps.items():
+        if st.get("cache"):
+            tags[f"{TAG}cache.{sanitize_metric_name(name)}"] = str(st["cache"])
+    result: dict[str, Any] = {"status": "ok", "uri": uri, "experiment_id": exp_id, "child_runs": {}}
+    run_name = f"{Path(model).name}-{method}" + (f"-r{ratio}" if ratio is not None else "")
+    with using_uri(uri), tempfile.TemporaryDirectory(prefix="pruneflow-track-") as tmpd:
+        tmp = Path(tmpd)
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags, nested=nested) as parent:
+            result["run_id"] = parent.info.run_id
+            params = spec_params(spec)
+            items = list(params.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
+            mlflow.log_metrics(report_metrics(report))
+            mlflow.log_dict(dict(report), "report.json")
+            for key, ref in arts.items():
+                if key == "checkpoint" or not (key == "plan" or "lm_eval" in key or "lmeval" in key):
+                    continue
+                f = _local_copy(ref, tmp)
+                if f and f.is_file():
+                    dst = tmp / "named" / ("plan.json" if key == "plan" else f.name)
+                    dst.parent.mkdir(exist_ok=True)
+                    dst.write_bytes(f.read_bytes())
+                    mlflow.log_artifact(str(dst))
+            if settings.plots:
+                for p in _plots(report, arts, tmp):
+                    mlflow.log_artifact(str(p), artifact_path="plots")
+            for name, st in steps.items():
+                result["child_runs"][name] = _log_step(client, exp_id, name, st)
+            ckpt = arts.get("checkpoint")
+            if settings.log_model and ckpt:
+                ckpt_local = _local_copy(ckpt, tmp)
+                if ckpt_local is None or not (ckpt_local / "config.json").exists():
+                    raise StorageError("artifacts.checkpoint", ckpt, "a checkpoint folder with config.json")
+                name = settings.registered_model or registered_model_name(model, method)
+                info = log_checkpoint_model(ckpt_local, name, settings.max_new_tokens)
+                result.update(model_name=name, model_uri=info.model_uri,
+                              model_version=str(info.registered_model_version))
+                mlflow.set_tag(f"{TAG}registered_model", f"{name}/{info.registered_model_version}")
+                vtags = {f"{TAG}{k}": repr(v) if isinstance(v, float) else str(v)
+                         for k, v in gate_figures(report).items()}
+                vtags.update({f"{TAG}run_id": parent.info.run_id, f"{TAG}method": method,
+                              f"{TAG}model": model, f"{TAG}target_ratio": str(ratio)})
+                for k, v in vtags.items():
+                    client.set_model_version_tag(name, str(info.registered_model_version), k, v)
+    log.info("MLflow run %s (%s) logged to %s", result.get("run_id"), run_name, uri)
+    return result
+
+
+def _log_step(client: MlflowClient, exp_id: str, name: str, st: Mapping[str, Any]) -> str:
+    cache = str(st.get("cache") or "miss")
+    art = st.get("artifact") if isinstance(st.get("artifact"), Mapping) else {}
+    key = st.get("cache_key") or st.get("key") or art.get("sha256")
+    tags = {f"{TAG}step": name, f"{TAG}cache": cache}
+    if key:
+        tags[f"{TAG}cache_key"] = str(key)
+    if cache == "hit":
+        producer = st.get("producer_run") or find_producer_run(client, exp_id, key)
+        if producer:
+            tags[f"{TAG}producer_run_id"] = str(producer)
+    with mlflow.start_run(run_name=name, nested=True, tags=tags) as child:
+        if isinstance(st.get("params"), Mapping) and st["params"]:
+            mlflow.log_params({sanitize_metric_name(k): str(v)[:6000] for k, v in flatten(st["params"]).items()})
+        m = {sanitize_metric_name(k): _num(v) for k, v in st.items()
+             if k not in ("params", "cache", "cache_key", "producer_run") and _num(v) is not None}
+        if m:
+            mlflow.log_metrics(m)
+        return child.info.run_id
+
+
+def track_sweep(spec: Mapping[str, Any], reports: list[Mapping[str, Any]], run_dir: str | os.PathLike) -> dict:
+    """One MLflow run for a sweep: a table of points and the PPL / accuracy versus ratio plot."""
+    from pruning_core import plots
+
+    settings = TrackingSettings.from_spec(spec)
+    if not settings.enabled:
+        return {"status": "disabled"}
+    uri = resolve_tracking_uri(settings.uri)
+    points = []
+    for r in reports:
+        g = gate_figures(r)
+        after = flatten(r.get("metrics_after") or {})
+        points.append({"method": r.get("method"), "ratio": r.get("target_ratio"), "ppl": g.get("ppl_after"),
+                       "acc": _find(after, "acc"), "params_after": g.get("params_after")})
+    try:
+        probe(uri, settings.probe_timeout_s)
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = ensure_experiment(client, settings.experiment, uri)
+        with using_uri(uri), tempfile.TemporaryDirectory() as tmpd, \
+                mlflow.start_run(experiment_id=exp_id, run_name="sweep", tags={f"{TAG}kind": "sweep"}) as run:
+            mlflow.log_dict({"points": points}, "sweep.json")
+            for i, p in enumerate(sorted(points, key=lambda p: (str(p["method"]), p["ratio"] or 0))):
+                mlflow.log_metrics({k: p[k] for k in ("ppl", "acc", "ratio") if _num(p.get(k)) is not None}, step=i)
+            try:
+                mlflow.log_artifact(str(plots.plot_sweep(points, Path(tmpd) / "sweep.png")), artifact_path="plots")
+            except Exception as e:
+                log.warning("sweep plot skipped: %s", e)
+            return {"status": "ok", "run_id": run.info.run_id, "uri": uri, "points": points}
+    except Exception as e:
+        if settings.on_failure == "fail":
+            raise StorageError("tracking.uri", uri, "a reachable MLflow tracking store", str(e)[:200]) from e
+        log.warning("MLflow sweep tracking failed: %s", e)
+        return {"status": f"failed: {type(e).__name__}: {str(e)[:300]}", "run_id": None, "uri": uri}
