@@ -81,7 +81,11 @@ def _split_docs(docs: list[str], split: str) -> list[str]:
     if len(docs) == 1:  # one long document: split by paragraphs, the same rule as topics
         docs = [p for p in docs[0].split("\n\n") if p.strip()]
     mask = eval_mask([len(d) for d in docs])
-    return [d for d, e in zip(docs, mask) if e == (split == "eval")]
+    chosen = [d for d, e in zip(docs, mask) if e == (split == "eval")]
+    if split == "eval":  # documents may share paragraphs (pydoc topics do): drop those seen in train
+        seen = {p.strip() for d, e in zip(docs, mask) if not e for p in d.split("\n\n")}
+        chosen = ["\n\n".join(p for p in d.split("\n\n") if p.strip() not in seen) for d in chosen]
+    return [d for d in chosen if d.strip()]
 
 
 def load_text(source: str = DEFAULT_SOURCE, split: str = "train") -> str:
