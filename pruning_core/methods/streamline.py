@@ -1,0 +1,504 @@
+"""LLM-Streamline: remove the most redundant block of consecutive layers, train a light replacement.
+
+Paper: Chen et al., "Streamlining Redundant Layers to Compress Large Language Models", ICLR 2025
+(arXiv 2403.19135 v5). Spec: `shared/specs/llm-streamline.md`.
+
+Block importance (§3.1, spec §1): x^(l) is the hidden state entering layer l (x^(0) the embeddings,
+x^(L) the last layer's output *before* the final norm, captured by the layer stream, not HF's normed
+last hidden state). A block of m layers starting at l is scored by the mean over calibration tokens
+of cos(x_t^(l), x_t^(l+m)); the block with the highest cosine (it changes the residual stream least)
+is chosen: l* = argmax_l cos(x^(l), x^(l+m)).
+
+Replacement (Eq. 3): a light network f_θ is trained with the rest of the model frozen to minimise
+mean ||f_θ(x^(l*)) − x^(l*+m)||² (element-wise MSE). Variants (setting `replacement`):
+
+* `none`  — the n layers are deleted, nothing is trained ("Ours(None)").
+* `layer` — m = n+1 layers are replaced by one decoder layer initialised from layer l* ("Layer-First");
+  in plan terms layer l* is kept and the next n are dropped, so the checkpoint is a stock HF model.
+* `ffn`   — m = n+1 layers are replaced by a residual FFN x + MLP(norm(x)) initialised from layer l*'s
+  MLP and post-attention norm (the residual, inherited form recommended by the spec's pitfall 6
+  instead of upstream's random, residual-free ReLU MLP). Saved through `checkpoint.load_pruned`.
+
+Training differs from the reference script on purpose (spec §7): the replacement is called with
+the exact keyword arguments the real model passes to layer l* (causal mask, rotary
+`position_embeddings`), caught by a forward pre-hook — never `attention_mask=None` bidirectional
+attention; `use_cache=False` and surgery renumbers `layer_idx`; the cosine schedule decays per
+optimiser step down to its floor; the best weights on validation are *copied*.
+
+Baseline `shortgpt` (Men et al. 2024): Block Influence BI_l = 1 − E_t[cos(x^(l), x^(l+1))]; the n
+individually least influential layers are removed (not necessarily contiguous). No training.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..adapters import Adapter, adapter_for
+from ..errors import ConfigError, DataError
+from ..plan import LayerPlan, PrunePlan
+from .base import Method, MethodSettings, Scores, register
+
+# ------------------------------------------------------------------------------------------------
+# settings
+
+
+class StreamlineSettings(MethodSettings):
+    replacement: Literal["none", "layer", "ffn"] = Field(
+        "layer", description="none (delete the block), layer (one decoder layer) or ffn (residual FFN)"
+    )
+    n_layers: int | None = Field(None, ge=1, description="layers to remove (net); overrides the ratio")
+    # training of the replacement (recovery step)
+    steps: int = Field(200, ge=0, description="optimiser steps")
+    batch_size: int = Field(4, ge=1, description="token blocks per step")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    min_lr: float = Field(5e-5, ge=0, description="floor of the cosine schedule")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(1e-3, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(5.0, gt=0, description="max gradient norm")
+    val_fraction: float = Field(0.125, gt=0, lt=1, description="fraction of the training blocks held out")
+    eval_every: int = Field(50, ge=1, description="validate every this many steps (and at the end)")
+    loss_skip_tokens: int = Field(0, ge=0, description="leading tokens of each block left out of the MSE")
+    seed: int = 0
+
+
+class ShortGPTSettings(MethodSettings):
+    n_layers: int | None = Field(None, ge=1, description="layers to remove; overrides the ratio")
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring: pure functions on the cosine matrix
+
+
+def block_influence(cos: torch.Tensor) -> torch.Tensor:
+    """ShortGPT BI_l = 1 − cos(x^(l), x^(l+1)) for l = 0..L−1, from the [L+1, L+1] cosine matrix."""
+    n = cos.shape[0] - 1
+    return 1.0 - torch.stack([cos[i, i + 1] for i in range(n)])
+
+
+def block_cosines(cos: torch.Tensor, m: int) -> torch.Tensor:
+    """cos(x^(l), x^(l+m)) for every start l = 0..L−m (the redundancy of each m-layer block)."""
+    n = cos.shape[0] - 1
+    if not 1 <= m <= n:
+        raise ConfigError("n_layers", m, f"a block size between 1 and {n}")
+    return torch.stack([cos[i, i + m] for i in range(n - m + 1)])
+
+
+def best_block(cos: torch.Tensor, m: int) -> int:
+    """l* = argmax_l cos(x^(l), x^(l+m)): the start of the most redundant m-layer block."""
+    return int(torch.argmax(block_cosines(cos, m)))
+
+
+def score(model: nn.Module, adapter: Adapter, stats: dict, settings) -> Scores:
+    """Scores from `capture_stats(..., requests={"cosine"})`: the full cosine matrix (every block
+    size is read off it, so one capture serves every ratio) and ShortGPT's per-layer BI."""
+    if "cosine" not in stats:
+        raise ConfigError(
+            "capture.requests", sorted(k for k in stats if "." not in k), "statistics including 'cosine'"
+        )
+    cos = stats["cosine"].to(torch.float64)
+    n_layers = len(adapter.layers(model))
+    if cos.shape != (n_layers + 1, n_layers + 1):
+        raise ConfigError(
+            "stats.cosine", tuple(cos.shape), f"a [{n_layers + 1}, {n_layers + 1}] matrix for this model"
+        )
+    return {"block_cos": cos, "layer_bi": block_influence(cos)}
+
+
+# ------------------------------------------------------------------------------------------------
+# selection
+
+
+def _nparams(mod: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in mod.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def n_from_ratio(
+    ratio: float | None, total: int, per_layer: float, n_layers: int, override: int | None
+) -> int:
+    """Layers to remove (net): `override` if given, else round(ratio · total / params per layer)
+    (the ratio is a fraction of *all* parameters, embeddings included, as the paper counts)."""
+    limit = n_layers - 1
+    if override is not None:
+        n = int(override)
+    else:
+        if ratio is None or not 0 < float(ratio) < 1:
+            raise ConfigError(
+                "ratio", ratio, "a fraction of parameters strictly between 0 and 1 (or settings.n_layers)"
+            )
+        n = max(1, round(float(ratio) * total / per_layer))
+    if n > limit:
+        raise ConfigError(
+            "ratio" if override is None else "method.settings.n_layers",
+            ratio if override is None else n,
+            f"a value that removes at most {limit} of {n_layers} layers",
+        )
+    return n
+
+
+def _ffn_params(adapter: Adapter, layer: nn.Module) -> int:
+    return _nparams(adapter.mlp(layer)) + _nparams(getattr(layer, _ffn_norm_name(adapter)))
+
+
+def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | None, settings) -> PrunePlan:
+    """The most redundant contiguous block for the ratio; a PrunePlan dropping it (and marking the
+    replacement on its first layer for the `layer` / `ffn` variants)."""
+    s = settings if isinstance(settings, StreamlineSettings) else StreamlineSettings(**(settings or {}))
+    layers = adapter.layers(model)
+    L = len(layers)
+    total = _nparams(model)
+    per = [_nparams(layer) for layer in layers]
+    n = n_from_ratio(ratio, total, sum(per) / L, L, s.n_layers)
+    cos = scores["block_cos"]
+    plan_layers = [LayerPlan(i) for i in range(L)]
+    if s.replacement == "none":
+        m = n
+        start = best_block(cos, m)
+        for i in range(start, start + m):
+            plan_layers[i].keep = False
+        after = total - sum(per[start : start + m])
+    else:
+        m = n + 1
+        start = best_block(cos, m)
+        plan_layers[start].replacement = {"kind": s.replacement, "span": [start, start + m]}
+        for i in range(start + 1, start + m):
+            plan_layers[i].keep = False
+        after = total - sum(per[start : start + m])
+        after += per[start] if s.replacement == "layer" else _ffn_params(adapter, layers[start])
+    return PrunePlan(
+        method="llm-streamline",
+        settings=s.model_dump(),
+        layers=plan_layers,
+        target_ratio=ratio,
+        params_before=total,
+        params_after=after,
+        notes={
+            "block": [start, start + m],
+            "block_cos": float(cos[start, start + m]),
+            "layers_removed": n,
+            "replacement": s.replacement,
+        },
+    )
+
+
+def select_shortgpt(
+    model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | None, settings
+) -> PrunePlan:
+    """Remove the n layers with the lowest Block Influence (ShortGPT, Men et al. 2024, §3)."""
+    s = settings if isinstance(settings, ShortGPTSettings) else ShortGPTSettings(**(settings or {}))
+    layers = adapter.layers(model)
+    L = len(layers)
+    total = _nparams(model)
+    per = [_nparams(layer) for layer in layers]
+    n = n_from_ratio(ratio, total, sum(per) / L, L, s.n_layers)
+    bi = scores["layer_bi"].to(torch.float64)
+    drop = sorted(int(i) for i in torch.argsort(bi, stable=True)[:n])
+    plan_layers = [LayerPlan(i, keep=i not in drop) for i in range(L)]
+    return PrunePlan(
+        method="shortgpt",
+        settings=s.model_dump(),
+        layers=plan_layers,
+        target_ratio=ratio,
+        params_before=total,
+        params_after=total - sum(per[i] for i in drop),
+        notes={"removed_layers": drop, "layers_removed": n, "bi": [round(float(b), 6) for b in bi]},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the residual FFN replacement module
+
+
+def _ffn_norm_name(adapter: Adapter) -> str:
+    if not adapter.mlp_path:
+        raise ConfigError(
+            "method.settings.replacement",
+            "ffn",
+            f"none or layer for the {adapter.family} family (its MLP is not a separate module)",
+        )
+    return getattr(adapter, "ffn_norm", "post_attention_layernorm")
+
+
+class ResidualFFN(nn.Module):
+    """x + MLP(norm(x)): a decoder layer without attention. Accepts the decoder-layer call
+    signature (hidden_states, **kwargs) and returns a tensor, so it sits in the layer list."""
+
+    pruneflow_kind = "ffn"
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.mlp = mlp
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states + self.mlp(self.norm(hidden_states))
+
+
+def ffn_from_layer(adapter: Adapter, layer: nn.Module) -> ResidualFFN:
+    """A ResidualFFN initialised (deep copies) from a decoder layer's MLP and post-attention norm."""
+    norm = copy.deepcopy(getattr(layer, _ffn_norm_name(adapter)))
+    ffn = ResidualFFN(norm, copy.deepcopy(adapter.mlp(layer)))
+    p = next(layer.parameters())
+    return ffn.to(device=p.device, dtype=p.dtype)
+
+
+def _decoder_layer_class(config) -> type:
+    mt = config.model_type
+    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    for name in dir(mod):
+        if name.endswith("DecoderLayer") and name.lower().startswith(mt.replace("_", "")):
+            return getattr(mod, name)
+    raise ConfigError("model.architecture", mt, "a transformers model with a *DecoderLayer class")
+
+
+def _ffn_empty(config, desc: dict) -> ResidualFFN:
+    adapter = adapter_for(config)
+    cfg = copy.deepcopy(config)
+    if "ffn" in desc:
+        setattr(cfg, adapter.ffn_sizes_key(), int(desc["ffn"]))
+    if hasattr(cfg, "pruneflow_layers"):
+        delattr(cfg, "pruneflow_layers")
+    layer = _decoder_layer_class(cfg)(cfg, layer_idx=0)
+    return ResidualFFN(getattr(layer, _ffn_norm_name(adapter)), adapter.mlp(layer))
+
+
+def _ffn_describe(module: ResidualFFN) -> dict:
+    sizes = [m.in_features for m in module.mlp.modules() if isinstance(m, nn.Linear)]
+    return {"ffn": int(sizes[-1])}  # the output projection's input = FFN channels
+
+
+def _register_layer_kind() -> None:
+    try:
+        from ..surgery import LayerKind, register_layer_kind
+    except ImportError:  # surgery not there (the core is being assembled)
+        return
+    register_layer_kind(
+        LayerKind(
+            name="ffn",
+            from_plan=lambda model, adapter, layer, spec: ffn_from_layer(adapter, layer),
+            describe=_ffn_describe,
+            empty=_ffn_empty,
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# training the replacement (recovery step)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def block_io(dense: nn.Module, adapter: Adapter, ids: torch.Tensor, start: int, end: int):
+    """Run the frozen dense model on `ids` up to layer end−1 and return (x^(start), kwargs, x^(end)):
+    the block's input, the keyword arguments the real forward passes to layer `start` (causal mask,
+    rotary position_embeddings, position_ids...) and the block's output, before any final norm."""
+    layers = adapter.layers(dense)
+    got: dict = {}
+
+    def pre(mod, args, kwargs):
+        got["x"] = args[0] if args else kwargs["hidden_states"]
+        kw = {
+            k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")
+        }
+        kw["use_cache"] = False
+        got["kw"] = kw
+
+    def post(mod, args, kwargs, out):
+        got["y"] = _first(out)
+        raise _Stop
+
+    h1 = layers[start].register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = layers[end - 1].register_forward_hook(post, with_kwargs=True)
+    try:
+        dense(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h1.remove()
+        h2.remove()
+    return got["x"], got["kw"], got["y"]
+
+
+def lr_at(step: int, total: int, s: StreamlineSettings) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine from `lr` down to `min_lr`, reached exactly
+    at the last optimiser step (upstream counted micro-batches and stepped per update, so its decay
+    barely happened)."""
+    w = min(s.warmup_steps, max(total - 1, 0))
+    if step < w:
+        return s.lr * (step + 1) / w
+    span = max(total - 1 - w, 1)
+    t = min(max(step - w, 0) / span, 1.0)
+    return s.min_lr + (s.lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def replacement_of(plan: PrunePlan) -> tuple[int, int, int, str]:
+    """(index in the pruned model, block start, block end, kind) of the plan's replacement."""
+    reps = [lp for lp in plan.layers if lp.keep and lp.replacement]
+    if len(reps) != 1:
+        raise ConfigError(
+            "plan",
+            plan.method,
+            "a plan with exactly one replacement (llm-streamline with replacement 'layer' or 'ffn')",
+        )
+    lp = reps[0]
+    start, end = (int(x) for x in lp.replacement.get("span", [lp.index, lp.index + 1]))
+    new_idx = sum(1 for q in plan.layers if q.keep and q.index < lp.index)
+    return new_idx, start, end, lp.replacement["kind"]
+
+
+def train_replacement(
+    dense_model: nn.Module,
+    pruned_model: nn.Module,
+    plan: PrunePlan,
+    train_ids: torch.Tensor,
+    settings: StreamlineSettings | dict | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict:
+    """Train the replacement module of `pruned_model` (in place) to map x^(l*) to x^(l*+m) of the
+    frozen `dense_model`, targets computed on the fly per batch. `train_ids` [N, T] token blocks
+    (a fraction `val_fraction` of them, at least one, is held out for validation). Returns
+    {"loss_curve", "lr_curve", "val_curve" [(step, mse)], "val_mse_before", "val_mse_after",
+    "best_step", "seconds", "train_tokens"}. The best weights on validation are kept."""
+    s = settings if isinstance(settings, StreamlineSettings) else StreamlineSettings(**(settings or {}))
+    device = torch.device(device)
+    adapter = adapter_for(dense_model)
+    new_idx, start, end, kind = replacement_of(plan)
+    if train_ids.dim() != 2 or train_ids.shape[0] < 2:
+        raise DataError("recovery.train_ids", tuple(train_ids.shape), "[N, T] token blocks with N >= 2")
+    n_val = max(1, round(train_ids.shape[0] * s.val_fraction))
+    val_ids, tr_ids = train_ids[:n_val], train_ids[n_val:]
+    module = adapter.layers(pruned_model)[new_idx]
+    dense_model.to(device).eval()
+    module.to(device)
+
+    flags = {id(p): p.requires_grad for p in pruned_model.parameters()}
+    for p in pruned_model.parameters():
+        p.requires_grad_(False)
+    params = list(module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    skip = s.loss_skip_tokens
+
+    def mse(ids: torch.Tensor) -> torch.Tensor:
+        x, kw, y = block_io(dense_model, adapter, ids.to(device), start, end)
+        out = _first(module(x, **kw))
+        return torch.nn.functional.mse_loss(out[:, skip:].float(), y[:, skip:].float())
+
+    @torch.no_grad()
+    def validate() -> float:
+        was = module.training
+        module.eval()
+        tot, n = 0.0, 0
+        for b in range(0, val_ids.shape[0], s.batch_size):
+            chunk = val_ids[b : b + s.batch_size]
+            tot += float(mse(chunk)) * chunk.shape[0]
+            n += chunk.shape[0]
+        module.train(was)
+        return tot / n
+
+    opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
+    g = torch.Generator().manual_seed(s.seed)
+    t0 = time.perf_counter()
+    before = validate()
+    best, best_step = before, 0
+    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    loss_curve, lr_curve, val_curve = [], [], [(0, before)]
+    order: list[int] = []
+    try:
+        module.train()
+        for step in range(s.steps):
+            if len(order) < s.batch_size:
+                order += torch.randperm(tr_ids.shape[0], generator=g).tolist()
+            pick, order = order[: s.batch_size], order[s.batch_size :]
+            lr = lr_at(step, s.steps, s)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            loss = mse(tr_ids[pick])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            opt.step()
+            loss_curve.append(float(loss.detach()))
+            lr_curve.append(lr)
+            if progress:
+                progress(step + 1, s.steps, loss_curve[-1])
+            if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
+                v = validate()
+                val_curve.append((step + 1, v))
+                if v < best:
+                    best, best_step = v, step + 1
+                    best_state = {k: t.detach().clone() for k, t in module.state_dict().items()}
+    finally:
+        module.load_state_dict(best_state)
+        module.eval()
+        for p in pruned_model.parameters():
+            p.requires_grad_(flags.get(id(p), True))
+    return {
+        "kind": kind,
+        "block": [start, end],
+        "loss_curve": loss_curve,
+        "lr_curve": lr_curve,
+        "val_curve": val_curve,
+        "val_mse_before": before,
+        "val_mse_after": best,
+        "best_step": best_step,
+        "seconds": time.perf_counter() - t0,
+        "train_tokens": s.steps * s.batch_size * int(tr_ids.shape[1]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# registration
+
+_register_layer_kind()
+
+register(
+    Method(
+        name="llm-streamline",
+        summary="remove the most redundant block of consecutive layers (hidden-state cosine); "
+        "replace it by one trained layer or residual FFN",
+        settings=StreamlineSettings,
+        paper="Chen et al., Streamlining Redundant Layers to Compress LLMs, ICLR 2025 (arXiv 2403.19135)",
+        targets=("layers",),
+        needs=frozenset({"cosine"}),
+        score=score,
+        select=select,
+        default_recovery="replacement",
+    )
+)
+
+register(
+    Method(
+        name="shortgpt",
+        summary="remove the layers with the lowest Block Influence 1 - cos(x_l, x_l+1)",
+        settings=ShortGPTSettings,
+        paper="Men et al., ShortGPT: Layers in LLMs are More Redundant Than You Expect (arXiv 2403.03853)",
+        targets=("layers",),
+        needs=frozenset({"cosine"}),
+        score=score,
+        select=select_shortgpt,
+        baseline_of=("llm-streamline",),
+    )
+)
