@@ -1,0 +1,154 @@
+"""LoRA recovery of a pruned model with peft, merged back into a plain checkpoint of the pruned shape.
+
+A short causal-LM fine-tune on token blocks (by default the default text's *training* part, never
+its evaluation part): low-rank adapters on the linear projections that survived pruning, AdamW,
+linear warm-up then constant learning rate, gradient clipping. The adapter is then merged
+(`merge_and_unload`), so the result has exactly the pruned shapes and saves/loads like any other
+pruned checkpoint. `recovery: none` is the caller's business (nothing is called).
+
+Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021); LLM-Pruner and
+SlimGPT recover their pruned models with the same LoRA recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from .adapters import adapter_for
+from .errors import ConfigError, DataError
+
+
+class LoraSettings(BaseModel):
+    """Settings of the LoRA recovery step (unknown keys rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] | None = Field(None, description="projection names (e.g. q_proj, down_proj); default: every linear projection of the decoder layers")
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+def parse_settings(settings: LoraSettings | dict | None) -> LoraSettings:
+    if isinstance(settings, LoraSettings):
+        return settings
+    try:
+        return LoraSettings(**(settings or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        accepted = err["msg"]
+        if err["type"] == "extra_forbidden":
+            accepted = "one of " + ", ".join(sorted(LoraSettings.model_fields))
+        raise ConfigError(f"recovery.settings.{loc}", err.get("input"), accepted) from None
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Short names of the adapter's projections present in the (pruned) decoder layers."""
+    ad = adapter_for(model)
+    names = [ad.q, ad.k, ad.v, ad.o, *ad.mlp_in, ad.mlp_out]
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def target_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full module names of the non-empty nn.Linear layers whose short name is in `targets`,
+    inside the decoder layers (lm_head and embeddings never get an adapter)."""
+    ad = adapter_for(model)
+    layers = ad.layers(model)
+    prefix = {id(layer) for layer in layers}
+    out = []
+    for lname, layer in model.named_modules():
+        if id(layer) not in prefix:
+            continue
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets and mod.weight.numel() > 0:
+                out.append(f"{lname}.{name}")
+    if not out:
+        raise ConfigError("recovery.settings.targets", targets, "names of linear projections present in the model: "
+                          + ", ".join(default_targets(model)))
+    return out
+
+
+def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings: LoraSettings | dict | None = None,
+                 device: str | torch.device | None = None, progress: bool = False):
+    """Fine-tune LoRA adapters on `train_ids` ([N, L] token blocks), merge them, return
+    `(merged_model, {"loss_curve": [...], "seconds": s, "trainable_params": n, "targets": [...]})`.
+
+    `model` is modified in place (the adapters are merged into its weights) and returned in eval mode;
+    its shapes are unchanged. `tokenizer` is not needed for training on token ids (kept for the API).
+    """
+    s = parse_settings(settings)
+    if train_ids.ndim != 2 or train_ids.shape[1] < 2:
+        raise DataError("recovery.data", tuple(train_ids.shape), "token blocks of shape [N, L] with L >= 2")
+    from peft import LoraConfig, get_peft_model
+
+    targets = s.targets or default_targets(model)
+    modules = target_modules(model, targets)
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    model.to(device)
+    shapes_before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    torch.manual_seed(s.seed)
+    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=modules, bias="none",
+                     task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    # adapters in fp32 even on a half-precision base (statistics and optimizer state in fp32)
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / (s.warmup_steps + 1)))
+    g = torch.Generator().manual_seed(s.seed)
+    n = train_ids.shape[0]
+    order = torch.randperm(n, generator=g)
+    pos = 0
+    curve: list[float] = []
+    t0 = time.perf_counter()
+    peft_model.train()
+    it = range(s.steps)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="lora", leave=False)
+    for _ in it:
+        if pos + s.batch_size > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + s.batch_size]
+        pos += s.batch_size
+        batch = train_ids[idx].to(device)
+        out = peft_model(input_ids=batch, labels=batch, use_cache=False)
+        loss = out.loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DataError("recovery.settings.lr", s.lr, "a smaller learning rate (the loss became non-finite)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        sched.step()
+        curve.append(value)
+    seconds = time.perf_counter() - t0
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    shapes_after = {k: tuple(v.shape) for k, v in merged.state_dict().items()}
+    if shapes_after != shapes_before:  # merge_and_unload must give back the pruned model, nothing else
+        raise RuntimeError("LoRA merge changed the model's tensors: " + str(set(shapes_after) ^ set(shapes_before))[:200])
+    return merged, {"loss_curve": curve, "seconds": seconds, "trainable_params": n_trainable,
+                    "targets": sorted(set(targets)), "settings": s.model_dump()}
