@@ -19,7 +19,8 @@ For every decoder layer, in order, on the outputs of the already *pruned* previo
 Per-layer ratio: the incremental pruning ratio (§3.4) r_i = r_0 + (r_last − r_0)·ln(1+i)/ln(L) with
 the model's real L and r_0 = r0_fraction·r_last; r_last is *solved* (bisection) so the parameters
 removed from the decoder layers, after rounding to whole heads / KV groups and channels, equal the
-target (the FFN absorbs the rounding residual of the head counts, to within one channel).
+target (the FFN absorbs the rounding residual of the head counts, to within one channel; with the
+uniform schedule the same number of channels in every layer, so to within L/2 channels).
 
 Pruned structures are left as zero columns of o_proj / down_proj (their q/k/v and gate/up rows are
 dead); `surgery.apply_plan` removes them, leaving the function unchanged.
@@ -163,6 +164,11 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
     ch = next(u["ch_params"] for u in units if u)
     n = int(math.floor((goal - rem) / ch + 0.5))
     order = sorted((i for i, u in enumerate(units) if u), key=lambda i: -rs[i])
+    if schedule == "uniform":  # keep every layer the same shape (a stock-loadable checkpoint)
+        per = int(math.floor(n / max(len(order), 1) + 0.5))
+        for i in order:
+            kf[i] = min(max(kf[i] + per, 0), units[i]["ffn"] - 1)
+        n = 0
     step = 1 if n > 0 else -1
     guard = 0
     while n != 0 and guard < 100 * L:

@@ -130,7 +130,10 @@ def test_schedule_realises_the_target_after_rounding(schedule, target):
     sol = solve_schedule(m, ad, target, schedule)
     layer_params = sum(p.numel() for layer in ad.layers(m) for p in layer.parameters())
     one_channel = 3 * 576 / layer_params
-    assert abs(sol["realised"] - target) <= one_channel
+    # to within one FFN channel; uniform keeps all layers the same shape: to within L/2 channels
+    assert abs(sol["realised"] - target) <= one_channel * (15 if schedule == "uniform" else 1)
+    if schedule == "uniform":
+        assert len(set(sol["heads"])) == 1 and len(set(sol["ffn"])) == 1
     # and the realised count is what the kept structures add up to
     removed = sum(h * (3 * 2 * 64 * 576 + 2 * 64 * 576) + f * 3 * 576 for h, f in zip(sol["heads"], sol["ffn"]))
     assert abs(removed / layer_params - sol["realised"]) < 1e-12

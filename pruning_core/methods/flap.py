@@ -1,0 +1,257 @@
+"""FLAP: fluctuation-based adaptive structured pruning with bias compensation (retraining-free).
+
+An, Zhao, Yu, Tang, Wang, "Fluctuation-based Adaptive Structured Pruning for Large Language
+Models", AAAI 2024, arXiv 2312.11983; code CASIA-IVA-Lab/FLAP (`lib/prune.py`, `lib/layerwrapper.py`).
+
+Statistics are taken on the inputs x of `o_proj` and `down_proj` (per input channel j: mean and
+sample variance over calibration tokens). Metrics (FLAP's `metrics`):
+
+* `wifv` (default)  Var(x_j) · ||W[:, j]||²
+* `ifv`             Var(x_j)
+* `wifn`            mean_r |W_rj| · ||x_j||
+
+A head's score is the sum over its head_dim channels of the squared metric (FLAP squares the
+o_proj metric); a GQA unit (whole KV group) sums its heads. FFN channels use the metric directly.
+Structure: `uniform` (FLAP's UL-UM: the same ratio in every layer; here the same removal counts as
+SlimGPT's solved uniform schedule, so parameter budgets match) or `al_am` (FLAP's default:
+z-score the scores within each layer and module, then one global threshold with every unit
+weighted by its parameter count — FLAP's 512/3 channels per head).
+
+Compensation (FLAP eq. 8): the pruned columns are zeroed and the bias b += W[:, S]·mean(x_S) is
+added to `o_proj` / `down_proj` — the least-squares optimal constant offset for the removed inputs.
+Llama has no such biases: zero biases are added to q/k/v/o and gate/up/down and the config gets
+`attention_bias = mlp_bias = True`, so the pruned model stays a stock Llama checkpoint.
+
+Streaming: with `uniform`, layers are processed in order on the outputs of the already pruned
+layers (as FLAP's UL-UM loop compresses each layer before computing its outputs). `al_am` needs
+all layers' scores before the global threshold, so (as in FLAP) its statistics are taken on the
+dense model in one pass, then every layer is pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..capture import LayerStream
+from ..errors import ConfigError
+from ..plan import LayerPlan, PrunePlan
+from ..select import check_ratio
+from .base import Method, MethodSettings, register
+from .slimgpt import _unit_counts, solve_schedule
+
+
+class FLAPSettings(MethodSettings):
+    metric: Literal["wifv", "ifv", "wifn"] = Field("wifv", description="wifv, ifv or wifn")
+    structure: Literal["uniform", "al_am"] = Field("uniform", description="uniform (UL-UM) or al_am (global z-score)")
+    bias_compensation: bool = Field(True, description="add W[:,S]·mean(x_S) to the o_proj / down_proj bias")
+    gqa: Literal["kv_group", "per_group"] = Field("kv_group", description="kv_group or per_group (uniform only)")
+    batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
+
+
+# -- pure maths ----------------------------------------------------------------------------------
+
+
+def channel_metric(metric: str, W: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, sq_sum: torch.Tensor):
+    """Per input column j of W [d_out, d_in]; mean/var/sq_sum are per-channel input statistics."""
+    W = W.double()
+    if metric == "wifv":
+        return var * (W * W).sum(0)
+    if metric == "ifv":
+        return var.clone()
+    if metric == "wifn":
+        return W.abs().mean(0) * sq_sum.sqrt()
+    raise ConfigError("method.settings.metric", metric, "wifv, ifv or wifn")
+
+
+def flap_bias(W: torch.Tensor, mean_x: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """b = W[:, S] · mean(x_S): the constant that best replaces the removed inputs' contribution."""
+    pruned = torch.as_tensor(pruned, dtype=torch.long)
+    return W[:, pruned].double() @ mean_x[pruned].double()
+
+
+class _Moments:
+    def __init__(self):
+        self.s = self.sq = None
+        self.n = 0
+
+    def __call__(self, x, _y):
+        x = x.reshape(-1, x.shape[-1]).double()
+        s, sq = x.sum(0), (x * x).sum(0)
+        self.s = s if self.s is None else self.s + s
+        self.sq = sq if self.sq is None else self.sq + sq
+        self.n += x.shape[0]
+
+    def stats(self):
+        mean = self.s / self.n
+        var = (self.sq - self.n * mean * mean) / max(self.n - 1, 1)
+        return mean, var.clamp_min(0), self.sq
+
+
+def _add_zero_biases(model, adapter, layer) -> None:
+    names = [adapter.q, adapter.k, adapter.v, adapter.o, *adapter.mlp_in, adapter.mlp_out]
+    for n in names:
+        lin: nn.Linear = adapter.proj(layer, n)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
+                                    requires_grad=lin.weight.requires_grad)
+    for key in ("attention_bias", "mlp_bias"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, True)
+
+
+def _scores(shape, o_lin, d_lin, mo: _Moments, md: _Moments, metric: str, gqa: str):
+    """(unit scores for heads [units] or [heads], FFN channel scores, o stats, down stats)."""
+    ma, va, sa = mo.stats()
+    mm, vm, sm = md.stats()
+    a = channel_metric(metric, o_lin.weight.data.cpu(), ma.cpu(), va.cpu(), sa.cpu()) ** 2
+    head = a.view(shape.n_heads, shape.head_dim).sum(1)
+    rep = shape.n_heads // shape.n_kv_heads
+    if gqa == "kv_group" or rep == 1:
+        head = head.view(shape.n_kv_heads, rep).sum(1)
+    f = channel_metric(metric, d_lin.weight.data.cpu(), mm.cpu(), vm.cpu(), sm.cpu())
+    return head, f, (ma, mm)
+
+
+def _apply(model, adapter, layer, shape, lp: LayerPlan, gone_units, gone_ffn, means, gqa, bias: bool):
+    o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
+    rep = shape.n_heads // shape.n_kv_heads
+    hd = shape.head_dim
+    gone_heads: list[int] = []
+    if gone_units:
+        if gqa == "kv_group" or rep == 1:
+            gone_heads = [g * rep + j for g in gone_units for j in range(rep)]
+            lp.kv_heads = [g for g in range(shape.n_kv_heads) if g not in gone_units]
+            lp.heads = [g * rep + j for g in lp.kv_heads for j in range(rep)]
+        else:
+            gone_heads = list(gone_units)
+            lp.heads = [h for h in range(shape.n_heads) if h not in gone_heads]
+            lp.kv_heads = list(range(shape.n_kv_heads))
+    cols = torch.tensor([h * hd + j for h in gone_heads for j in range(hd)], dtype=torch.long)
+    ffn = torch.tensor(sorted(gone_ffn), dtype=torch.long)
+    if gone_ffn:
+        lp.ffn = [j for j in range(shape.ffn) if j not in set(gone_ffn)]
+    if bias and (cols.numel() or ffn.numel()):
+        _add_zero_biases(model, adapter, layer)
+    for lin, idx, mean in ((o_lin, cols, means[0]), (d_lin, ffn, means[1])):
+        if idx.numel() == 0:
+            continue
+        if bias:
+            b = flap_bias(lin.weight.data.cpu(), mean.cpu(), idx)
+            lin.bias.data += b.to(lin.bias.dtype).to(lin.bias.device)
+        lin.weight.data[:, idx.to(lin.weight.device)] = 0
+
+
+def _lowest(scores: torch.Tensor, k: int, bucket: torch.Tensor | None = None, per: int | None = None) -> list[int]:
+    if k <= 0:
+        return []
+    if bucket is None:
+        return sorted(torch.argsort(scores.double(), stable=True)[:k].tolist())
+    out = []
+    for b in bucket.unique().tolist():
+        idx = (bucket == b).nonzero().view(-1)
+        out += idx[torch.argsort(scores[idx].double(), stable=True)[:per]].tolist()
+    return sorted(out)
+
+
+def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPSettings | None = None,
+          device="cpu", progress=None) -> PrunePlan:
+    """FLAP on `model` in place (pruned columns zeroed, biases compensated); returns the plan."""
+    s = settings or FLAPSettings()
+    ratio = check_ratio(ratio)
+    if s.structure == "al_am" and s.gqa != "kv_group":
+        raise ConfigError("method.settings.gqa", s.gqa, "kv_group (al_am pools whole KV groups)")
+    layers_plan: list[LayerPlan] = []
+    n_layers = len(adapter.layers(model))
+    stream = LayerStream(model, adapter, calib_ids, device=torch.device(device), batch_size=s.batch_size)
+    if s.structure == "uniform":
+        sched = solve_schedule(model, adapter, ratio, "uniform", gqa=s.gqa)
+        per_layer = sched["ratios"]
+        for step in stream:
+            i, layer = step.index, step.layer
+            lp, shape = LayerPlan(i), adapter.layer_shape(model, layer)
+            kh, kf = sched["heads"][i], sched["ffn"][i]
+            if shape.kind == "decoder" and (kh or kf):
+                o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
+                mo, md = _Moments(), _Moments()
+                step.run(hooks={adapter.module_name(adapter.o): mo, adapter.module_name(adapter.mlp_out): md},
+                         keep_outputs=False)
+                head, f, means = _scores(shape, o_lin, d_lin, mo, md, s.metric, s.gqa)
+                rep = shape.n_heads // shape.n_kv_heads
+                if s.gqa == "per_group" and rep > 1:
+                    gone = _lowest(head, kh * shape.n_kv_heads, torch.arange(shape.n_heads) // rep, kh)
+                else:
+                    gone = _lowest(head, kh)
+                _apply(model, adapter, layer, shape, lp, gone, _lowest(f, kf), means, s.gqa, s.bias_compensation)
+            layers_plan.append(lp)
+            if progress:
+                progress(i + 1, n_layers)
+    else:
+        per_layer = _al_am(model, adapter, stream, ratio, s, layers_plan, progress)
+    plan = PrunePlan(method="flap", settings=s.model_dump(), layers=layers_plan, target_ratio=ratio,
+                     per_layer_ratio=[float(r) for r in per_layer])
+    from ..metrics import plan_params
+
+    plan.params_before, plan.params_after = plan_params(model, plan)
+    return plan
+
+
+def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress) -> list[float]:
+    units = _unit_counts(model, adapter, "kv_group")
+    collected = {}
+    for step in stream:  # dense statistics, one pass
+        i, layer = step.index, step.layer
+        shape = adapter.layer_shape(model, layer)
+        if shape.kind == "decoder":
+            o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
+            mo, md = _Moments(), _Moments()
+            step.outputs = step.run(hooks={adapter.module_name(adapter.o): mo,
+                                           adapter.module_name(adapter.mlp_out): md})
+            collected[i] = (shape, *_scores(shape, o_lin, d_lin, mo, md, s.metric, "kv_group"))
+        if progress:
+            progress(i + 1, len(units))
+    # z-score within each layer and module, then one global threshold weighted by parameter count
+    entries = []  # (z, params, layer, kind, unit)
+    for i, (shape, head, f, _m) in collected.items():
+        for kind, sc, w in (("head", head, units[i]["unit_params"]), ("ffn", f, units[i]["ch_params"])):
+            z = (sc - sc.mean()) / (sc.std() if sc.numel() > 1 and sc.std() > 0 else 1.0)
+            entries += [(float(z[j]), w, i, kind, j) for j in range(sc.numel())]
+    entries.sort(key=lambda e: e[0])
+    total = sum(u["total"] for u in units if u)
+    goal, removed = ratio * total, 0
+    gone = {i: {"head": [], "ffn": []} for i in collected}
+    for z, w, i, kind, j in entries:
+        if removed + w / 2 > goal:  # stop at the unit that gets closest to the goal
+            continue
+        limit = units[i]["units"] if kind == "head" else units[i]["ffn"]
+        if len(gone[i][kind]) >= limit - 1:
+            continue
+        gone[i][kind].append(j)
+        removed += w
+    ratios = []
+    for i, layer in enumerate(adapter.layers(model)):
+        lp = LayerPlan(i)
+        if i in collected:
+            shape, _h, _f, means = collected[i]
+            _apply(model, adapter, layer, shape, lp, sorted(gone[i]["head"]), gone[i]["ffn"], means, "kv_group",
+                   s.bias_compensation)
+            u = units[i]
+            ratios.append((len(gone[i]["head"]) * u["unit_params"] + len(gone[i]["ffn"]) * u["ch_params"]) / u["total"])
+        else:
+            ratios.append(0.0)
+        layers_plan.append(lp)
+    return ratios
+
+
+register(Method(
+    name="flap",
+    summary="fluctuation metric (WIFV) + bias compensation, retraining-free (baseline)",
+    settings=FLAPSettings,
+    paper="An et al., AAAI 2024, arXiv 2312.11983",
+    targets=("heads", "ffn"),
+    prune=prune,
+    baseline_of=("slimgpt",),
+))
