@@ -1,0 +1,259 @@
+"""The `compress` flow: one model, one method, one ratio (or schedule) -> pruned checkpoint + report.
+
+    load ──► calibration ──► capture ──► score ──► prune ──► recover ──► evaluate ──► report (+ MLflow)
+                  │                                  ▲                       ▲
+                  └──── (coupled methods: SlimGPT) ──┘     evaluate_dense ───┘ (once per model + eval settings)
+
+Each arrow is a cached Prefect task (see `tasks/`); a second run of the same spec is all cache hits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from prefect import flow
+
+from pruning_core.errors import PruneflowError
+from tasks import steps
+from tasks.store import default_store_url, open_store, pruneflow_home
+
+from .spec import RunSpec, validate
+
+log = logging.getLogger("pruneflow.flow")
+
+STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "recover", "evaluate_dense", "evaluate")
+
+
+class StepLog:
+    """Calls tasks in order, recording per-step wall time and cache hit / miss / skipped."""
+
+    def __init__(self, ctx: dict, on_step=None):
+        self.ctx, self.timings, self.cache, self.artifacts = ctx, {}, {}, {}
+        self.on_step = on_step
+
+    def __call__(self, name: str, task, **kw) -> dict:
+        t0 = time.perf_counter()
+        state = task(ctx=self.ctx, **kw, return_state=True)
+        man = state.result()  # raises the task's exception on failure
+        dt = time.perf_counter() - t0
+        hit = state.name == "Cached" or bool(man.get("hit"))
+        self.timings[name] = round(dt, 3)
+        self.cache[name] = "hit" if hit else "miss"
+        if man.get("uri"):
+            self.artifacts[name] = man["uri"]
+        if self.on_step:
+            self.on_step(name, self.cache[name], dt)
+        return man
+
+    def skip(self, name: str) -> None:
+        self.timings[name] = 0.0
+        self.cache[name] = "skipped"
+
+
+def ctx_for(spec: RunSpec) -> dict:
+    return {"store": spec.store.url or default_store_url(), "device": spec.device}
+
+
+def eval_settings(spec: RunSpec) -> dict:
+    e = spec.evaluation
+    return {"source": e.source, "ppl_seq_len": e.ppl_seq_len, "ppl_windows": e.ppl_windows, "tasks": list(e.tasks),
+            "limit": e.limit, "efficiency": e.efficiency, "batch_size": e.batch_size}
+
+
+def prepare(spec: RunSpec, sl: StepLog) -> tuple[dict, dict]:
+    """load + calibration: shared by compress and sweep."""
+    m = spec.model
+    model = sl("load", steps.load_model_task, ref=m.ref, dtype=m.dtype, revision=m.revision,
+               trust_remote_code=m.trust_remote_code)
+    c = spec.calibration
+    calib = sl("calibration", steps.calibration_task, model=model, source=c.source, n_samples=c.n_samples,
+               seq_len=c.seq_len, seed=c.seed)
+    return model, calib
+
+
+def score_once(spec: RunSpec, sl: StepLog, model: dict, calib: dict, method: str, settings: dict) -> dict | None:
+    """capture + score (skipped for coupled methods, which consume the calibration set in prune)."""
+    from pruning_core.methods import get_method
+
+    meth = get_method(method)
+    if meth.coupled:
+        sl.skip("capture")
+        sl.skip("score")
+        return None
+    stats = sl("capture", steps.capture_task, model=model, calib=calib, requests=sorted(meth.needs),
+               batch_size=spec.calibration.batch_size)
+    return sl("score", steps.score_task, model=model, stats=stats, method=method, settings=settings)
+
+
+def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, scores: dict | None, method: str,
+                       settings: dict, ratio: float) -> tuple[dict, dict]:
+    from pruning_core.methods import get_method
+
+    coupled = get_method(method).coupled
+    ckpt = sl("prune", steps.prune_task, model=model, method=method, settings=settings, ratio=ratio,
+              scores=scores, calib=calib if coupled else None)
+    r = spec.recovery
+    if r.kind != "none":
+        ckpt = sl("recover", steps.recover_task, checkpoint=ckpt, kind=r.kind, settings=r.settings,
+                  model_revision=model["sha256"], train_source=spec.calibration.source,
+                  seq_len=spec.calibration.seq_len, calib=calib)
+    else:
+        sl.skip("recover")
+    after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
+               model_revision=model["sha256"], label="pruned")
+    return ckpt, after
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "prefect", "mlflow", "lm_eval", "peft", "pruneflow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        root = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            out["code_revision"] = rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def retention(before: dict, after: dict) -> dict:
+    out = {}
+    for k, v in after.items():
+        b = before.get(k)
+        if isinstance(v, (int, float)) and isinstance(b, (int, float)) and not isinstance(v, bool) and b:
+            out[k] = v / b
+    return out
+
+
+def _metrics_view(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("params",)}
+
+
+def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dict, run_dir: str) -> dict:
+    mb, ma = _metrics_view(dense["metrics"]), _metrics_view(after["metrics"])
+    return {
+        "name": spec.run_name(),
+        "model": spec.model.ref,
+        "method": spec.method.name,
+        "settings": spec.method.settings,
+        "target_ratio": spec.ratio,
+        "schedule": spec.schedule,
+        "recovery": spec.recovery.kind,
+        "params_before": ckpt.get("params_before"),
+        "params_after": ckpt.get("params_after"),
+        "removed_fraction": ckpt.get("removed_fraction"),
+        "metrics_before": mb,
+        "metrics_after": ma,
+        "retention": retention(mb, ma),
+        "timings": {k: sl.timings.get(k) for k in STEP_ORDER if k in sl.timings},
+        "cache": {k: sl.cache.get(k) for k in STEP_ORDER if k in sl.cache},
+        "artifacts": {**sl.artifacts, "checkpoint": ckpt["uri"], "run_dir": run_dir,
+                      "log": str(Path(run_dir) / "pruneflow.log")},
+        "store": sl.ctx["store"],
+        "versions": versions(),
+        "spec": spec.model_dump(mode="json"),
+    }
+
+
+def run_dir_for(spec: RunSpec) -> Path:
+    return pruneflow_home() / "runs" / spec.run_name()
+
+
+class _RunLog:
+    """Mirror pruneflow and Prefect log records into `<run_dir>/pruneflow.log` for this run."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "pruneflow.log"
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handler = logging.FileHandler(self.path, mode="a")
+        except OSError:
+            return self
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.setLevel(logging.INFO)
+        for name in ("pruneflow", "prefect"):
+            lg = logging.getLogger(name)
+            lg.addHandler(self.handler)
+            if lg.level == logging.NOTSET or lg.level > logging.INFO:
+                lg.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handler is not None:
+            for name in ("pruneflow", "prefect"):
+                logging.getLogger(name).removeHandler(self.handler)
+            self.handler.close()
+
+
+def _link_checkpoint(run_dir: Path, ckpt: dict, store_url: str) -> str:
+    """`<run_dir>/checkpoint` -> the checkpoint object (local store); the URI for a remote store."""
+    if "://" in store_url and not store_url.startswith("file://"):
+        return ckpt["uri"]
+    link = run_dir / "checkpoint"
+    try:
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(ckpt["uri"], target_is_directory=True)
+        return str(link)
+    except OSError:
+        return ckpt["uri"]
+
+
+def track(spec: RunSpec, report: dict, run_dir: str) -> dict | None:
+    if not spec.tracking.enabled or importlib.util.find_spec("tasks.tracking") is None:
+        return None
+    from tasks import tracking
+
+    try:
+        return tracking.track_compress_run(spec.model_dump(mode="json"), report, run_dir)
+    except PruneflowError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tracking must not lose a finished compression
+        if spec.tracking.on_failure == "fail":
+            raise
+        log.warning("MLflow tracking failed (%s: %s); the run's results are in %s", type(e).__name__, e, run_dir)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+@flow(name="compress", log_prints=True, validate_parameters=False)
+def compress(spec: dict, run_dir: str | None = None) -> dict:
+    """Compress one model with one method at one ratio; returns the run report (also report.json)."""
+    s = validate(spec)
+    ctx = ctx_for(s)
+    open_store(ctx["store"]).check()
+    rd = Path(run_dir) if run_dir else run_dir_for(s)
+    rd.mkdir(parents=True, exist_ok=True)
+    with _RunLog(rd):
+        sl = StepLog(ctx, on_step=lambda n, c, dt: log.info("step %-14s %-7s %7.2f s", n, c, dt))
+        model, calib = prepare(s, sl)
+        scores = score_once(s, sl, model, calib, s.method.name, s.method.settings)
+        ckpt, after = prune_and_evaluate(s, sl, model, calib, scores, s.method.name, s.method.settings, s.ratio)
+        dense = sl("evaluate_dense", steps.evaluate_task, target=model, settings=eval_settings(s),
+                   model_revision=model["sha256"], label="dense")
+        report = build_report(s, sl, ckpt, dense, after, str(rd))
+        report["artifacts"]["checkpoint_local"] = _link_checkpoint(rd, ckpt, ctx["store"])
+        rman = steps.report_task(ctx=ctx, report=report, run_dir=str(rd))
+        report["artifacts"]["report"] = rman["uri"]
+        tr = track(s, report, str(rd))
+        if tr is not None:
+            report["tracking"] = tr
+            tmp = rd / ".report.json.tmp"
+            tmp.write_text(json.dumps(report, indent=1, default=str))
+            os.replace(tmp, rd / "report.json")
+    return report

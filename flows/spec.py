@@ -1,0 +1,224 @@
+"""The run spec: one typed, validated object (unknown keys rejected), from YAML + command-line overrides.
+
+    model:        {ref, dtype, revision, trust_remote_code}
+    calibration:  {source, n_samples, seq_len, seed}
+    method:       {name, settings}        settings validated by the method's own settings model
+    ratio:        target fraction of heads / FFN channels removed, in [0, 1)
+    schedule:     per-layer ratio schedule (None: the method's default, usually uniform)
+    recovery:     {kind: none|lora|replacement, settings}
+    evaluation:   {source, ppl_seq_len, ppl_windows, tasks, limit, efficiency, batch_size}
+    store:        {url}                   local folder (default $PRUNEFLOW_HOME/artifacts) or s3://bucket/prefix
+    tracking:     {enabled, uri, experiment, on_failure: warn|fail}
+    device:       auto|cpu|cuda|cuda:N
+    seed:         global seed
+    name:         run name (default: derived from model, method and ratio)
+
+Every validation problem becomes a `ConfigError` naming the dotted field, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pruning_core.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    ref: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class CalibrationSpec(_Strict):
+    source: str = "pydoc"
+    n_samples: int = Field(32, ge=1, le=100_000)
+    seq_len: int = Field(256, ge=2, le=131_072)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+
+class MethodSpec(_Strict):
+    name: str = "wanda"
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecoverySpec(_Strict):
+    kind: Literal["none", "lora", "replacement"] = "none"
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationSpec(_Strict):
+    source: str = "pydoc"
+    ppl_seq_len: int = Field(256, ge=2)
+    ppl_windows: int | None = Field(16, ge=1)
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1)
+    efficiency: bool = False
+    batch_size: int = Field(1, ge=1)
+
+
+class StoreSpec(_Strict):
+    url: str | None = None
+
+
+class TrackingSpec(_Strict):
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "pruneflow"
+    on_failure: Literal["warn", "fail"] = "warn"
+
+
+class RunSpec(_Strict):
+    name: str | None = None
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    ratio: float = Field(0.2, ge=0.0, lt=1.0)
+    schedule: str | None = None
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    device: str = "auto"
+    seed: int = 0
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_str(cls, v):
+        return {"url": v} if isinstance(v, str) or v is None else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _method(self):
+        from pruning_core.methods import get_method
+
+        m = get_method(self.method.name)  # ConfigError for an unknown name
+        raw = dict(self.method.settings)
+        if self.schedule is not None:
+            if "schedule" not in m.settings.model_fields:
+                raise ConfigError("schedule", self.schedule, f"no schedule (method {m.name!r} has none)")
+            raw["schedule"] = self.schedule
+        self.method.settings = m.parse_settings(raw).model_dump(mode="json")
+        return self
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        model = Path(self.model.ref).name
+        return f"{model}-{self.method.name}-{self.ratio:g}"
+
+
+DEFAULT_SPEC: dict[str, Any] = {
+    # the embedded default: SmolLM2-135M, pydoc text, structured Wanda at 20 % of heads and FFN channels
+    "model": {"ref": "smollm2-135m"},
+    "calibration": {"source": "pydoc", "n_samples": 32, "seq_len": 256, "seed": 0},
+    "method": {"name": "wanda", "settings": {"gqa": "per_group"}},
+    "ratio": 0.2,
+    "evaluation": {"ppl_seq_len": 256, "ppl_windows": 16},
+}
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+
+
+def validate(raw: dict[str, Any]) -> RunSpec:
+    """A RunSpec from a plain dict; the first problem as a ConfigError (one line)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("spec", type(raw).__name__, "a mapping of run settings (YAML)")
+    try:
+        return RunSpec(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = _loc(err) or "spec"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(err["loc"][:-1])
+            accepted = "one of " + ", ".join(sorted(parent.model_fields)) if parent else "a known key"
+            raise ConfigError(loc, err["loc"][-1], accepted) from None
+        ctx = err.get("ctx", {}).get("error")
+        if isinstance(ctx, ConfigError):
+            raise ctx from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(loc, err.get("input"), msg) from None
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    m: type[BaseModel] = RunSpec
+    for part in loc:
+        f = m.model_fields.get(str(part))
+        if f is None:
+            return None
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            m = ann
+        else:
+            return None
+    return m
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars/lists (0.3, true, null, [a, b]) or the plain string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(dotted, value, f"a field inside a mapping ({p!r} is not one)")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError("spec", str(path), "an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError("spec", str(path), f"valid YAML (parse error at {where})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("spec", str(path), "a YAML mapping of run settings")
+    return data
+
+
+def build_spec(path: str | Path | None = None, overrides: list[str] | None = None, **direct: Any) -> RunSpec:
+    """The spec from the default (no path) or a YAML file, then `--set a.b=v` overrides, then direct ones."""
+    raw = copy.deepcopy(DEFAULT_SPEC) if path is None else load_yaml(path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError("--set", item, "key=value with a dotted key, e.g. method.name=l2")
+        k, v = item.split("=", 1)
+        set_dotted(raw, k.strip(), parse_value(v))
+    for k, v in direct.items():
+        if v is not None:
+            set_dotted(raw, k, v)
+    return validate(raw)

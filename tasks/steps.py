@@ -1,0 +1,454 @@
+"""One Prefect task per pipeline step (design.md): load, calibration, capture, score, prune, recover,
+evaluate, report. Each is thin: resolve its input manifests, call `pruning_core`, write its artifact
+to the store, return a small manifest `{uri, sha256, bytes, kind, producer, ...}`.
+
+Every task takes `ctx` (store URL, device, quiet) first; `ctx` is never part of a cache key.
+Steps that run the model carry the `gpu` tag, so a concurrency limit on that tag serialises them
+per worker. Retries only on network / storage errors (`retry_condition`).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from pruning_core.errors import ConfigError, StorageError
+
+from .common import (
+    cache_key_fn_for,
+    code_version,
+    define_step,
+    load_model_cached,
+    progress_enabled,
+    retry_condition,
+    run_step,
+)
+from .store import open_store
+
+log = logging.getLogger("pruneflow.tasks")
+
+RETRIES = 2
+
+
+def _task(step: str, gpu: bool = False):
+    def deco(fn):
+        return task(
+            fn,
+            name=step,
+            cache_key_fn=cache_key_fn_for(step),
+            persist_result=True,
+            result_serializer="json",
+            tags={"gpu"} if gpu else set(),
+            retries=RETRIES,
+            retry_delay_seconds=2,
+            retry_condition_fn=retry_condition,
+        )
+
+    return deco
+
+
+def _device(ctx: dict):
+    from pruning_core.models import resolve_device
+
+    return resolve_device(ctx.get("device", "auto"))
+
+
+def _model_path(model: dict) -> str:
+    return model["uri"]
+
+
+def _save_tensors(tensors: dict, name: str, kind: str, producer: str, ctx: dict, meta: dict | None = None) -> dict:
+    from safetensors.torch import save_file
+
+    store = open_store(ctx.get("store"))
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / name
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(p),
+                  metadata={k: str(v) for k, v in (meta or {}).items()})
+        return store.put_file(p, kind, producer)
+
+
+def _load_tensors(man: dict, ctx: dict) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(open_store(ctx.get("store")).local_path(man)))
+
+
+def _progress(desc: str, total: int):
+    if not progress_enabled():
+        return None, lambda *a: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
+
+    def cb(done, _total):
+        bar.n = done
+        bar.refresh()
+
+    return bar, cb
+
+
+# ================================================================================================
+# load: resolve / convert the model, fingerprint it (the "model revision" of every later key)
+# ================================================================================================
+def _load_keyparts(p):
+    # the folder's fingerprint is checked when the record is reused (`model_valid`): a changed folder
+    # makes the step recompute, and every later key follows the new revision
+    ref = p["ref"] if p["ref"].count("/") == 1 and not os.path.exists(p["ref"]) else _abs(p["ref"])
+    return {"ref": ref, "dtype": p["dtype"], "revision": p.get("revision")}, [], None
+
+
+def _abs(ref: str) -> str:
+    from pruning_core.models import EMBEDDED
+
+    return ref if ref in EMBEDDED else str(Path(os.path.expanduser(ref)).resolve())
+
+
+define_step("load", _load_keyparts, lambda p: code_version("pruning_core.models", _load_keyparts))
+
+
+def model_valid(man: dict) -> bool:
+    from pruning_core.models import model_revision
+
+    return Path(man["uri"]).exists() and model_revision(man["uri"]) == man["fingerprint"]
+
+
+@_task("load")
+def load_model_task(ctx: dict, ref: str, dtype: str = "float32", revision: str | None = None,
+                    trust_remote_code: bool = False) -> dict:
+    params = {"ctx": ctx, "ref": ref, "dtype": dtype, "revision": revision}
+
+    def compute():
+        from pruning_core.models import model_revision, resolve_model_path
+
+        path = resolve_model_path(ref)  # converts the embedded GGUF once
+        fp = model_revision(path)
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        return {"uri": path, "sha256": revision or fp, "fingerprint": fp, "bytes": _dir_bytes(path), "kind": "model",
+                "producer": "load", "external": True, "ref": ref, "dtype": dtype,
+                "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
+                "trust_remote_code": trust_remote_code}
+
+    return run_step("load", params, compute)
+
+
+def _dir_bytes(path: str) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+# ================================================================================================
+# calibration: N x L token blocks from a text source
+# ================================================================================================
+def _source_fp(source: str) -> str:
+    p = Path(os.path.expanduser(source))
+    if source not in ("", "pydoc") and p.exists():
+        st = p.stat()
+        return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    if source in ("", "pydoc"):
+        import sys
+
+        return f"pydoc:{sys.version_info[:2]}"
+    return source
+
+
+def _calib_keyparts(p):
+    s = {k: p[k] for k in ("source", "n_samples", "seq_len", "seed")}
+    s["source_fp"] = _source_fp(p["source"])
+    return s, [p["model"]], p["model"]["sha256"]
+
+
+define_step("calibration", _calib_keyparts, lambda p: code_version("pruning_core.data", _calib_keyparts))
+
+
+@_task("calibration")
+def calibration_task(ctx: dict, model: dict, source: str = "pydoc", n_samples: int = 32, seq_len: int = 256,
+                     seed: int = 0) -> dict:
+    params = {"ctx": ctx, "model": model, "source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
+
+    def compute():
+        from pruning_core.checkpoint import _load_tokenizer
+        from pruning_core.data import calibration_set
+
+        tok = _load_tokenizer(Path(_model_path(model)), model.get("trust_remote_code", False))
+        if tok is None:
+            raise ConfigError("model.ref", model["ref"], "a model folder with a tokenizer")
+        ids = calibration_set(tok, source, n_samples=n_samples, seq_len=seq_len, seed=seed)
+        return _save_tensors({"input_ids": ids}, "calibration.safetensors", "calibration", "calibration", ctx)
+
+    return run_step("calibration", params, compute)
+
+
+def load_calibration(man: dict, ctx: dict):
+    return _load_tensors(man, ctx)["input_ids"]
+
+
+# ================================================================================================
+# capture: layer-wise streamed statistics (Gram matrices, norms, cosines)
+# ================================================================================================
+def _capture_keyparts(p):
+    return {"requests": sorted(p["requests"]), "batch_size": p["batch_size"]}, [p["model"], p["calib"]], p["model"]["sha256"]
+
+
+define_step("capture", _capture_keyparts, lambda p: code_version("pruning_core.capture", _capture_keyparts))
+
+
+@_task("capture", gpu=True)
+def capture_task(ctx: dict, model: dict, calib: dict, requests: list[str], batch_size: int = 8) -> dict:
+    params = {"ctx": ctx, "model": model, "calib": calib, "requests": requests, "batch_size": batch_size}
+
+    def compute():
+        from pruning_core.adapters import adapter_for
+        from pruning_core.capture import capture_stats
+
+        m, _tok = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+        ids = load_calibration(calib, ctx)
+        bar, cb = _progress("capture", len(adapter_for(m).layers(m)))
+        try:
+            stats = capture_stats(m, adapter_for(m), ids, requests=set(requests), device=_device(ctx),
+                                  batch_size=batch_size, progress=cb)
+        finally:
+            if bar is not None:
+                bar.close()
+        return _save_tensors(stats, "stats.safetensors", "stats", "capture", ctx)
+
+    return run_step("capture", params, compute)
+
+
+# ================================================================================================
+# score: the method's scores (ratio-free: one scoring serves every ratio)
+# ================================================================================================
+def _score_module(name: str) -> str:
+    from pruning_core.methods import get_method
+
+    m = get_method(name)
+    fn = m.score or m.prune
+    return getattr(fn, "__module__", "pruning_core.methods")
+
+
+def _score_keyparts(p):
+    return {"method": p["method"], "settings": p["settings"]}, [p["model"], p["stats"]], p["model"]["sha256"]
+
+
+define_step("score", _score_keyparts,
+            lambda p: code_version(_score_module(p["method"]), "pruning_core.methods.base", _score_keyparts))
+
+
+@_task("score", gpu=True)
+def score_task(ctx: dict, model: dict, stats: dict | None, method: str, settings: dict) -> dict:
+    params = {"ctx": ctx, "model": model, "stats": stats, "method": method, "settings": settings}
+
+    def compute():
+        from pruning_core.adapters import adapter_for
+        from pruning_core.methods import get_method
+
+        meth = get_method(method)
+        m, _tok = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+        st = _load_tensors(stats, ctx) if stats else {}
+        scores = meth.score(m, adapter_for(m), st, meth.parse_settings(settings))
+        return _save_tensors(scores, "scores.safetensors", "scores", f"score:{method}", ctx)
+
+    return run_step("score", params, compute)
+
+
+# ================================================================================================
+# prune: plan (from scores, or the coupled method on the calibration set) + surgery + save
+# ================================================================================================
+def _prune_keyparts(p):
+    s = {"method": p["method"], "settings": p["settings"], "ratio": p["ratio"]}
+    return s, [p["model"], p.get("scores"), p.get("calib")], p["model"]["sha256"]
+
+
+define_step("prune", _prune_keyparts,
+            lambda p: code_version(_score_module(p["method"]), "pruning_core.surgery", "pruning_core.select",
+                                   "pruning_core.checkpoint", _prune_keyparts))
+
+
+@_task("prune", gpu=True)
+def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float, scores: dict | None = None,
+               calib: dict | None = None) -> dict:
+    params = {"ctx": ctx, "model": model, "method": method, "settings": settings, "ratio": ratio,
+              "scores": scores, "calib": calib}
+
+    def compute():
+        from pruning_core.adapters import adapter_for
+        from pruning_core.checkpoint import save_pruned
+        from pruning_core.methods import get_method
+        from pruning_core.surgery import apply_plan, count_params
+
+        meth = get_method(method)
+        st = meth.parse_settings(settings)
+        base, tok = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+        m = copy.deepcopy(base)
+        adapter = adapter_for(m)
+        if meth.coupled:
+            if calib is None:
+                raise ConfigError("method.name", method, "a coupled method run with a calibration set")
+            ids = load_calibration(calib, ctx)
+            m.to(_device(ctx))
+            plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx))
+            m.to("cpu")
+        else:
+            sc = _load_tensors(scores, ctx)
+            plan = meth.select(m, adapter, sc, ratio, st)
+        before = count_params(m)
+        apply_plan(m, plan)
+        after = count_params(m)
+        plan.params_before, plan.params_after = before, after
+        store = open_store(ctx.get("store"))
+        with tempfile.TemporaryDirectory() as d:
+            path = save_pruned(m, tok, plan, Path(d) / "checkpoint")
+            man = store.put_dir(path, "checkpoint", f"prune:{method}")
+        del m
+        return {**man, "params_before": before, "params_after": after, "target_ratio": ratio,
+                "removed_fraction": 1 - after / before if before else 0.0}
+
+    return run_step("prune", params, compute)
+
+
+# ================================================================================================
+# recover: LoRA (peft) or replacement-layer training; `none` passes the checkpoint through
+# ================================================================================================
+def _recover_keyparts(p):
+    return {"kind": p["kind"], "settings": p["settings"]}, [p["checkpoint"], p.get("calib")], p["model_revision"]
+
+
+define_step("recover", _recover_keyparts,
+            lambda p: code_version("pruning_core.recover" if importlib.util.find_spec("pruning_core.recover") else
+                                   "pruning_core.checkpoint", _recover_keyparts))
+
+
+@_task("recover", gpu=True)
+def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_revision: str,
+                 train_source: str = "pydoc", seq_len: int = 256, calib: dict | None = None) -> dict:
+    params = {"ctx": ctx, "checkpoint": checkpoint, "kind": kind, "settings": settings,
+              "model_revision": model_revision, "calib": calib}
+
+    def compute():
+        if importlib.util.find_spec("pruning_core.recover") is None:
+            raise ConfigError("recovery.kind", kind, "none (pruning_core.recover is not installed)")
+        from pruning_core import recover as rec
+        from pruning_core.checkpoint import load_pruned, save_pruned
+        from pruning_core.data import load_text, tokenize_text
+        from pruning_core.plan import PrunePlan
+
+        store = open_store(ctx.get("store"))
+        src = store.local_path(checkpoint)
+        m, tok = load_pruned(src, device=_device(ctx))
+        fn = getattr(rec, "lora_recover" if kind == "lora" else "replacement_recover", None)
+        if fn is None:
+            raise ConfigError("recovery.kind", kind, "a recovery that pruning_core.recover provides")
+        train_ids = tokenize_text(tok, load_text(train_source, "train"))
+        m, info = fn(m, tok, train_ids, settings)
+        plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
+        with tempfile.TemporaryDirectory() as d:
+            path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
+            man = store.put_dir(path, "checkpoint", f"recover:{kind}")
+        keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction")
+                if k in checkpoint}
+        return {**man, **keep, "recovery": _jsonable(info)}
+
+    return run_step("recover", params, compute)
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return json.loads(json.dumps(obj, default=str))
+
+
+# ================================================================================================
+# evaluate: perplexity (protocol named), parameters, lm-eval tasks, efficiency
+# ================================================================================================
+def _eval_keyparts(p):
+    return dict(p["settings"]), [p["target"]], p["model_revision"]
+
+
+def _eval_code(p):
+    mods = ["pruning_core.metrics", _eval_keyparts]
+    for name in ("pruning_core.evaluate", "pruning_core.efficiency"):
+        if importlib.util.find_spec(name) is not None:
+            mods.append(name)
+    return code_version(*mods)
+
+
+define_step("evaluate", _eval_keyparts, _eval_code)
+
+
+@_task("evaluate", gpu=True)
+def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, label: str = "pruned") -> dict:
+    """Metrics of `target` (the dense model manifest or a checkpoint manifest), stored as JSON."""
+    params = {"ctx": ctx, "target": target, "settings": settings, "model_revision": model_revision}
+
+    def compute():
+        from pruning_core.checkpoint import load_pruned
+        from pruning_core.data import eval_tokens
+        from pruning_core.metrics import flops_per_token, perplexity
+        from pruning_core.surgery import count_params
+
+        store = open_store(ctx.get("store"))
+        path = target["uri"] if target.get("external") else str(store.local_path(target))
+        dev = _device(ctx)
+        m, tok = load_pruned(path, device=dev, trust_remote_code=target.get("trust_remote_code", False))
+        ids = eval_tokens(tok, settings.get("source", "pydoc"))
+        t0 = time.perf_counter()
+        ppl = perplexity(m, ids, seq_len=settings["ppl_seq_len"], max_windows=settings.get("ppl_windows"),
+                         batch_size=settings.get("batch_size", 1))
+        dt = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "ppl": ppl["ppl"], "ppl_protocol": ppl["protocol"], "ppl_tokens": ppl["tokens"],
+            "params": count_params(m), "flops_per_token": flops_per_token(m),
+            "eval_tokens_per_s": ppl["tokens"] / dt if dt > 0 else None,
+        }
+        tasks = settings.get("tasks") or []
+        if tasks:
+            if importlib.util.find_spec("pruning_core.evaluate") is None:
+                raise ConfigError("evaluation.tasks", tasks, "[] (pruning_core.evaluate is not installed)")
+            from pruning_core.evaluate import run_lm_eval
+
+            res = run_lm_eval(path, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev))
+            for t, ms in res["results"].items():
+                for k, v in ms.items():
+                    if isinstance(v, (int, float)):
+                        metrics[f"{t}.{k}"] = v
+        if settings.get("efficiency") and importlib.util.find_spec("pruning_core.efficiency") is not None:
+            from pruning_core import efficiency
+
+            eff = efficiency.measure(m, tok)
+            for k, v in (eff or {}).items():
+                if isinstance(v, (int, float)):
+                    metrics[f"eff.{k}"] = v
+        man = store.put_json(metrics, "metrics.json", "metrics", f"evaluate:{label}")
+        return {**man, "metrics": metrics}
+
+    return run_step("evaluate", params, compute)
+
+
+# ================================================================================================
+# report: always rebuilt (it records this run's timings and cache hits), stored + written to run dir
+# ================================================================================================
+@task(name="report", persist_result=False, retries=RETRIES, retry_delay_seconds=2, retry_condition_fn=retry_condition)
+def report_task(ctx: dict, report: dict, run_dir: str) -> dict:
+    store = open_store(ctx.get("store"))
+    man = store.put_json(report, "report.json", "report", "report")
+    out = Path(run_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".report.json.tmp"
+        tmp.write_text(json.dumps({**report, "artifacts": {**report.get("artifacts", {}), "report": man["uri"]}},
+                                  indent=1, default=str))
+        os.replace(tmp, out / "report.json")
+    except OSError as e:
+        raise StorageError("run_dir", str(out), "a writable folder", str(e)) from None
+    return man

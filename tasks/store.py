@@ -1,0 +1,384 @@
+"""The artifact store: content-addressed, atomic, verified. fsspec over a local folder or `s3://`.
+
+Layout under the store's root (a local folder, default `$PRUNEFLOW_HOME/artifacts`, or
+`s3://bucket/prefix`)::
+
+    objects/<sha[:2]>/<sha>/<name>      a file artifact (stats, scores, calibration tokens, report)
+    objects/<sha[:2]>/<sha>/            a directory artifact (a checkpoint folder)
+    objects/<sha[:2]>/<sha>.commit      the commit marker: the manifest, written *last*
+    index/<step>/<key>.json             step cache: the manifest a step produced for a cache key
+
+The sha256 of a file is the sha256 of its bytes; of a folder, the sha256 of its sorted
+`relative-path NUL file-sha256 LF` lines. Artifacts are produced in a local temporary place, hashed,
+then copied in: locally into a temporary folder renamed into place, on S3 object by object under the
+final key. Either way the commit marker goes last, and readers trust only committed objects, so a
+process killed mid-write leaves nothing that any reader uses. Every read verifies the sha256; a
+missing, uncommitted or corrupt object reads as `ArtifactMissing` / `ArtifactCorrupt`, which the
+step cache turns into "recompute, with a warning".
+
+A manifest is a small dict: `{uri, sha256, bytes, kind, producer}` (+ `name`, `dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pruning_core.errors import StorageError
+
+log = logging.getLogger("pruneflow.store")
+
+CHUNK = 1 << 20
+
+
+class ArtifactMissing(StorageError):
+    """The object is not in the store, or was never committed."""
+
+
+class ArtifactCorrupt(StorageError):
+    """The object's bytes do not match its sha256."""
+
+
+class TransientStorageError(StorageError):
+    """A network / storage hiccup worth retrying (never used for user errors)."""
+
+
+def pruneflow_home() -> Path:
+    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
+
+
+def default_store_url() -> str:
+    return str(pruneflow_home() / "artifacts")
+
+
+# -- hashing ---------------------------------------------------------------------------------------
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def sha256_dir(path: str | Path) -> tuple[str, int]:
+    """(digest, total bytes) of a folder: hash of its sorted (relative path, file sha256) lines."""
+    path = Path(path)
+    h = hashlib.sha256()
+    total = 0
+    for f in _dir_files(path):
+        rel = f.relative_to(path).as_posix()
+        h.update(f"{rel}\0{sha256_file(f)}\n".encode())
+        total += f.stat().st_size
+    return h.hexdigest(), total
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- the store -------------------------------------------------------------------------------------
+def _is_transient(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    transient = {
+        "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+        "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
+        "ConnectionResetError", "ConnectionRefusedError", "TimeoutError", "ProxyConnectionError",
+    }
+    return bool(names & transient)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _is_no_credentials(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        return True
+    return any("InvalidAccessKeyId" in str(e) or "SignatureDoesNotMatch" in str(e) for e in _chain(exc))
+
+
+class ArtifactStore:
+    """A content-addressed store at `url` (local folder or s3://bucket/prefix)."""
+
+    def __init__(self, url: str | None = None, cache_dir: str | Path | None = None):
+        url = url or default_store_url()
+        self.url = url
+        self.remote = "://" in url and not url.startswith("file://")
+        if self.remote:
+            import fsspec
+
+            protocol = url.split("://", 1)[0]
+            if protocol not in ("s3", "memory"):
+                raise StorageError("store.url", url, "a local folder or s3://bucket/prefix")
+            kwargs: dict[str, Any] = {}
+            if protocol == "s3":
+                kwargs = {
+                    "config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
+                    "skip_instance_cache": True,
+                }
+                ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                if ep:
+                    kwargs["client_kwargs"] = {"endpoint_url": ep}
+            self.fs = fsspec.filesystem(protocol, **kwargs)
+            self.root = url.rstrip("/")
+        else:
+            import fsspec
+
+            self.fs = fsspec.filesystem("file")
+            self.root = str(Path(url.removeprefix("file://")).expanduser().resolve())
+        cache = Path(cache_dir) if cache_dir else pruneflow_home() / "cache" / "store"
+        self.cache = cache
+        self._verified: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    # -- paths -------------------------------------------------------------------------------------
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _obj(self, sha: str) -> str:
+        return self._join("objects", sha[:2], sha)
+
+    def _marker(self, sha: str) -> str:
+        return self._obj(sha) + ".commit"
+
+    def _wrap(self, exc: Exception, what: str) -> StorageError:
+        if isinstance(exc, StorageError):
+            return exc
+        if _is_no_credentials(exc):
+            return StorageError(
+                "store.url", self.url,
+                "an S3 store with credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile)",
+            )
+        if _is_transient(exc):
+            return TransientStorageError("store.url", self.url, f"a reachable store ({what}: {type(exc).__name__})")
+        if isinstance(exc, PermissionError):
+            return StorageError("store.url", self.url, f"a writable store ({what}: permission denied)")
+        msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return StorageError("store.url", self.url, f"a usable store ({what}: {msg})")
+
+    # -- checks ------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail fast (StorageError) when the store can't be reached or written."""
+        try:
+            if self.remote:
+                bucket = self.root.split("://", 1)[1].split("/", 1)[0]
+                if self.url.startswith("s3://"):
+                    self.fs.ls(bucket)  # raises on missing bucket / credentials / endpoint
+                probe = self._join("tmp", f"probe-{uuid.uuid4().hex}")
+                self.fs.pipe_file(probe, b"ok")
+                self.fs.rm_file(probe)
+            else:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+                probe = Path(self.root) / f".probe-{uuid.uuid4().hex}"
+                probe.write_bytes(b"ok")
+                probe.unlink()
+        except FileNotFoundError as e:
+            raise StorageError("store.url", self.url, "an existing bucket (create it first)") from e
+        except Exception as e:  # noqa: BLE001 - translated to one user-facing line
+            raise self._wrap(e, "check") from e
+
+    # -- writes ------------------------------------------------------------------------------------
+    def put_file(self, local: str | Path, kind: str, producer: str, name: str | None = None) -> dict:
+        local = Path(local)
+        sha = sha256_file(local)
+        man = {"uri": "", "sha256": sha, "bytes": local.stat().st_size, "kind": kind, "producer": producer,
+               "name": name or local.name, "dir": False}
+        man["uri"] = self._obj(sha) + "/" + man["name"]
+        return self._commit(man, lambda dst: self._copy_in([(local, man["name"])], dst))
+
+    def put_dir(self, local: str | Path, kind: str, producer: str) -> dict:
+        local = Path(local)
+        sha, total = sha256_dir(local)
+        man = {"uri": self._obj(sha), "sha256": sha, "bytes": total, "kind": kind, "producer": producer,
+               "name": local.name, "dir": True}
+        files = [(f, f.relative_to(local).as_posix()) for f in _dir_files(local)]
+        return self._commit(man, lambda dst: self._copy_in(files, dst))
+
+    def put_bytes(self, data: bytes, name: str, kind: str, producer: str) -> dict:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_bytes(data)
+            return self.put_file(p, kind, producer, name=name)
+
+    def put_json(self, obj: Any, name: str, kind: str, producer: str) -> dict:
+        return self.put_bytes(json.dumps(obj, indent=1, sort_keys=True, default=str).encode(), name, kind, producer)
+
+    def _copy_in(self, files: list[tuple[Path, str]], dst: str) -> None:
+        for src, rel in files:
+            target = f"{dst}/{rel}"
+            if self.remote:
+                self.fs.put_file(str(src), target)
+            else:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)
+
+    def _commit(self, man: dict, copy) -> dict:
+        sha = man["sha256"]
+        try:
+            if self.committed(sha):
+                return self._manifest_for(sha, man)
+            if self.remote:
+                copy(self._obj(sha))  # objects first, under the final key ...
+                self.fs.pipe_file(self._marker(sha), json.dumps(man).encode())  # ... the marker last
+            else:
+                final = Path(self._obj(sha))
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = final.parent / f".tmp-{sha[:12]}-{uuid.uuid4().hex[:8]}"
+                copy(str(tmp))
+                if final.exists():  # an uncommitted leftover of a killed writer
+                    shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                _atomic_write(Path(self._marker(sha)), json.dumps(man).encode())
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "write") from e
+        return man
+
+    def _manifest_for(self, sha: str, man: dict) -> dict:
+        # same content, maybe a different producer: the URI is what matters
+        return {**man, "uri": man["uri"]}
+
+    # -- reads -------------------------------------------------------------------------------------
+    def committed(self, sha: str) -> bool:
+        try:
+            return self.fs.exists(self._marker(sha))
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "read") from e
+
+    def verify(self, man: dict) -> None:
+        """Raise ArtifactMissing / ArtifactCorrupt unless `man`'s object is committed and intact."""
+        self.local_path(man)
+
+    def valid(self, man: dict) -> bool:
+        try:
+            self.verify(man)
+            return True
+        except (ArtifactMissing, ArtifactCorrupt) as e:
+            log.warning("artifact %s (%s): %s; its step will recompute", man.get("kind"), man.get("uri"), e)
+            return False
+
+    def local_path(self, man: dict) -> Path:
+        """A verified local path of the artifact (the object itself when local, a cached copy for S3)."""
+        sha = man["sha256"]
+        key = (self.url, sha)
+        if not self.committed(sha):
+            raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "a committed object in the store")
+        if self.remote:
+            dst = self.cache / sha
+            if not dst.exists():
+                self._download(man, dst)
+            path = dst if man.get("dir") else dst / man["name"]
+        else:
+            path = Path(man["uri"])
+            if not path.exists():
+                raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "an object present in the store")
+        if key not in self._verified:
+            try:
+                got = sha256_dir(path)[0] if man.get("dir") else sha256_file(path)
+            except FileNotFoundError as e:
+                raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "an object present in the store") from e
+            if got != sha:
+                if self.remote:
+                    shutil.rmtree(self.cache / sha, ignore_errors=True)
+                raise ArtifactCorrupt(man.get("kind", "artifact"), man.get("uri"), f"bytes with sha256 {sha[:12]}… (got {got[:12]}…)")
+            with self._lock:
+                self._verified.add(key)
+        return path
+
+    def _download(self, man: dict, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".dl-{uuid.uuid4().hex[:8]}"
+        try:
+            src = self._obj(man["sha256"])
+            files = [f for f in self.fs.find(src) if not f.endswith(".commit")]
+            if not files:
+                raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "an object present in the store")
+            base = src.split("://", 1)[-1]
+            for f in files:
+                rel = f.split("://", 1)[-1][len(base) + 1:]
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(f, str(target))
+            if dst.exists():
+                shutil.rmtree(dst, ignore_errors=True)
+            os.replace(tmp, dst)
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "read") from e
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def read_bytes(self, man: dict) -> bytes:
+        return self.local_path(man).read_bytes()
+
+    def read_json(self, man: dict) -> Any:
+        return json.loads(self.read_bytes(man))
+
+    # -- step cache index --------------------------------------------------------------------------
+    def _index(self, step: str, key: str) -> str:
+        return self._join("index", step, f"{key}.json")
+
+    def lookup(self, step: str, key: str) -> dict | None:
+        """The manifest recorded for (step, key), or None. Not verified: call `valid` on it."""
+        path = self._index(step, key)
+        try:
+            if not self.fs.exists(path):
+                return None
+            return json.loads(self.fs.cat_file(path))
+        except json.JSONDecodeError:
+            log.warning("cache record %s is unreadable; recomputing", path)
+            return None
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "read") from e
+
+    def record(self, step: str, key: str, manifest: dict) -> None:
+        data = json.dumps(manifest, sort_keys=True, default=str).encode()
+        path = self._index(step, key)
+        try:
+            if self.remote:
+                self.fs.pipe_file(path, data)  # one PUT: atomic on S3
+            else:
+                _atomic_write(Path(path), data)
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "write") from e
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_STORES: dict[str, ArtifactStore] = {}
+
+
+def open_store(url: str | None = None) -> ArtifactStore:
+    """A (process-wide, cached) store for `url`; None means the local default."""
+    url = url or default_store_url()
+    if url not in _STORES:
+        _STORES[url] = ArtifactStore(url)
+    return _STORES[url]
