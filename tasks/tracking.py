@@ -543,14 +543,25 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
                 result.update(model_name=name, model_uri=info.model_uri,
                               model_version=str(info.registered_model_version))
                 mlflow.set_tag(f"{TAG}registered_model", f"{name}/{info.registered_model_version}")
-                vtags = {f"{TAG}{k}": repr(v) if isinstance(v, float) else str(v)
-                         for k, v in gate_figures(report).items()}
-                vtags.update({f"{TAG}run_id": parent.info.run_id, f"{TAG}method": method,
-                              f"{TAG}model": model, f"{TAG}target_ratio": str(ratio)})
-                for k, v in vtags.items():
-                    client.set_model_version_tag(name, str(info.registered_model_version), k, v)
+                tag_model_version(client, name, str(info.registered_model_version), report, parent.info.run_id)
     log.info("MLflow run %s (%s) logged to %s", result.get("run_id"), run_name, uri)
     return result
+
+
+def version_tags(report: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:
+    """The registry tags of a model version: gate figures (``pruneflow.ppl_ratio``...) and provenance."""
+    tags = {f"{TAG}{k}": repr(v) for k, v in gate_figures(report).items()}
+    tags.update({f"{TAG}method": str(report.get("method")), f"{TAG}model": str(report.get("model")),
+                 f"{TAG}target_ratio": str(report.get("target_ratio"))})
+    if run_id:
+        tags[f"{TAG}run_id"] = run_id
+    return tags
+
+
+def tag_model_version(client: MlflowClient, name: str, version: str, report: Mapping[str, Any],
+                      run_id: str | None = None) -> None:
+    for k, v in version_tags(report, run_id).items():
+        client.set_model_version_tag(name, version, k, v)
 
 
 def _log_step(client: MlflowClient, exp_id: str, name: str, st: Mapping[str, Any]) -> str:
