@@ -215,7 +215,7 @@ def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress
             progress(i + 1, len(units))
     # z-score within each layer and module, then one global threshold weighted by parameter count
     entries = []  # (z, params, layer, kind, unit)
-    for i, (shape, head, f, _m) in collected.items():
+    for i, (_shape, head, f, _m) in collected.items():
         for kind, sc, w in (("head", head, units[i]["unit_params"]), ("ffn", f, units[i]["ch_params"])):
             z = (sc - sc.mean()) / (sc.std() if sc.numel() > 1 and sc.std() > 0 else 1.0)
             entries += [(float(z[j]), w, i, kind, j) for j in range(sc.numel())]
@@ -223,7 +223,7 @@ def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress
     total = sum(u["total"] for u in units if u)
     goal, removed = ratio * total, 0
     gone = {i: {"head": [], "ffn": []} for i in collected}
-    for z, w, i, kind, j in entries:
+    for _z, w, i, kind, j in entries:
         if removed + w / 2 > goal:  # stop at the unit that gets closest to the goal
             continue
         limit = units[i]["units"] if kind == "head" else units[i]["ffn"]
