@@ -1,0 +1,289 @@
+"""The `pruneflow` command: run, sweep, plan, report, compare, methods.
+
+Every error a user can cause (PruneflowError, invalid spec) is printed as one line
+`error: <field>: ...` on stderr with exit code 2 — no traceback, nothing half-written.
+Prefect runs in ephemeral mode (no server to start) with its state under $PRUNEFLOW_HOME/prefect
+unless PREFECT_HOME / PREFECT_API_URL point elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pruning_core.errors import PruneflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="pruneflow: structured pruning of LLMs as a cached Prefect pipeline.")
+
+
+def _home() -> Path:
+    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
+
+
+def _env(quiet: bool) -> None:
+    """Set before Prefect is imported: its home, ephemeral-server patience, verbosity."""
+    os.environ.setdefault("PREFECT_HOME", str(_home() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:
+        os.environ["PRUNEFLOW_QUIET"] = "1"
+        os.environ["PREFECT_LOGGING_LEVEL"] = "ERROR"
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+def fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def guarded(fn):
+    @wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except PruneflowError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _build(spec: Optional[Path], sets: list[str], **direct):
+    from .spec import build_spec
+
+    return build_spec(spec, sets, **direct)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def summary(report: dict) -> str:
+    out = [f"run {report.get('name')}: {report['model']} / {report['method']} @ ratio {report['target_ratio']}"]
+    pb, pa = report.get("params_before"), report.get("params_after")
+    rows = [["params", pb, pa, (pa / pb if pb else None)]]
+    mb, ma, ret = report.get("metrics_before", {}), report.get("metrics_after", {}), report.get("retention", {})
+    for k in ma:
+        if isinstance(ma[k], (int, float)) and k not in ("ppl_tokens",):
+            rows.append([k, mb.get(k), ma[k], ret.get(k)])
+    out.append(table(["metric", "before", "after", "after/before"], rows))
+    if "ppl_protocol" in ma:
+        out.append(f"perplexity protocol: {ma['ppl_protocol']} ({ma.get('ppl_tokens')} predicted tokens)")
+    steps = report.get("cache", {})
+    out.append(table(["step", "cache", "seconds"], [[s, c, report.get("timings", {}).get(s)] for s, c in steps.items()]))
+    a = report.get("artifacts", {})
+    out.append(f"checkpoint: {a.get('checkpoint_local') or a.get('checkpoint')}")
+    if a.get("checkpoint_local") and a.get("checkpoint_local") != a.get("checkpoint"):
+        out.append(f"  (store object: {a.get('checkpoint')})")
+    out.append(f"report:     {Path(a.get('run_dir', '.')) / 'report.json'}  (store: {a.get('report')})")
+    out.append(f"logs:       {a.get('log')}")
+    if report.get("tracking"):
+        out.append(f"tracking:   {json.dumps(report['tracking'], default=str)[:200]}")
+    return "\n".join(out)
+
+
+# -- commands --------------------------------------------------------------------------------------
+SpecArg = typer.Argument(None, help="run spec (YAML); default: the embedded default spec")
+SetOpt = typer.Option([], "--set", "-s", help="override a field: --set method.name=l2 (repeatable)")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output; only the result")
+
+
+@app.command()
+@guarded
+def run(
+    spec: Optional[Path] = SpecArg,
+    set_: list[str] = SetOpt,
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="target ratio"),
+    method: Optional[str] = typer.Option(None, "--method", help="method name"),
+    model: Optional[str] = typer.Option(None, "--model", help="model ref (folder, hub id or smollm2-135m)"),
+    store: Optional[str] = typer.Option(None, "--store", help="artifact store: folder or s3://bucket/prefix"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda"),
+    name: Optional[str] = typer.Option(None, "--name", help="run name"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    quiet: bool = QuietOpt,
+):
+    """Compress one model with one method (a `compress` flow run) and print the summary."""
+    _env(quiet)
+    s = _build(spec, set_, **{"ratio": ratio, "method.name": method, "model.ref": model, "store.url": store,
+                              "device": device, "name": name})
+    from tasks.store import open_store
+
+    open_store(s.store.url).check()  # fail fast, before any flow starts
+    from .compress import compress
+
+    report = compress(spec=s.model_dump(mode="json"))
+    typer.echo(json.dumps(report, indent=1, default=str) if as_json else summary(report))
+
+
+@app.command()
+@guarded
+def sweep(
+    spec: Optional[Path] = SpecArg,
+    methods: str = typer.Option("", "--methods", help="comma-separated methods (default: the spec's)"),
+    ratios: str = typer.Option("0.1,0.2,0.3", "--ratios", help="comma-separated ratios"),
+    task_runner: str = typer.Option("sequential", "--task-runner", help="sequential, threads or dask"),
+    set_: list[str] = SetOpt,
+    store: Optional[str] = typer.Option(None, "--store"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = QuietOpt,
+):
+    """Methods x ratios on one model: capture and scores computed once per method, reused across ratios."""
+    _env(quiet)
+    s = _build(spec, set_, **{"store.url": store})
+    ms = [m.strip() for m in methods.split(",") if m.strip()] or [s.method.name]
+    try:
+        rs = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        fail(f"--ratios: got {ratios!r}; accepted: comma-separated numbers in [0, 1)")
+    from .sweep import RUNNERS, check_sweep, run_sweep
+
+    if task_runner not in RUNNERS:
+        fail(f"--task-runner: got {task_runner!r}; accepted: {', '.join(RUNNERS)}")
+    check_sweep(s, ms, rs)
+    from tasks.store import open_store
+
+    open_store(s.store.url).check()
+    result = run_sweep(s.model_dump(mode="json"), ms, rs, task_runner)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1, default=str))
+        return
+    rows = [[r["method"], r["ratio"], r["params_after"], r["removed_fraction"], r["ppl_before"], r["ppl_after"],
+             r["ppl_retention"], r["checkpoint"]] for r in result["rows"]]
+    typer.echo(table(["method", "ratio", "params", "removed", "ppl dense", "ppl pruned", "ppl after/before",
+                      "checkpoint"], rows))
+    typer.echo(table(["step", "computed", "from cache"],
+                     [[k, v["miss"], v["hit"]] for k, v in result["step_counts"].items()]))
+    typer.echo(f"sweep report: {result['report']}")
+
+
+@app.command()
+@guarded
+def plan(
+    spec: Optional[Path] = SpecArg,
+    set_: list[str] = SetOpt,
+    ratio: Optional[float] = typer.Option(None, "--ratio"),
+    method: Optional[str] = typer.Option(None, "--method"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    context: int = typer.Option(0, "--context", help="context length for attention FLOPs (0: weights only)"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = QuietOpt,
+):
+    """Dry run: parameters and FLOPs per token, before and after, per layer — no weights touched."""
+    _env(quiet)
+    s = _build(spec, set_, **{"ratio": ratio, "method.name": method, "model.ref": model})
+    from .dryrun import dry_run
+
+    res = dry_run(s, context=context)
+    if as_json:
+        typer.echo(json.dumps(res, indent=1))
+        return
+    rows = [[r["layer"], f"{r['heads']}/{r['kv_heads']}", f"{r['heads_after']}/{r['kv_heads_after']}", r["ffn"],
+             r["ffn_after"], r["params"], r["params_after"], r["flops"], r["flops_after"]] for r in res["layers"]]
+    typer.echo(f"{res['model']} / {res['method']} @ ratio {res['ratio']}  ({res['basis']})")
+    typer.echo(table(["layer", "q/kv heads", "after", "ffn", "after", "params", "after", "FLOPs/tok", "after"], rows))
+    t = res["total"]
+    typer.echo(table(["total", "before", "after", "after/before"],
+                     [["params", t["params"], t["params_after"], t["params_after"] / t["params"]],
+                      ["FLOPs/token", t["flops"], t["flops_after"], t["flops_after"] / t["flops"]]]))
+
+
+def _find_report(ref: str) -> dict:
+    p = Path(ref).expanduser()
+    cands = [p, p / "report.json", _home() / "runs" / ref / "report.json"]
+    for c in cands:
+        if c.is_file():
+            try:
+                return json.loads(c.read_text())
+            except json.JSONDecodeError:
+                fail(f"run: got {str(c)!r}; accepted: a readable report.json")
+    runs = sorted(d.name for d in (_home() / "runs").glob("*") if (d / "report.json").exists())
+    fail(f"run: got {ref!r}; accepted: a run name ({', '.join(runs[:10]) or 'none yet'}) or a report.json path")
+
+
+@app.command()
+@guarded
+def report(run: str = typer.Argument(..., help="run name or path to report.json"),
+           as_json: bool = typer.Option(False, "--json")):
+    """Print a past run's report."""
+    rep = _find_report(run)
+    typer.echo(json.dumps(rep, indent=1) if as_json else summary(rep))
+
+
+@app.command()
+@guarded
+def compare(runs: list[str] = typer.Argument(..., help="run names or report.json paths")):
+    """Compare runs side by side."""
+    reps = [_find_report(r) for r in runs]
+    try:
+        from pruning_core import report as core_report  # the evaluation engineer's renderer, if present
+
+        render = getattr(core_report, "compare_table", None) or getattr(core_report, "render_compare", None)
+    except ImportError:
+        render = None
+    if render is not None:
+        typer.echo(render(reps))
+        return
+    keys = sorted({k for r in reps for k, v in r.get("metrics_after", {}).items() if isinstance(v, (int, float))})
+    rows = [[r.get("name"), r["method"], r["target_ratio"], r.get("params_after"), r.get("removed_fraction"),
+             *[r.get("metrics_after", {}).get(k) for k in keys]] for r in reps]
+    typer.echo(table(["run", "method", "ratio", "params", "removed", *keys], rows))
+
+
+@app.command()
+@guarded
+def methods(as_json: bool = typer.Option(False, "--json")):
+    """List the registered methods and their settings."""
+    from pruning_core.methods import list_methods
+
+    out = []
+    for m in list_methods():
+        fields = {k: (repr(f.default) if f.default is not None or not f.is_required() else "required")
+                  for k, f in m.settings.model_fields.items()}
+        out.append({"name": m.name, "targets": list(m.targets), "coupled": m.coupled, "summary": m.summary,
+                    "settings": fields})
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    typer.echo(table(["method", "removes", "kind", "summary", "settings (default)"],
+                     [[m["name"], ",".join(m["targets"]), "coupled" if m["coupled"] else "score+select",
+                       m["summary"][:60], ", ".join(f"{k}={v}" for k, v in m["settings"].items())] for m in out]))
+
+
+# --- more commands below ---
+
+
+def main() -> None:
+    try:
+        app()
+    except PruneflowError as e:  # raised outside a command body (e.g. while parsing)
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

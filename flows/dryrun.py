@@ -1,0 +1,83 @@
+"""`pruneflow plan`: parameters and FLOPs per token before / after, per layer, without touching weights.
+
+The model is built from its config on the `meta` device (no weights read or allocated). The kept
+sizes of every layer depend only on the ratio, schedule and GQA rule, not on the scores, so the
+method's own selection is run on random scores; methods whose selection needs real data (or that are
+coupled) fall back to the same uniform rule `select.plan_from_scores` applies, marked as an estimate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import RunSpec
+
+
+def _meta_model(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pruning_core.models import resolve_model_path
+
+    path = resolve_model_path(ref)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if getattr(config, "pruneflow_layers", None):
+        from pruning_core.errors import ConfigError
+
+        raise ConfigError("model.ref", ref, "a uniform model for the dry run (this checkpoint has per-layer sizes)")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return model
+
+
+def dry_run(spec: RunSpec, context: int = 0) -> dict:
+    from pruning_core.adapters import adapter_for
+    from pruning_core.methods import get_method
+    from pruning_core.metrics import flops_per_token, layer_table
+    from pruning_core.plan import PrunePlan
+    from pruning_core.select import layer_ratios, plan_from_scores
+
+    model = _meta_model(spec.model.ref, spec.model.trust_remote_code)
+    adapter = adapter_for(model)
+    meth = get_method(spec.method.name)
+    settings = meth.parse_settings(spec.method.settings)
+    g = torch.Generator().manual_seed(0)
+    scores = {}
+    shapes = adapter.shapes(model)
+    for i, s in enumerate(shapes):
+        scores[f"heads.{i}"] = torch.rand(s.n_heads, generator=g)
+        scores[f"ffn.{i}"] = torch.rand(s.ffn, generator=g)
+    plan: PrunePlan | None = None
+    basis = "the method's selection on random scores (kept sizes do not depend on the scores)"
+    if meth.select is not None and "layers" not in meth.targets:
+        try:
+            plan = meth.select(model, adapter, scores, spec.ratio, settings)
+        except (RuntimeError, NotImplementedError, KeyError, ValueError, TypeError):
+            plan = None
+    if plan is None:
+        basis = "estimate: uniform removal of round(n x ratio) units per layer"
+        sd = settings.model_dump()
+        if "layers" in meth.targets:
+            n = len(shapes)
+            k = int(n * spec.ratio + 0.5)
+            plan = PrunePlan.identity(n, meth.name, sd)
+            for lp in plan.layers[max(0, n - 1 - k):n - 1]:
+                lp.keep = False
+            basis = f"estimate: a block of {k} consecutive layers removed"
+        else:
+            per_layer = layer_ratios(sd.get("schedule", "uniform"), spec.ratio, len(shapes)) \
+                if isinstance(sd.get("schedule", "uniform"), str) else None
+            plan = plan_from_scores(model, adapter, scores, spec.ratio,
+                                    targets=tuple(t for t in meth.targets if t in ("heads", "ffn")),
+                                    gqa=sd.get("gqa", "kv_group"), per_layer=per_layer, method=meth.name, settings=sd)
+    rows = layer_table(model, plan, context=context)
+    # embeddings / lm_head / final norm are untouched by structured pruning of the decoder layers
+    other_params = sum(p.numel() for p in model.parameters()) - sum(r["params"] for r in rows)
+    other_flops = flops_per_token(model, context=context) - sum(r["flops"] for r in rows)
+    total = {
+        "params": other_params + sum(r["params"] for r in rows),
+        "params_after": other_params + sum(r["params_after"] for r in rows),
+        "flops": other_flops + sum(r["flops"] for r in rows),
+        "flops_after": other_flops + sum(r["flops_after"] for r in rows),
+    }
+    return {"model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
+            "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after]}

@@ -1,0 +1,26 @@
+"""The sweep flow: 3 ratios, capture and scores computed once and reused."""
+
+from __future__ import annotations
+
+from flows.sweep import run_sweep
+
+
+def test_sweep_three_ratios_computes_capture_and_score_once(prefect_harness, tiny_spec, pf_home):
+    res = run_sweep(tiny_spec, ["wanda"], [0.2, 0.4, 0.6], "sequential")
+    c = res["step_counts"]
+    assert c["capture"] == {"miss": 1, "hit": 0}
+    assert c["score"] == {"miss": 1, "hit": 0}
+    assert c["prune"] == {"miss": 3, "hit": 0}
+    assert c["evaluate"] == {"miss": 3, "hit": 0}
+    assert c["evaluate_dense"] == {"miss": 1, "hit": 0}
+    rows = sorted(res["rows"], key=lambda r: r["ratio"])
+    assert [r["ratio"] for r in rows] == [0.2, 0.4, 0.6]
+    # more removed at a higher ratio, three distinct checkpoints
+    assert rows[0]["params_after"] > rows[1]["params_after"] > rows[2]["params_after"]
+    assert len({r["checkpoint"] for r in rows}) == 3
+    # exactly one stats and one scores object in the store
+    objs = list((pf_home / "artifacts" / "index").glob("*/*.json"))
+    by_step = {}
+    for o in objs:
+        by_step[o.parent.name] = by_step.get(o.parent.name, 0) + 1
+    assert by_step["capture"] == 1 and by_step["score"] == 1 and by_step["prune"] == 3
