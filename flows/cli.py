@@ -13,7 +13,6 @@ import os
 import sys
 from functools import wraps
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -62,7 +61,7 @@ def guarded(fn):
     return wrapper
 
 
-def _build(spec: Optional[Path], sets: list[str], **direct):
+def _build(spec: Path | None, sets: list[str], **direct):
     from .spec import build_spec
 
     return build_spec(spec, sets, **direct)
@@ -116,14 +115,14 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output; only t
 @app.command()
 @guarded
 def run(
-    spec: Optional[Path] = SpecArg,
+    spec: Path | None = SpecArg,
     set_: list[str] = SetOpt,
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="target ratio"),
-    method: Optional[str] = typer.Option(None, "--method", help="method name"),
-    model: Optional[str] = typer.Option(None, "--model", help="model ref (folder, hub id or smollm2-135m)"),
-    store: Optional[str] = typer.Option(None, "--store", help="artifact store: folder or s3://bucket/prefix"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda"),
-    name: Optional[str] = typer.Option(None, "--name", help="run name"),
+    ratio: float | None = typer.Option(None, "--ratio", help="target ratio"),
+    method: str | None = typer.Option(None, "--method", help="method name"),
+    model: str | None = typer.Option(None, "--model", help="model ref (folder, hub id or smollm2-135m)"),
+    store: str | None = typer.Option(None, "--store", help="artifact store: folder or s3://bucket/prefix"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda"),
+    name: str | None = typer.Option(None, "--name", help="run name"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     quiet: bool = QuietOpt,
 ):
@@ -143,12 +142,12 @@ def run(
 @app.command()
 @guarded
 def sweep(
-    spec: Optional[Path] = SpecArg,
+    spec: Path | None = SpecArg,
     methods: str = typer.Option("", "--methods", help="comma-separated methods (default: the spec's)"),
     ratios: str = typer.Option("0.1,0.2,0.3", "--ratios", help="comma-separated ratios"),
     task_runner: str = typer.Option("sequential", "--task-runner", help="sequential, threads or dask"),
     set_: list[str] = SetOpt,
-    store: Optional[str] = typer.Option(None, "--store"),
+    store: str | None = typer.Option(None, "--store"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = QuietOpt,
 ):
@@ -184,11 +183,11 @@ def sweep(
 @app.command()
 @guarded
 def plan(
-    spec: Optional[Path] = SpecArg,
+    spec: Path | None = SpecArg,
     set_: list[str] = SetOpt,
-    ratio: Optional[float] = typer.Option(None, "--ratio"),
-    method: Optional[str] = typer.Option(None, "--method"),
-    model: Optional[str] = typer.Option(None, "--model"),
+    ratio: float | None = typer.Option(None, "--ratio"),
+    method: str | None = typer.Option(None, "--method"),
+    model: str | None = typer.Option(None, "--model"),
     context: int = typer.Option(0, "--context", help="context length for attention FLOPs (0: weights only)"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = QuietOpt,
