@@ -258,3 +258,35 @@ def test_bad_settings_and_inputs(tiny):
     partial = {k: v for k, v in stats.items() if k != "layer.1.mlp_out_sq"}
     with pytest.raises(DataError, match="mlp_out_sq"):
         m.score(model, adapter, partial, st)
+
+
+@pytest.mark.slow
+def test_smollm2_pruned_is_smaller_and_reloads(tmp_path):
+    from pruning_core.adapters import adapter_for
+    from pruning_core.capture import capture_stats
+    from pruning_core.checkpoint import load_pruned, save_pruned
+    from pruning_core.data import calibration_set
+    from pruning_core.models import load_model
+    from pruning_core.surgery import apply_plan, count_params
+
+    try:
+        model, tok = load_model("smollm2-135m", device="cpu")
+    except DataError as e:  # the embedded model is not installed here
+        pytest.skip(str(e))
+    adapter = adapter_for(model)
+    calib = calibration_set(tok, n_samples=4, seq_len=64, seed=0)
+    stats = capture_stats(model, adapter, calib, batch_size=4)
+    m = get_method("llm-rank")
+    st = m.parse_settings({"gamma": 0.9, "pipeline": "chained"})
+    plan = m.select(model, adapter, m.score(model, adapter, stats, st), 0.2, st)
+    before = count_params(model)
+    apply_plan(model, plan)
+    assert count_params(model) == plan.params_after < before
+    assert model.config.intermediate_size == 1536 - round(1536 * 0.2)
+    assert all(la.mlp.gate_proj.out_features == 1229 for la in adapter.layers(model))
+    x = calib[:1, :16]
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        save_pruned(model, tok, plan, tmp_path / "ck")
+        again, _ = load_pruned(tmp_path / "ck")
+        assert torch.equal(again(input_ids=x).logits, logits)
