@@ -236,12 +236,14 @@ class ArtifactStore:
                 return self._manifest_for(sha, man)
             if self.remote:
                 copy(self._obj(sha))  # objects first, under the final key ...
+                fault_point(f"commit:{man['kind']}")
                 self.fs.pipe_file(self._marker(sha), json.dumps(man).encode())  # ... the marker last
             else:
                 final = Path(self._obj(sha))
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = final.parent / f".tmp-{sha[:12]}-{uuid.uuid4().hex[:8]}"
                 copy(str(tmp))
+                fault_point(f"commit:{man['kind']}")
                 if final.exists():  # an uncommitted leftover of a killed writer
                     shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
@@ -371,6 +373,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fault_point(name: str) -> None:
+    """Test hook for crash tests: with PRUNEFLOW_FAULT=<name>, announce (PRUNEFLOW_FAULT_FILE) and hang
+    here so the test can SIGKILL the process mid-write. Inert unless both variables are set."""
+    if os.environ.get("PRUNEFLOW_FAULT") == name and os.environ.get("PRUNEFLOW_FAULT_FILE"):
+        import time
+
+        Path(os.environ["PRUNEFLOW_FAULT_FILE"]).write_text(str(os.getpid()))
+        time.sleep(600)
 
 
 _STORES: dict[str, ArtifactStore] = {}

@@ -1,0 +1,42 @@
+"""Cache keys and the retry policy."""
+
+from __future__ import annotations
+
+import torch
+
+from pruning_core.errors import ConfigError
+from tasks.common import is_retryable, step_key
+from tasks.store import TransientStorageError
+
+
+def test_retry_only_network_and_storage_errors():
+    assert is_retryable(TransientStorageError("store.url", "s3://b", "a reachable store"))
+    assert is_retryable(ConnectionResetError("reset"))
+    assert is_retryable(TimeoutError("slow"))
+    assert not is_retryable(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_retryable(MemoryError())
+    assert not is_retryable(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_retryable(ConfigError("ratio", 2, "[0, 1)"))
+    assert not is_retryable(FileNotFoundError("x"))
+
+
+def test_step_key_depends_on_settings_inputs_revision_and_code_only():
+    a = {"sha256": "a" * 64, "uri": "/x/1"}
+    base = step_key("score", "c1", {"method": "wanda"}, [a], "rev1")
+    assert base == step_key("score", "c1", {"method": "wanda"}, [{"sha256": "a" * 64, "uri": "s3://elsewhere"}], "rev1")
+    assert base != step_key("score", "c2", {"method": "wanda"}, [a], "rev1")
+    assert base != step_key("score", "c1", {"method": "l2"}, [a], "rev1")
+    assert base != step_key("score", "c1", {"method": "wanda"}, [{"sha256": "b" * 64}], "rev1")
+    assert base != step_key("score", "c1", {"method": "wanda"}, [a], "rev2")
+
+
+def test_task_keys_ignore_device(tiny_llama_dir):
+    from tasks import steps  # noqa: F401 - registers the step definitions
+    from tasks.common import STEPS
+
+    model = {"sha256": "r" * 16, "uri": str(tiny_llama_dir)}
+    p = {"model": model, "source": "pydoc", "n_samples": 4, "seq_len": 32, "seed": 0}
+    k_cpu = STEPS["calibration"].key({**p, "ctx": {"device": "cpu", "store": "/a"}})
+    k_gpu = STEPS["calibration"].key({**p, "ctx": {"device": "cuda", "store": "/b"}})
+    assert k_cpu == k_gpu
+    assert k_cpu != STEPS["calibration"].key({**p, "seed": 1, "ctx": {}})
