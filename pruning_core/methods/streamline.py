@@ -68,6 +68,11 @@ class StreamlineSettings(MethodSettings):
     val_fraction: float = Field(0.125, gt=0, lt=1, description="fraction of the training blocks held out")
     eval_every: int = Field(50, ge=1, description="validate every this many steps (and at the end)")
     loss_skip_tokens: int = Field(0, ge=0, description="leading tokens of each block left out of the MSE")
+    cache_targets: bool = Field(
+        False,
+        description="keep each fixed batch's (input, target) after its first on-the-fly computation "
+        "(same values, one dense pass per batch instead of one per epoch; memory grows with the data)",
+    )
     seed: int = 0
 
 
@@ -377,10 +382,12 @@ def train_replacement(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict:
     """Train the replacement module of `pruned_model` (in place) to map x^(l*) to x^(l*+m) of the
-    frozen `dense_model`, targets computed on the fly per batch. `train_ids` [N, T] token blocks
-    (a fraction `val_fraction` of them, at least one, is held out for validation). Returns
-    {"loss_curve", "lr_curve", "val_curve" [(step, mse)], "val_mse_before", "val_mse_after",
-    "best_step", "seconds", "train_tokens"}. The best weights on validation are kept."""
+    frozen `dense_model`; inputs and targets are computed on the fly per batch by the dense prefix
+    (no_grad), with the real model's causal mask and rotary embeddings. `train_ids` [N, T] token
+    blocks; the first `val_fraction` of them (at least one) is held out for validation. Everything
+    but the replacement stays frozen. Returns {"loss_curve", "lr_curve", "val_curve" [(step, mse)],
+    "val_mse_before", "val_mse_after", "best_step", "seconds", "train_tokens"}; the weights with the
+    best validation MSE are kept."""
     s = settings if isinstance(settings, StreamlineSettings) else StreamlineSettings(**(settings or {}))
     device = torch.device(device)
     adapter = adapter_for(dense_model)
@@ -400,20 +407,29 @@ def train_replacement(
     for p in params:
         p.requires_grad_(True)
     skip = s.loss_skip_tokens
+    cache: dict | None = {} if s.cache_targets else None
 
-    def mse(ids: torch.Tensor) -> torch.Tensor:
-        x, kw, y = block_io(dense_model, adapter, ids.to(device), start, end)
+    def teacher(key, ids: torch.Tensor):
+        if cache is not None and key in cache:
+            return cache[key]
+        out = block_io(dense_model, adapter, ids.to(device), start, end)
+        if cache is not None:
+            cache[key] = out
+        return out
+
+    def mse(x, kw, y) -> torch.Tensor:
         out = _first(module(x, **kw))
         return torch.nn.functional.mse_loss(out[:, skip:].float(), y[:, skip:].float())
+
+    val_batches = [val_ids[b : b + s.batch_size] for b in range(0, val_ids.shape[0], s.batch_size)]
 
     @torch.no_grad()
     def validate() -> float:
         was = module.training
         module.eval()
         tot, n = 0.0, 0
-        for b in range(0, val_ids.shape[0], s.batch_size):
-            chunk = val_ids[b : b + s.batch_size]
-            tot += float(mse(chunk)) * chunk.shape[0]
+        for i, chunk in enumerate(val_batches):
+            tot += float(mse(*teacher(("val", i), chunk))) * chunk.shape[0]
             n += chunk.shape[0]
         module.train(was)
         return tot / n
@@ -425,17 +441,26 @@ def train_replacement(
     best, best_step = before, 0
     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     loss_curve, lr_curve, val_curve = [], [], [(0, before)]
-    order: list[int] = []
+    n_tr = tr_ids.shape[0]
+    fixed = [list(range(b, min(b + s.batch_size, n_tr))) for b in range(0, n_tr, s.batch_size)]
+    order: list = []
     try:
         module.train()
         for step in range(s.steps):
-            if len(order) < s.batch_size:
-                order += torch.randperm(tr_ids.shape[0], generator=g).tolist()
-            pick, order = order[: s.batch_size], order[s.batch_size :]
+            if cache is not None:  # fixed batches (so cached targets can be reused), shuffled per epoch
+                if not order:
+                    order = torch.randperm(len(fixed), generator=g).tolist()
+                bi = order.pop(0)
+                x, kw, y = teacher(("train", bi), tr_ids[fixed[bi]])
+            else:  # fresh random batches of blocks, targets recomputed every step
+                if len(order) < min(s.batch_size, n_tr):
+                    order += torch.randperm(n_tr, generator=g).tolist()
+                pick, order = order[: s.batch_size], order[s.batch_size :]
+                x, kw, y = teacher(None, tr_ids[pick])
             lr = lr_at(step, s.steps, s)
             for grp in opt.param_groups:
                 grp["lr"] = lr
-            loss = mse(tr_ids[pick])
+            loss = mse(x, kw, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -465,7 +490,7 @@ def train_replacement(
         "val_mse_after": best,
         "best_step": best_step,
         "seconds": time.perf_counter() - t0,
-        "train_tokens": s.steps * s.batch_size * int(tr_ids.shape[1]),
+        "train_tokens": s.steps * min(s.batch_size, n_tr) * int(tr_ids.shape[1]),
     }
 
 

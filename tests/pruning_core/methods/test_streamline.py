@@ -280,3 +280,25 @@ def test_ffn_variant_roundtrips_through_the_project_loader(tmp_path):
     assert torch.equal(
         loaded.generate(ids, use_cache=True, **kw), loaded.generate(ids, use_cache=False, **kw)
     )
+
+
+def test_cached_targets_run_the_dense_prefix_once_per_batch():
+    dense = tiny_model("llama", n_layers=6, seed=2, initializer_range=0.1)
+    ad = adapter_for(dense)
+    plan = select(
+        dense, ad, _scores(dense, ad, _ids(8, 32, vocab=16)), None, {"replacement": "layer", "n_layers": 2}
+    )
+    calls = []
+    dense.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    s = {"steps": 30, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_every": 10}
+    heldout = _ids(4, 32, seed=99, vocab=16)
+    for cache, expected in ((False, 30 + 4), (True, 6 + 1)):  # 42 train blocks = 6 batches, 1 val batch
+        pruned = apply_plan(copy.deepcopy(dense), plan)
+        before = _heldout_mse(dense, pruned, plan, heldout)
+        calls.clear()
+        res = train_replacement(
+            dense, pruned, plan, _ids(48, 32, seed=7, vocab=16), {**s, "cache_targets": cache}
+        )
+        assert len(calls) == expected
+        assert res["val_mse_after"] < res["val_mse_before"]
+        assert _heldout_mse(dense, pruned, plan, heldout) < 0.7 * before
