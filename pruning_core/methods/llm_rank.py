@@ -113,6 +113,13 @@ def wpr_layer(
     w: torch.Tensor, prior: torch.Tensor, a_out: torch.Tensor, gamma: float, theta: float
 ) -> torch.Tensor:
     """One layer of the modified weighted PageRank: normalise(gamma M p + (1 - gamma) beta)."""
+    if a_out.numel() != w.shape[0]:
+        raise DataError(
+            "stats",
+            int(a_out.numel()),
+            f"one activation norm per output of a {tuple(w.shape)} weight "
+            "(statistics captured on this model)",
+        )
     beta = normalise(a_out.to(w.device))
     if gamma == 0:
         return beta
