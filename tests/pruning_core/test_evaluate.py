@@ -20,6 +20,15 @@ from pruning_core.evaluate import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin contention (50x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def byte_tokenizer():
     """A lossless byte-level tokenizer (256 bytes + <eos>) built in memory: no hub, no files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -48,7 +57,7 @@ def tiny_ckpt(tmp_path_factory):
 def test_offline_tasks_are_deterministic_and_from_eval_split():
     assert offline_tasks() == ["pydoc_next_sentence", "pydoc_last_word", "pydoc_rolling"]
     ns = evaltasks.next_sentence_items()
-    assert len(ns) == evaltasks.N_NEXT_SENTENCE
+    assert 100 <= len(ns) <= evaltasks.N_NEXT_SENTENCE  # as many as the eval split allows, capped
     for it in ns[:50]:
         assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4 and 0 <= it["label"] < 4
     # rebuilt from scratch: identical items (no dependence on hashing or state)
