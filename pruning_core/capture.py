@@ -208,7 +208,7 @@ def _place_non_layers(model: nn.Module, adapter: Adapter, device: torch.device) 
 
 
 def _move_own(mod: nn.Module, device: torch.device) -> None:
-    for n, p in list(mod._parameters.items()):
+    for p in list(mod._parameters.values()):
         if p is not None:
             p.data = p.data.to(device)
     for n, b in list(mod._buffers.items()):

@@ -157,7 +157,7 @@ def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overri
     model = AutoModelForCausalLM.from_config(config)
     # random non-trivial norms and biases so that tests see every parameter matter
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()

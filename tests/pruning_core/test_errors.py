@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from pruning_core import (ConfigError, DataError, PruneflowError, adapter_for, get_method, load_model, plan_from_scores,
-                          prune, tiny_model)
+from pruning_core import (
+    ConfigError,
+    DataError,
+    PruneflowError,
+    adapter_for,
+    get_method,
+    load_model,
+    plan_from_scores,
+    prune,
+    tiny_model,
+)
 from pruning_core.methods import list_methods
 from pruning_core.models import resolve_device
 

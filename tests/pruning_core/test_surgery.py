@@ -4,8 +4,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning_core import (ConfigError, LayerPlan, PrunePlan, StorageError, adapter_for, apply_plan, count_params,
-                          load_pruned, plan_params, save_pruned, tiny_model)
+from pruning_core import (
+    ConfigError,
+    LayerPlan,
+    PrunePlan,
+    StorageError,
+    adapter_for,
+    apply_plan,
+    count_params,
+    load_pruned,
+    plan_params,
+    save_pruned,
+    tiny_model,
+)
 from pruning_core.surgery import sync_config
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
