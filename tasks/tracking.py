@@ -420,9 +420,12 @@ def log_checkpoint_model(checkpoint: str | Path, name: str | None, max_new_token
             registered_model_name=name, pip_requirements=reqs,
             model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
             metadata={"pruneflow_uniform": True})
+    from mlflow.models import infer_signature
+
     code = [str(_REPO / "pruning_core"), str(_REPO / "tasks")]
+    signature = infer_signature(["prompt"], ["prompt and continuation"], params={"max_new_tokens": max_new_tokens})
     return mlflow.pyfunc.log_model(
-        name="model", python_model=PrunedCheckpointModel(), artifacts={"checkpoint": str(ckpt)},
+        name="model", python_model=PrunedCheckpointModel(), artifacts={"checkpoint": str(ckpt)}, signature=signature,
         code_paths=[c for c in code if Path(c).is_dir()], registered_model_name=name, pip_requirements=reqs,
         model_config={"max_new_tokens": max_new_tokens}, metadata={"pruneflow_uniform": False})
 
@@ -575,7 +578,7 @@ def _log_step(client: MlflowClient, exp_id: str, name: str, st: Mapping[str, Any
         producer = st.get("producer_run") or find_producer_run(client, exp_id, key)
         if producer:
             tags[f"{TAG}producer_run_id"] = str(producer)
-    with mlflow.start_run(run_name=name, nested=True, tags=tags) as child:
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=tags) as child:
         if isinstance(st.get("params"), Mapping) and st["params"]:
             mlflow.log_params({sanitize_metric_name(k): str(v)[:6000] for k, v in flatten(st["params"]).items()})
         m = {sanitize_metric_name(k): _num(v) for k, v in st.items()
