@@ -32,7 +32,7 @@ ROLLING_PROTOCOL = "lm_eval_rolling_word"
 FIXED_PROTOCOL = "fixed_window_256"
 LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte", "loss", "_ms", "mem_mb")
 # efficiency figures: reported with their ratio, but not part of the quality "average"
-EFFICIENCY_KEYS = ("params", "flops_per_token", "prefill_ms", "decode_tokens_per_s", "peak_mem_mb")
+EFFICIENCY_KEYS = ("prefill_ms", "decode_tokens_per_s", "peak_mem_mb", "eval_tokens_per_s")
 
 
 def offline_tasks() -> list[str]:
@@ -257,24 +257,46 @@ def stability(dense_samples, pruned_samples) -> float:
 # -- metrics records and retention ----------------------------------------------------------------
 
 
+KNOWN_METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+# bookkeeping numbers that are not quality metrics (never compared, never averaged)
+NOT_METRICS = ("params", "flops_per_token", "weights_mb", "ppl_tokens", "tokens", "windows", "sample_len", "nll",
+               "n_samples")
+
+
+def _canonical(key: str) -> str:
+    """`eff.prefill_ms` -> `prefill_ms`; `task.acc` / `task,acc` -> `task/acc`."""
+    if key.startswith("eff."):
+        key = key[4:]
+    for sep in (".", ","):
+        head, _, tail = key.rpartition(sep)
+        if head and tail in KNOWN_METRICS and not key.startswith("ppl."):
+            return f"{head}/{tail}"
+    return key
+
+
 def flatten_metrics(m: dict | None) -> dict[str, float]:
     """One flat `{name: value}` from the shapes a report may hold:
 
-    * `{"perplexity": {"ppl": 14.5, "protocol": "fixed_window_256", ...}}` -> `ppl.fixed_window_256`
-    * `{"lm_eval": {task: {metric: v}}}` or `{task: {metric: v}}` -> `task/metric`
-    * `{"efficiency": {...}}` and plain numbers -> as they are.
+    * `{"perplexity": {"ppl": 14.5, "protocol": "fixed_window_256", ...}}` -> `ppl.fixed_window_256`;
+      the pipeline's flat `{"ppl": 14.5, "ppl_protocol": "fixed_window_256"}` -> the same key
+    * `{"lm_eval": {task: {metric: v}}}`, `{task: {metric: v}}`, `{"task.metric": v}` -> `task/metric`
+    * `{"efficiency": {...}}`, `eff.<name>` and plain numbers -> `<name>`.
     """
     out: dict[str, float] = {}
-    for k, v in (m or {}).items():
+    m = m or {}
+    for k, v in m.items():
         if isinstance(v, bool):
             continue
         if isinstance(v, (int, float)):
-            out[k] = float(v)
+            if k == "ppl" and isinstance(m.get("ppl_protocol"), str):
+                out[f"ppl.{m['ppl_protocol']}"] = float(v)
+            else:
+                out[_canonical(k)] = float(v)
         elif isinstance(v, dict) and "ppl" in v and "protocol" in v:
             out[f"ppl.{v['protocol']}"] = float(v["ppl"])
         elif isinstance(v, dict) and k in ("lm_eval", "results"):
             out.update(flatten_metrics(v))
-        elif isinstance(v, dict) and k == "efficiency":
+        elif isinstance(v, dict) and k in ("efficiency", "eff"):
             out.update({kk: float(vv) for kk, vv in v.items() if isinstance(vv, (int, float)) and not isinstance(vv, bool)})
         elif isinstance(v, dict):
             for kk, vv in v.items():
@@ -315,7 +337,7 @@ def retention(before: dict, after: dict) -> dict[str, float]:
     b, a = flatten_metrics(before), flatten_metrics(after)
     out: dict[str, float] = {}
     for k in sorted(set(b) & set(a)):
-        if k in ("params", "flops_per_token"):
+        if k.split("/")[-1] in NOT_METRICS:
             continue
         x, y = b[k], a[k]
         if not (math.isfinite(x) and math.isfinite(y)):

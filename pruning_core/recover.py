@@ -38,6 +38,7 @@ class LoraSettings(BaseModel):
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    seq_len: int = Field(256, ge=2, description="block length when the training ids come as one 1-D stream")
     seed: int = 0
 
 
@@ -83,13 +84,19 @@ def target_modules(model: nn.Module, targets: list[str]) -> list[str]:
 
 def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings: LoraSettings | dict | None = None,
                  device: str | torch.device | None = None, progress: bool = False):
-    """Fine-tune LoRA adapters on `train_ids` ([N, L] token blocks), merge them, return
+    """Fine-tune LoRA adapters on `train_ids` ([N, L] token blocks, or one 1-D stream cut into
+    `settings.seq_len` blocks), merge them, return
     `(merged_model, {"loss_curve": [...], "seconds": s, "trainable_params": n, "targets": [...]})`.
 
     `model` is modified in place (the adapters are merged into its weights) and returned in eval mode;
     its shapes are unchanged. `tokenizer` is not needed for training on token ids (kept for the API).
     """
     s = parse_settings(settings)
+    if train_ids.ndim == 1:  # one token stream: cut into seq_len blocks
+        n_blocks = train_ids.numel() // s.seq_len
+        if n_blocks < 1:
+            raise DataError("recovery.data", train_ids.numel(), f"a training text of at least {s.seq_len} tokens")
+        train_ids = train_ids[: n_blocks * s.seq_len].view(n_blocks, s.seq_len)
     if train_ids.ndim != 2 or train_ids.shape[1] < 2:
         raise DataError("recovery.data", tuple(train_ids.shape), "token blocks of shape [N, L] with L >= 2")
     from peft import LoraConfig, get_peft_model

@@ -163,5 +163,12 @@ def test_retention_maths():
     assert ret["peak_mem_mb"] == pytest.approx(1.25)
     assert "params" not in ret
     assert ret["average"] == pytest.approx((0.8 + 0.8 + 1.0 + 0.5) / 4)
+    # the pipeline's flat metrics.json shape: protocol beside the value, `task.metric`, `eff.` prefix
+    flat_b = {"ppl": 10.0, "ppl_protocol": "fixed_window_256", "ppl_tokens": 4000, "params": 100, "t.acc": 0.5,
+              "eff.decode_tokens_per_s": 10.0}
+    flat_a = {"ppl": 20.0, "ppl_protocol": "fixed_window_256", "ppl_tokens": 4000, "params": 70, "t.acc": 0.25,
+              "eff.decode_tokens_per_s": 12.0}
+    assert retention(flat_b, flat_a) == pytest.approx({"ppl.fixed_window_256": 0.5, "t/acc": 0.5,
+                                                       "decode_tokens_per_s": 1.2, "average": 0.5})
     # metrics on one side only, or a zero denominator, are left out
     assert retention({"a/acc": 0.0, "b/acc": 0.5}, {"a/acc": 0.3}) == {}

@@ -76,8 +76,11 @@ def test_targets_and_settings():
         lora_recover(model, None, _data(4), {"rnk": 4})
     with pytest.raises(ConfigError, match="recovery.settings.steps"):
         lora_recover(model, None, _data(4), {"steps": 0})
-    with pytest.raises(DataError):
-        lora_recover(model, None, _data(4)[0], LoraSettings(steps=1))
+    with pytest.raises(DataError, match="at least 200 tokens"):
+        lora_recover(model, None, _data(4)[0], LoraSettings(steps=1, seq_len=200))
+    # one 1-D token stream (what the pipeline passes) is cut into seq_len blocks
+    _, info = lora_recover(model, None, _data(1, L=100)[0], {"steps": 2, "seq_len": 16, "batch_size": 2})
+    assert len(info["loss_curve"]) == 2
 
 
 def test_only_listed_targets_change():
