@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from flows.compress import compress
 
 COMPUTE_STEPS = ("load", "calibration", "capture", "score", "prune", "evaluate_dense", "evaluate")
@@ -40,3 +42,43 @@ def test_compress_twice_local_second_is_all_cache_hits(prefect_harness, tiny_spe
     assert (run_dir / "checkpoint" / "plan.json").exists()
     print(f"first run {t1 - t0:.2f} s, second run {t2 - t1:.2f} s")
     assert sum(second["timings"][s] for s in COMPUTE_STEPS) < sum(first["timings"][s] for s in COMPUTE_STEPS)
+
+
+def test_corrupt_artifact_makes_its_step_recompute(prefect_harness, tiny_spec, pf_home, caplog):
+    first = compress(spec=tiny_spec)
+    from tasks import store as store_mod
+
+    # corrupt the stored scores in place; forget what this process already verified
+    scores_uri = Path(first["artifacts"]["score"])
+    scores_uri.write_bytes(scores_uri.read_bytes()[:-7] + b"garbage")
+    store_mod._STORES.clear()
+    with caplog.at_level("WARNING"):
+        second = compress(spec=tiny_spec)
+    assert second["cache"]["score"] == "miss"
+    assert second["cache"]["capture"] == "hit" and second["cache"]["calibration"] == "hit"
+    assert any("missing or corrupt" in r.getMessage() or "recompute" in r.getMessage() for r in caplog.records)
+    assert second["metrics_after"]["ppl"] == pytest.approx(first["metrics_after"]["ppl"])
+
+
+@pytest.mark.server
+def test_compress_on_s3_store(prefect_harness, tiny_spec, s3_env):
+    spec = {**tiny_spec, "store": {"url": s3_env}}
+    first = compress(spec=spec)
+    _check_report(first)
+    assert first["artifacts"]["checkpoint"].startswith(s3_env)
+    assert first["artifacts"]["report"].startswith(s3_env)
+    # a second run, from a process that has never seen these artifacts (fresh store objects)
+    from tasks import store as store_mod
+
+    store_mod._STORES.clear()
+    second = compress(spec=spec)
+    assert all(second["cache"][s] == "hit" for s in COMPUTE_STEPS), second["cache"]
+    # the checkpoint in S3 is a committed, loadable HF folder
+    from pruning_core.checkpoint import load_pruned
+    from tasks.store import open_store
+
+    st = open_store(s3_env)
+    man = {"uri": first["artifacts"]["checkpoint"], "sha256": first["artifacts"]["checkpoint"].rsplit("/", 1)[1],
+           "dir": True, "kind": "checkpoint", "name": "checkpoint"}
+    model, tok = load_pruned(st.local_path(man))
+    assert sum(p.numel() for p in model.parameters()) == first["params_after"]
