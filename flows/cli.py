@@ -276,6 +276,79 @@ def methods(as_json: bool = typer.Option(False, "--json")):
 # --- more commands below ---
 
 
+def _gate_value(opt: str, v: str | None):
+    if v is None:
+        return None
+    if v.lower() in ("off", "none"):
+        return "off"
+    try:
+        return float(v)
+    except ValueError:
+        fail(f"{opt}: got {v!r}; accepted: a number, or off")
+
+
+@app.command()
+@guarded
+def promote(
+    model: str = typer.Argument(..., help="registered model (e.g. smollm2-135m-slimgpt), run name or run folder"),
+    version: str | None = typer.Option(None, "--version", help="model version (default: the latest / the run's)"),
+    gate_file: Path | None = typer.Option(None, "--gate", help="YAML with gate settings (see flows/promote.py Gate)"),
+    max_ppl_ratio: str | None = typer.Option(None, "--max-ppl-ratio", help="perplexity / dense perplexity <= X (off)"),
+    min_acc_retention: str | None = typer.Option(None, "--min-acc-retention", help="accuracy after/before >= Y (off)"),
+    min_param_reduction: str | None = typer.Option(None, "--min-param-reduction", help="removed params >= Z (off)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI "
+                                            "or $PRUNEFLOW_HOME/mlflow.db)"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = QuietOpt,
+):
+    """Candidate -> alias challenger; alias champion moves only if it passes the gate and beats the champion.
+    Exit code 1 when the gate fails."""
+    _env(quiet)
+    import yaml
+
+    gate: dict = {}
+    if gate_file is not None:
+        try:
+            gate = dict(yaml.safe_load(gate_file.read_text()) or {})
+        except (OSError, yaml.YAMLError, TypeError, ValueError) as e:
+            fail(f"--gate: got {str(gate_file)!r}; accepted: a readable YAML mapping of gate settings ({e})")
+    for key, opt, v in (("max_ppl_ratio", "--max-ppl-ratio", max_ppl_ratio),
+                        ("min_acc_retention", "--min-acc-retention", min_acc_retention),
+                        ("min_param_reduction", "--min-param-reduction", min_param_reduction)):
+        val = _gate_value(opt, v)
+        if val is not None:
+            gate[key] = None if val == "off" else val
+    from .promote import Gate, promote_flow
+
+    Gate.from_dict(gate)  # a bad setting fails before the flow starts
+    res = promote_flow(model=model, version=version, gate=gate, tracking_uri=tracking_uri)
+    if as_json:
+        typer.echo(json.dumps(res, indent=1, default=str))
+    else:
+        typer.echo(f"{res['model']} v{res['version']}: challenger; gate {'passed' if res['passed'] else 'FAILED'}")
+        typer.echo(table(["check", "value", "rule", "limit", "ok"],
+                         [[k, c["value"], c["rule"], c["limit"], c["ok"]] for k, c in res["checks"].items()]))
+        typer.echo(f"champion: v{res['champion']} (before: v{res['champion_before']}) - {res['reason']}")
+    if not res["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@guarded
+def rollback(
+    model: str = typer.Argument(..., help="registered model name"),
+    to: str | None = typer.Option(None, "--to", help="version to make champion (default: the previous champion)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri"),
+):
+    """Move alias champion back to the previous champion (or --to VERSION); the old champion is retired."""
+    _env(False)
+    from .promote import rollback as do_rollback
+
+    res = do_rollback(model, to_version=to, tracking_uri=tracking_uri)
+    typer.echo(f"{res['model']}: champion v{res['champion_before']} -> v{res['champion']}"
+               + (f"; retired: {', '.join('v' + v for v in res['retired'])}" if res["retired"] else ""))
+
+
 def main() -> None:
     try:
         app()

@@ -266,11 +266,22 @@ def rollback(name: str, to_version: str | int | None = None, tracking_uri: str |
 def _from_run_dir(run_dir: str | Path) -> tuple[str, str, str | None]:
     f = Path(run_dir) / "tracking.json"
     if not f.exists():
-        raise ConfigError("run_dir", str(run_dir), "a run folder with tracking.json (written by a tracked run)")
+        raise ConfigError("run", str(run_dir), "a run folder with tracking.json (written by a tracked run)")
     t = json.loads(f.read_text())
     if not t.get("model_name"):
-        raise ConfigError("run_dir", str(run_dir), f"a run whose model was registered (tracking: {t.get('status')})")
+        raise ConfigError("run", str(run_dir), f"a run whose model was registered (tracking: {t.get('status')})")
     return t["model_name"], str(t["model_version"]), t.get("uri")
+
+
+def resolve_candidate(model: str, version: str | None, tracking_uri: str | None) -> tuple[str, str | None, str | None]:
+    """``model`` is a registered model name, a run folder, or a run name under ``$PRUNEFLOW_HOME/runs``."""
+    from tasks.tracking import pruneflow_home
+
+    for d in (Path(model).expanduser(), pruneflow_home() / "runs" / model):
+        if d.is_dir() and (d / "tracking.json").exists():
+            name, v, uri = _from_run_dir(d)
+            return name, version or v, tracking_uri or uri
+    return model, version, tracking_uri
 
 
 @flow(name="promote", log_prints=False)
@@ -278,9 +289,7 @@ def promote_flow(model: str, version: str | None = None, gate: dict | None = Non
                  tracking_uri: str | None = None) -> dict:
     """Prefect flow: ``model`` is a registered model name or a run folder (its ``tracking.json``)."""
     logger = get_run_logger()
-    if Path(model).is_dir():
-        model, version, uri = _from_run_dir(model)
-        tracking_uri = tracking_uri or uri
+    model, version, tracking_uri = resolve_candidate(model, version, tracking_uri)
     res = promote_version(model, version, gate, tracking_uri)
     logger.info("%s v%s: gate %s; champion v%s (%s)", res["model"], res["version"],
                 "passed" if res["passed"] else "FAILED", res["champion"], res["reason"])

@@ -28,6 +28,7 @@ Called once at the end of the compress flow, after the checkpoint and ``report.j
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -286,6 +287,8 @@ def _local_copy(ref: str, tmp: Path) -> Path | None:
 def _artifacts(report: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
     arts = {k: _artifact_path(v) for k, v in (report.get("artifacts") or {}).items()}
     arts = {k: v for k, v in arts.items() if v}
+    if arts.get("checkpoint_local"):  # the pipeline's local link to the store object
+        arts["checkpoint"] = arts["checkpoint_local"]
     if "checkpoint" not in arts:
         for cand in (run_dir / "checkpoint", run_dir / "model", run_dir):
             if (cand / "config.json").exists():
@@ -316,7 +319,26 @@ def _steps(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(c, bool):
             c = "hit" if c else "miss"
         steps.setdefault(name, {}).setdefault("cache", c)
+    arts = report.get("artifacts") or {}
+    for name, st in steps.items():  # a step's output URI is content-addressed: the same output, the same key
+        uri = _artifact_path(arts.get(name))
+        if uri and not (st.get("cache_key") or st.get("key")):
+            st["cache_key"] = "artifact:" + hashlib.sha256(uri.encode()).hexdigest()[:24]
     return steps
+
+
+def lm_eval_results(report: Mapping[str, Any]) -> dict:
+    """lm-eval figures of the report (keys ``task.metric,filter``) regrouped as lm-eval's results JSON."""
+    out: dict[str, dict] = {}
+    for phase in ("before", "after"):
+        res: dict[str, dict] = {}
+        for k, v in flatten(report.get(f"metrics_{phase}") or {}).items():
+            if "," in k and "." in k:
+                task, metric = k.rsplit(".", 1)
+                res.setdefault(task, {})[metric] = v
+        if res:
+            out[phase] = {"results": res}
+    return out
 
 
 def code_revision(report: Mapping[str, Any]) -> str:
@@ -447,10 +469,16 @@ def _plots(report: Mapping[str, Any], arts: Mapping[str, str], tmp: Path) -> lis
     if plan_file and plan_file.is_file():
         plan = json.loads(plan_file.read_text())
         attempt(plots.plot_kept_per_layer, plan, tmp / "plots" / "kept_per_layer.png", full=report.get("full_sizes"))
-    scores = report.get("scores_summary") or report.get("scores")
-    if not scores and arts.get("scores", "").endswith(".json"):
-        f = _local_copy(arts["scores"], tmp)
-        scores = json.loads(f.read_text()) if f else None
+    scores = report.get("scores_summary")
+    ref = arts.get("scores") or arts.get("score") or ""
+    if not scores and ref.endswith((".json", ".safetensors")):
+        f = _local_copy(ref, tmp)
+        if f and f.suffix == ".json":
+            scores = json.loads(f.read_text())
+        elif f:
+            from safetensors.torch import load_file
+
+            scores = {k: v.float().flatten() for k, v in load_file(str(f)).items() if re.fullmatch(r"\w+\.\d+", k)}
     if isinstance(scores, Mapping) and scores:
         attempt(plots.plot_scores_per_layer, scores, tmp / "plots" / "scores_per_layer.png")
     rec = report.get("recovery") or (report.get("steps") or {}).get("recover") or {}
@@ -531,6 +559,10 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
                     dst.parent.mkdir(exist_ok=True)
                     dst.write_bytes(f.read_bytes())
                     mlflow.log_artifact(str(dst))
+            if not any("lm_eval" in k or "lmeval" in k for k in arts):
+                lm = lm_eval_results(report)
+                if lm:
+                    mlflow.log_dict(lm, "lm_eval_results.json")
             if settings.plots:
                 for p in _plots(report, arts, tmp):
                     mlflow.log_artifact(str(p), artifact_path="plots")
