@@ -1,0 +1,254 @@
+"""Human reports: one run's Markdown report with plots, and the comparison table across runs.
+
+`report.json` (design.md) is the input. Its `metrics_before` / `metrics_after` may be the pipeline's
+flat `metrics.json` (`ppl` + `ppl_protocol`, `task.metric`, `eff.*`) or the nested shape of
+`evaluate.metrics_record`; both are read through `evaluate.flatten_metrics`, so every figure is
+shown with its protocol named:
+
+* `ppl.fixed_window_256`: fixed-window perplexity on the eval text (SparseGPT/Wanda protocol),
+* `pydoc_rolling/word_perplexity`: lm-eval's rolling word perplexity (`lm_eval_rolling_word`),
+* `task/acc`, `task/acc_norm`: lm-eval accuracies (0-shot unless the run says otherwise).
+
+`compare(reports)` renders the table a paper would print (method x ratio -> params, PPL, per-task
+accuracy, average, retention, speed-up) with a dense row per model, and writes the sweep plots.
+Retention is recomputed here with `evaluate.retention` (PPL inverted), not read from the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .evaluate import FIXED_PROTOCOL, flatten_metrics, retention
+
+ACC_METRICS = ("acc", "acc_norm")
+PPL_METRICS = ("word_perplexity", "perplexity")
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if abs(v) >= 1e5:
+            return f"{v:.3g}"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(c if isinstance(c, str) else _fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _ppl_key(flat: dict) -> str | None:
+    keys = sorted(k for k in flat if k.startswith("ppl."))
+    if f"ppl.{FIXED_PROTOCOL}" in keys:
+        return f"ppl.{FIXED_PROTOCOL}"
+    return keys[0] if keys else ("ppl" if "ppl" in flat else None)
+
+
+def _task_columns(flats: list[dict]) -> list[str]:
+    """`task/metric` columns: acc and acc_norm of every task, then the perplexity of perplexity tasks."""
+    keys = {k for f in flats for k in f if "/" in k}
+    tasks = sorted({k.split("/")[0] for k in keys})
+    cols = []
+    for t in tasks:
+        cols += [f"{t}/{m}" for m in ACC_METRICS if f"{t}/{m}" in keys]
+        if not any(f"{t}/{m}" in keys for m in ACC_METRICS):
+            cols += [f"{t}/{m}" for m in PPL_METRICS if f"{t}/{m}" in keys][:1]
+    return cols
+
+
+def _avg_acc(flat: dict, cols: list[str]) -> float | None:
+    """Mean of the tasks' `acc` (acc_norm where a task has no acc), over the columns present."""
+    vals = []
+    for t in sorted({c.split("/")[0] for c in cols}):
+        v = flat.get(f"{t}/acc", flat.get(f"{t}/acc_norm"))
+        if v is not None:
+            vals.append(v)
+    return sum(vals) / len(vals) if vals else None
+
+
+def _speedup(before: dict, after: dict) -> float | None:
+    for key, inv in (("decode_tokens_per_s", False), ("prefill_ms", True), ("eval_tokens_per_s", False)):
+        b, a = before.get(key), after.get(key)
+        if b and a:
+            return (b / a) if inv else (a / b)
+    return None
+
+
+def _loss_curve(report: dict) -> list[float] | None:
+    cands = [report.get("recovery_info"), report.get("recovery"), (report.get("steps") or {}).get("recover")]
+    for c in cands:
+        if isinstance(c, dict):
+            if isinstance(c.get("loss_curve"), list):
+                return c["loss_curve"]
+            inner = c.get("recovery")
+            if isinstance(inner, dict) and isinstance(inner.get("loss_curve"), list):
+                return inner["loss_curve"]
+    return report.get("loss_curve") if isinstance(report.get("loss_curve"), list) else None
+
+
+def _recovery_name(report: dict) -> str:
+    r = report.get("recovery")
+    if isinstance(r, dict):
+        return str(r.get("kind", "lora" if r.get("loss_curve") else "none"))
+    return str(r) if r else "none"
+
+
+def _params_m(v) -> str:
+    return f"{v / 1e6:.1f} M" if isinstance(v, (int, float)) and v else "–"
+
+
+def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[dict]]:
+    """(headers, rows, sweep points) of the comparison; see `compare`."""
+    befores = [flatten_metrics(r.get("metrics_before")) for r in reports]
+    afters = [flatten_metrics(r.get("metrics_after")) for r in reports]
+    cols = _task_columns(befores + afters)
+    ppl_keys = [k for k in (_ppl_key(f) for f in befores + afters) if k]
+    ppl_key = max(set(ppl_keys), key=ppl_keys.count) if ppl_keys else None
+    ppl_head = f"PPL ({ppl_key[4:]})" if ppl_key and ppl_key.startswith("ppl.") else "PPL"
+    headers = ["model", "method", "ratio", "recovery", "params", ppl_head,
+               *[c.replace("/", " ") for c in cols], "avg acc", "retention", "speed-up"]
+    if any("stability" in r for r in reports):
+        headers.append("stability")
+    rows, points, dense_done = [], [], set()
+    order = sorted(range(len(reports)), key=lambda i: (str(reports[i].get("model")), str(reports[i].get("method")),
+                                                       float(reports[i].get("target_ratio") or 0)))
+    for i in order:
+        r, b, a = reports[i], befores[i], afters[i]
+        model = str(r.get("model", "?"))
+        if model not in dense_done and b:
+            dense_done.add(model)
+            row = [model, "dense", 0.0, "–", _params_m(r.get("params_before")), b.get(ppl_key) if ppl_key else None,
+                   *[b.get(c) for c in cols], _avg_acc(b, cols), 1.0, 1.0]
+            rows.append(row + (["–"] if "stability" in headers else []))
+        ret = retention(b, a) if b and a else {}
+        row = [model, str(r.get("method", "?")), r.get("target_ratio"), _recovery_name(r), _params_m(r.get("params_after")),
+               a.get(ppl_key) if ppl_key else None, *[a.get(c) for c in cols], _avg_acc(a, cols),
+               ret.get("average"), _speedup(b, a)]
+        if "stability" in headers:
+            s = r.get("stability")
+            row.append(f"{100 * s:.1f} %" if isinstance(s, (int, float)) else "–")
+        rows.append(row)
+        ratio = float(r.get("target_ratio") or 0.0)
+        pt = {"method": f"{r.get('method')}" + ("" if _recovery_name(r) == "none" else f"+{_recovery_name(r)}"),
+              "ratio": ratio, "ppl": a.get(ppl_key) if ppl_key else None, "acc": _avg_acc(a, cols)}
+        points.append(pt)
+        if b:
+            points.append({"method": pt["method"], "ratio": 0.0, "ppl": b.get(ppl_key) if ppl_key else None,
+                           "acc": _avg_acc(b, cols)})
+    return headers, rows, points
+
+
+def compare(reports: list[dict], out_dir: str | Path | None = None, plots: bool = True) -> str:
+    """The table a paper would print, across runs: method x ratio -> params, PPL (protocol named),
+    per-task accuracy, average accuracy, retention (mean after/before over quality metrics, PPL
+    inverted) and speed-up (decode tokens/s after/before, else prefill, else eval throughput).
+    Writes `sweep.png` (PPL and average accuracy versus ratio, one line per method, dense at 0) into
+    `out_dir` (default `$PRUNEFLOW_HOME/compare/<digest of the run names>`); returns Markdown."""
+    if not reports:
+        from .errors import DataError
+
+        raise DataError("runs", [], "at least one report.json")
+    headers, rows, points = compare_rows(reports)
+    points = list({(p["method"], p["ratio"]): p for p in points}.values())  # one dense point per method
+    md = [_table(headers, rows)]
+    md.append("\nretention: mean over quality metrics of after/before (perplexities inverted); "
+              "speed-up: decode tokens/s after/before (prefill or eval throughput when decode was not measured).")
+    if plots:
+        if out_dir is None:
+            from .models import home
+
+            names = json.dumps(sorted(str(r.get("name", i)) for i, r in enumerate(reports)))
+            out_dir = home() / "compare" / hashlib.sha256(names.encode()).hexdigest()[:12]
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = tuple(m for m in ("ppl", "acc") if any(p.get(m) is not None for p in points))
+        if metrics:
+            from .plots import plot_sweep
+
+            path = plot_sweep(points, out / "sweep.png", metrics=metrics, title="pruned vs ratio (dense at 0)")
+            md.append(f"\n![sweep]({path})")
+            md.append(f"\nplots: {path}")
+        (out / "compare.md").write_text("\n".join(md) + "\n")
+    return "\n".join(md)
+
+
+# the names the `pruneflow compare` command looks for
+compare_table = compare
+
+
+def render_markdown(report: dict, plots_dir: str | Path | None = None) -> str:
+    """One run's human report: what was removed, every metric before/after/retention with its
+    protocol, efficiency, timings and cache, the recovery loss curve and per-layer plot (if `plots_dir`)."""
+    b, a = flatten_metrics(report.get("metrics_before")), flatten_metrics(report.get("metrics_after"))
+    ret = retention(b, a)
+    title = f"# {report.get('model')} — {report.get('method')} at {report.get('target_ratio')}"
+    md = [title, ""]
+    pb, pa = report.get("params_before"), report.get("params_after")
+    md.append(_table(["", "value"], [
+        ["model", str(report.get("model"))], ["method", str(report.get("method"))],
+        ["settings", "`" + json.dumps(report.get("settings") or {}, default=str)[:200] + "`"],
+        ["target ratio", report.get("target_ratio")], ["recovery", _recovery_name(report)],
+        ["params before", pb], ["params after", pa],
+        ["removed", f"{100 * report['removed_fraction']:.1f} %" if isinstance(report.get("removed_fraction"), (int, float))
+         else "–"],
+    ]))
+    md += ["", "## Metrics", ""]
+    keys = sorted(set(b) | set(a), key=lambda k: (not k.startswith("ppl"), "/" not in k, k))
+    md.append(_table(["metric", "dense", "pruned", "retention"],
+                     [[k, b.get(k), a.get(k), ret.get(k)] for k in keys]))
+    if "average" in ret:
+        md.append(f"\nAverage retention (quality metrics): **{ret['average']:.3f}**")
+    if isinstance(report.get("stability"), (int, float)):
+        md.append(f"\nStability (LLM-Streamline): **{100 * report['stability']:.1f} %**")
+    md.append("\nProtocols: `ppl.fixed_window_256` = non-overlapping 256-token windows of the evaluation text "
+              "(SparseGPT/Wanda); `*/word_perplexity` = lm-eval rolling log-likelihood (word perplexity); "
+              "`*/acc`, `*/acc_norm` = lm-eval multiple-choice accuracy (length-normalised for acc_norm).")
+    if report.get("timings"):
+        md += ["", "## Steps", ""]
+        md.append(_table(["step", "seconds", "cache"], [[s, t, (report.get("cache") or {}).get(s, "–")]
+                                                        for s, t in report["timings"].items()]))
+    if plots_dir is not None:
+        pdir = Path(plots_dir)
+        pdir.mkdir(parents=True, exist_ok=True)
+        from . import plots
+
+        curve = _loss_curve(report)
+        if curve:
+            p = plots.plot_loss_curves(curve, pdir / "recovery_loss.png", title="recovery loss")
+            md += ["", "## Recovery", "", f"Loss {curve[0]:.3f} → {curve[-1]:.3f} over {len(curve)} steps.", "",
+                   f"![recovery loss]({p.relative_to(pdir.parent) if pdir.parent in p.parents else p})"]
+        plan = report.get("plan")
+        if isinstance(plan, dict):
+            try:
+                p = plots.plot_kept_per_layer(plan, pdir / "kept_per_layer.png")
+                md += ["", "## What was kept", "", f"![kept per layer]({p.relative_to(pdir.parent)})"]
+            except Exception:  # a plan the plot does not understand: the table above still tells
+                pass
+    return "\n".join(md) + "\n"
+
+
+def write_report(report: dict, folder: str | Path) -> dict[str, Path]:
+    """Write `report.json` and `report.md` (+ `plots/`) into `folder`, atomically per file."""
+    import os
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, text in (("report.json", json.dumps(report, indent=1, default=str)),
+                       ("report.md", render_markdown(report, out / "plots"))):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+        paths[name] = out / name
+    return paths
