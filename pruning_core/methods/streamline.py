@@ -15,6 +15,9 @@ mean ||f_θ(x^(l*)) − x^(l*+m)||² (element-wise MSE). Variants (setting `repl
 * `none`  — the n layers are deleted, nothing is trained ("Ours(None)").
 * `layer` — m = n+1 layers are replaced by one decoder layer initialised from layer l* ("Layer-First");
   in plan terms layer l* is kept and the next n are dropped, so the checkpoint is a stock HF model.
+* `collapse` — baseline, LaCo-style (Yang et al. 2024, RDSC layer merge): the m = n+1 layers are merged
+  into one, θ* = θ_l* + Σ_k (θ_k − θ_l*) over the block's projection weights (norms from layer l*),
+  untrained. Only the merge rule is LaCo's; its iterative top-down threshold search is not reproduced.
 * `ffn`   — m = n+1 layers are replaced by a residual FFN x + MLP(norm(x)) initialised from layer l*'s
   MLP and post-attention norm (the residual, inherited form recommended by the spec's pitfall 6
   instead of upstream's random, residual-free ReLU MLP). Saved through `checkpoint.load_pruned`.
@@ -52,8 +55,10 @@ from .base import Method, MethodSettings, Scores, register
 
 
 class StreamlineSettings(MethodSettings):
-    replacement: Literal["none", "layer", "ffn"] = Field(
-        "layer", description="none (delete the block), layer (one decoder layer) or ffn (residual FFN)"
+    replacement: Literal["none", "layer", "ffn", "collapse"] = Field(
+        "layer",
+        description="none (delete the block), layer (one decoder layer), ffn (residual FFN) or collapse "
+        "(LaCo-style parameter merge of the block into one layer, untrained baseline)",
     )
     n_layers: int | None = Field(None, ge=1, description="layers to remove (net); overrides the ratio")
     # training of the replacement (recovery step)
@@ -183,7 +188,7 @@ def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | No
         for i in range(start + 1, start + m):
             plan_layers[i].keep = False
         after = total - sum(per[start : start + m])
-        after += per[start] if s.replacement == "layer" else _ffn_params(adapter, layers[start])
+        after += _ffn_params(adapter, layers[start]) if s.replacement == "ffn" else per[start]
     return PrunePlan(
         method="llm-streamline",
         settings=s.model_dump(),
@@ -286,6 +291,38 @@ def _ffn_describe(module: ResidualFFN) -> dict:
     return {"ffn": int(sizes[-1])}  # the output projection's input = FFN channels
 
 
+@torch.no_grad()
+def collapse_block(model: nn.Module, adapter: Adapter, layers: list[nn.Module]) -> nn.Module:
+    """LaCo's Reserving-Differences-while-Seeking-Common merge of `layers` into one decoder layer:
+    every Linear weight/bias becomes θ_0 + Σ_{k≥1} (θ_k − θ_0); norms are layer 0's."""
+    merged = copy.deepcopy(layers[0])
+    names = [n for n, mod in merged.named_modules() if isinstance(mod, nn.Linear)]
+    for name in names:
+        lin = merged.get_submodule(name)
+        for attr in ("weight", "bias"):
+            t = getattr(lin, attr)
+            if t is None:
+                continue
+            base = getattr(layers[0].get_submodule(name), attr)
+            for other in layers[1:]:
+                o = getattr(other.get_submodule(name), attr)
+                if o.shape != base.shape:
+                    raise ConfigError(
+                        "plan.replacement", "collapse", "a block of layers with identical shapes"
+                    )
+                t.add_(o - base)
+    return merged
+
+
+def _collapse_from_plan(model, adapter, layer, spec):
+    start, end = (int(x) for x in spec["span"])
+    return collapse_block(model, adapter, [adapter.layers(model)[i] for i in range(start, end)])
+
+
+def _not_saved(*_a):  # a collapsed layer is an ordinary decoder layer: never described or rebuilt
+    raise ConfigError("plan.replacement.kind", "collapse", "a plain decoder layer after surgery")
+
+
 def _register_layer_kind() -> None:
     try:
         from ..surgery import LayerKind, register_layer_kind
@@ -298,6 +335,9 @@ def _register_layer_kind() -> None:
             describe=_ffn_describe,
             empty=_ffn_empty,
         )
+    )
+    register_layer_kind(
+        LayerKind(name="collapse", from_plan=_collapse_from_plan, describe=_not_saved, empty=_not_saved)
     )
 
 

@@ -302,3 +302,21 @@ def test_cached_targets_run_the_dense_prefix_once_per_batch():
         assert len(calls) == expected
         assert res["val_mse_after"] < res["val_mse_before"]
         assert _heldout_mse(dense, pruned, plan, heldout) < 0.7 * before
+
+
+def test_laco_collapse_merges_the_block_into_one_plain_layer():
+    from pruning_core.surgery import sync_config
+
+    dense = tiny_model("llama", n_layers=6, seed=6)
+    ad = adapter_for(dense)
+    plan = select(dense, ad, _scores(dense, ad), None, {"replacement": "collapse", "n_layers": 2})
+    a, b = plan.notes["block"]
+    assert b - a == 3 and count_params(dense) - plan.params_after == 2 * count_params(ad.layers(dense)[0])
+    block = [ad.layers(dense)[i] for i in range(a, b)]
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    merged = ad.layers(pruned)[a]
+    w = [ad.proj(lyr, "down_proj").weight for lyr in block]
+    assert torch.allclose(ad.proj(merged, "down_proj").weight, w[0] + (w[1] - w[0]) + (w[2] - w[0]))
+    assert torch.equal(merged.input_layernorm.weight, block[0].input_layernorm.weight)
+    assert getattr(merged, "pruneflow_kind", "decoder") == "decoder" and sync_config(pruned)  # stock HF shape
+    assert len(ad.layers(pruned)) == 4 and count_params(pruned) == plan.params_after
