@@ -73,6 +73,8 @@ class StreamlineSettings(MethodSettings):
     val_fraction: float = Field(0.125, gt=0, lt=1, description="fraction of the training blocks held out")
     eval_every: int = Field(50, ge=1, description="validate every this many steps (and at the end)")
     loss_skip_tokens: int = Field(0, ge=0, description="leading tokens of each block left out of the MSE")
+    seq_len: int = Field(128, ge=2, description="block length when the training ids come as one 1-D stream")
+    max_blocks: int | None = Field(None, ge=2, description="at most this many training blocks (None: all)")
     cache_targets: bool = Field(
         False,
         description="keep each fixed batch's (input, target) after its first on-the-fly computation "
@@ -532,6 +534,44 @@ def train_replacement(
         "seconds": time.perf_counter() - t0,
         "train_tokens": s.steps * min(s.batch_size, n_tr) * int(tr_ids.shape[1]),
     }
+
+
+def replacement_recover(
+    pruned_model: nn.Module,
+    tokenizer,
+    train_ids: torch.Tensor,
+    settings: StreamlineSettings | dict | None,
+    dense_model: nn.Module,
+    plan: PrunePlan,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, dict]:
+    """The recovery step for LLM-Streamline: `train_replacement` with the pipeline's call shape
+    (model, tokenizer, train ids, settings) -> (model, info). `train_ids` may be [N, T] blocks or a
+    1-D token stream, cut into `seq_len` blocks (the first `max_blocks` of them when set)."""
+    s = settings if isinstance(settings, StreamlineSettings) else _recovery_settings(settings)
+    if train_ids.dim() == 1:
+        n = train_ids.numel() // s.seq_len
+        train_ids = train_ids[: n * s.seq_len].view(n, s.seq_len)
+    if s.max_blocks is not None:
+        train_ids = train_ids[: s.max_blocks]
+    info = train_replacement(dense_model, pruned_model, plan, train_ids, s, device=device)
+    return pruned_model, info
+
+
+def _recovery_settings(raw: dict | None) -> StreamlineSettings:
+    from pydantic import ValidationError
+
+    try:
+        return StreamlineSettings(**(raw or {}))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        accepted = (
+            "one of " + ", ".join(sorted(StreamlineSettings.model_fields))
+            if err["type"] == "extra_forbidden"
+            else err["msg"]
+        )
+        raise ConfigError(f"recovery.settings.{loc}", err.get("input"), accepted) from None
 
 
 # ------------------------------------------------------------------------------------------------
