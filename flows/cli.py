@@ -241,7 +241,7 @@ def compare(runs: list[str] = typer.Argument(..., help="run names or report.json
     try:
         from pruning_core import report as core_report  # the evaluation engineer's renderer, if present
 
-        render = getattr(core_report, "compare_table", None) or getattr(core_report, "render_compare", None)
+        render = getattr(core_report, "compare", None)
     except ImportError:
         render = None
     if render is not None:

@@ -180,6 +180,7 @@ class ArtifactStore:
             if self.remote:
                 bucket = self.root.split("://", 1)[1].split("/", 1)[0]
                 if self.url.startswith("s3://"):
+                    _require_credentials(self.url)
                     self.fs.ls(bucket)  # raises on missing bucket / credentials / endpoint
                 probe = self._join("tmp", f"probe-{uuid.uuid4().hex}")
                 self.fs.pipe_file(probe, b"ok")
@@ -373,6 +374,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _require_credentials(url: str) -> None:
+    """s3fs silently falls back to anonymous access; a store that writes needs real credentials."""
+    import botocore.session
+
+    if os.environ.get("PRUNEFLOW_S3_ANON") == "1":
+        return
+    if botocore.session.Session().get_credentials() is None:
+        raise StorageError(
+            "store.url", url,
+            "an S3 store with credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile)",
+        )
 
 
 def fault_point(name: str) -> None:
