@@ -451,4 +451,10 @@ def report_task(ctx: dict, report: dict, run_dir: str) -> dict:
         os.replace(tmp, out / "report.json")
     except OSError as e:
         raise StorageError("run_dir", str(out), "a writable folder", str(e)) from None
+    try:  # the human report (Markdown + plots) beside report.json; it never fails the run
+        from pruning_core.report import render_markdown
+
+        (out / "report.md").write_text(render_markdown(report, out / "plots"))
+    except Exception as e:  # noqa: BLE001
+        log.warning("report.md not written: %s", e)
     return man
