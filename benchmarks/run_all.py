@@ -121,7 +121,7 @@ def full_comparison(args) -> str:
     import pruning_core as pc
     from pruning_core.checkpoint import save_pruned
     from pruning_core.efficiency import measure
-    from pruning_core.evaluate import cached_lm_eval, metrics_record, run_lm_eval
+    from pruning_core.evaluate import cached_lm_eval, metrics_record, run_lm_eval, stability
     from pruning_core.methods import list_methods
     from pruning_core.models import resolve_model_path
     from pruning_core.report import compare
@@ -137,15 +137,15 @@ def full_comparison(args) -> str:
     calib = pc.calibration_set(tok, n_samples=args.calib, seq_len=128, seed=0)
     eff_kw = dict(prompt_len=64, new_tokens=16, repeats=3)
 
-    def evaluate(model, path) -> dict:
+    def evaluate(model, path) -> tuple[dict, dict | None]:
         ppl = pc.perplexity(model, ev, seq_len=256, max_windows=args.windows)
         lm = (run_lm_eval(str(path), tasks, limit=args.limit, device=str(dev)) if path is not None else
               cached_lm_eval(dense_path, tasks, limit=args.limit, device=str(dev))) if tasks else None
-        return metrics_record(perplexity=ppl, lm_eval_results=lm, efficiency=measure(model, tok, **eff_kw))
+        return metrics_record(perplexity=ppl, lm_eval_results=lm, efficiency=measure(model, tok, **eff_kw)), lm
 
     log(f"dense {args.model}: evaluating")
     t0 = time.perf_counter()
-    before = evaluate(dense, None)
+    before, dense_lm = evaluate(dense, None)
     p0 = pc.count_params(dense)
     log(f"dense done in {time.perf_counter() - t0:.0f} s")
     reports, failed = [], []
@@ -158,12 +158,13 @@ def full_comparison(args) -> str:
             t_prune = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as d:
                 path = save_pruned(model, tok, None, Path(d) / name)
-                after = evaluate(model, path)
+                after, lm = evaluate(model, path)
             p1 = pc.count_params(model)
+            stab = stability(dense_lm["samples"], lm["samples"]) if lm and dense_lm else None
             reports.append({"name": f"{name}-{args.ratio}", "model": args.model, "method": name,
                             "target_ratio": args.ratio, "recovery": "none", "params_before": p0, "params_after": p1,
                             "removed_fraction": 1 - p1 / p0, "metrics_before": before, "metrics_after": after,
-                            "timings": {"prune": t_prune}})
+                            "stability": stab, "timings": {"prune": t_prune}})
             log(f"{name}: done in {time.perf_counter() - t0:.0f} s, {p1 / 1e6:.1f} M params")
         except Exception as e:  # one failing method must not hide the others
             failed.append((name, f"{type(e).__name__}: {str(e)[:150]}"))
@@ -178,7 +179,8 @@ def full_comparison(args) -> str:
           f"(first {args.limit} items, 0-shot, pruned checkpoints evaluated by path); speed: greedy decode "
           f"(64-token prompt, 16 new tokens, median of 3 after warm-up) on {dev}, {torch.get_num_threads()} thread(s). "
           f"Methods prune at their own default settings; `ratio` is each method's own target (per-layer units "
-          f"for width methods, layers for depth methods), so compare the params column too.", ""]
+          f"for width methods, layers for depth methods), so compare the params column too. Stability: LLM-Streamline's "
+          f"weighted agreement of per-item correctness with the dense model (lm-eval items).", ""]
     if reports:
         md.append(compare(reports, out_dir=HERE / "plots" / "full_comparison"))
     if failed:
