@@ -115,15 +115,17 @@ GROUP_SCORES = {"grouped": grouped_group_scores, "exact": exact_group_scores, "n
 # -- the OBS update -------------------------------------------------------------------------------
 
 
-def obs_prune(W: torch.Tensor, H: torch.Tensor, cols: torch.Tensor, compensate: bool = True) -> float:
+def obs_prune(W: torch.Tensor, H: torch.Tensor, cols: torch.Tensor, compensate: bool = True,
+              Hinv: torch.Tensor | None = None) -> float:
     """Prune columns `cols` (in this order) of W with exact sequential OBS; W and H updated in place.
 
-    GPTQ-style: permute `cols` first, take U = upper Cholesky factor of the permuted H⁻¹; then, for
+    GPTQ-style: permute `cols` first, take U = upper Cholesky factor of the permuted H⁻¹ (only its
+    first |S| rows are formed); then, for
     k = 1..|S|, err_k = w_k / U_kk and w[k:] −= err_k·U[k, k:]. The local loop is the triangular
     solve Err = W_S U_SS⁻¹, and the update of the other columns is W_R −= Err·U[S, R]. The columns in
     `cols` end at zero and H is downdated. Returns the loss tr(ΔW H ΔWᵀ) = ||Err||²_F, the exact
     block OBS error. compensate=False only zeros the columns (the ablation); the returned loss is then
-    the loss of zeroing, tr(W_S H_SS W_Sᵀ).
+    the loss of zeroing, tr(W_S H_SS W_Sᵀ). `Hinv`: H⁻¹ if the caller has it already (saves a factorisation).
     """
     cols = torch.as_tensor(cols, dtype=torch.long, device=W.device)
     if cols.numel() == 0:
@@ -138,13 +140,14 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, cols: torch.Tensor, compensate: 
     mask = torch.ones(n, dtype=torch.bool, device=W.device)
     mask[cols] = False
     rest = torch.arange(n, device=W.device)[mask]
-    perm = torch.cat([cols, rest])
-    Hinv = cholesky_inverse(H[perm][:, perm])
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    k = cols.numel()
-    Wp = W[:, perm]
-    err = torch.linalg.solve_triangular(U[:k, :k], Wp[:, :k], upper=True, left=False)  # Err·U_SS = W_S
-    W[:, rest] -= err @ U[:k, k:]
+    if Hinv is None:
+        Hinv = cholesky_inverse(H)
+    # first |S| rows of the upper Cholesky factor of H⁻¹ permuted to (S, R): U_SS = chol(H⁻¹_SS),
+    # U_SR = U_SSᵀ⁻¹ H⁻¹_SR (the rest of the factor is never needed)
+    U_SS = torch.linalg.cholesky(Hinv[cols][:, cols], upper=True)
+    U_SR = torch.linalg.solve_triangular(U_SS.T, Hinv[cols][:, rest], upper=False)
+    err = torch.linalg.solve_triangular(U_SS, W[:, cols], upper=True, left=False)  # Err·U_SS = W_S
+    W[:, rest] -= err @ U_SR
     W[:, cols] = 0
     downdate(H, cols)
     return float((err * err).sum())
@@ -200,7 +203,7 @@ def prune_groups(
                     full |= sel
             s[full] = math.inf
         g = int(torch.argmin(s))
-        obs_prune(W, H, groups[g], compensate=compensate)
+        obs_prune(W, H, groups[g], compensate=compensate, Hinv=Hinv)
         taken[g] = True
         removed.append(g)
     return removed
@@ -245,7 +248,7 @@ def prune_columns_batched(
         s = column_scores(W, Hinv).to(torch.float64).cpu()
         s[~live] = math.inf
         pick = torch.argsort(s, stable=True)[:g]
-        obs_prune(W, H, pick.to(W.device), compensate=compensate)
+        obs_prune(W, H, pick.to(W.device), compensate=compensate, Hinv=Hinv)
         live[pick] = False
         removed.extend(int(i) for i in pick)
     return removed
