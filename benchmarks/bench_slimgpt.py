@@ -102,13 +102,15 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", default="pydoc_next_sentence,pydoc_last_word")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--json", default="benchmarks/.bench_slimgpt.json")
-    ap.add_argument("--table", action="store_true", help="only print the table from --json")
+    ap.add_argument("--table", action="store_true", help="only print the table from --json (a,b,...)")
     a = ap.parse_args(argv)
+    if a.table:  # --json may name several result files (comma-separated); the first dense row is kept
+        rows = [r for f in a.json.split(",") if Path(f).exists() for r in json.loads(Path(f).read_text())]
+        dense = [r for r in rows if r["variant"] == "dense"][:1]
+        print(table(dense + [r for r in rows if r["variant"] != "dense"]))
+        return
     path = Path(a.json)
     rows = json.loads(path.read_text()) if path.exists() else []
-    if a.table:
-        print(table(rows))
-        return
     done = {(r["variant"], r["ratio"]) for r in rows}
     tasks = [t for t in a.tasks.split(",") if t]
 
@@ -175,7 +177,7 @@ def main(argv=None) -> None:
 def table(rows) -> str:
     dense = next((r for r in rows if r["variant"] == "dense"), None)
     tasks = sorted({t for r in rows for t in (r.get("acc") or {})})
-    head = ["ratio", "method", "params (M)", "PPL"] + [f"acc {t}" for t in tasks] + [
+    head = ["ratio", "method", "params (M)", "removed of all", "PPL"] + [f"acc {t}" for t in tasks] + [
         "decode tok/s", "prune s", "prune / calib fwd", "prune peak RSS MB"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -184,7 +186,8 @@ def table(rows) -> str:
 
     order = list(VARIANTS)
     for r in sorted(rows, key=lambda r: (r["ratio"], -1 if r["variant"] == "dense" else order.index(r["variant"]))):
-        cells = [f"{r['ratio']:.0%}", r["variant"], f"{r['params'] / 1e6:.1f}", fmt(r["ppl"])]
+        removed = 1 - r["params"] / dense["params"] if dense else None
+        cells = [f"{r['ratio']:.0%}", r["variant"], f"{r['params'] / 1e6:.1f}", fmt(removed, "{:.1%}"), fmt(r["ppl"])]
         cells += [fmt((r.get("acc") or {}).get(t), "{:.3f}") for t in tasks]
         cells += [fmt(r.get("tok_s"), "{:.1f}"), fmt(r.get("prune_s"), "{:.0f}"), fmt(r.get("prune_rel"), "{:.1f}x"),
                   fmt(r.get("prune_peak_mb"), "{:.0f}")]
