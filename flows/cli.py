@@ -298,6 +298,7 @@ def promote(
     min_param_reduction: str | None = typer.Option(None, "--min-param-reduction", help="removed params >= Z (off)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI "
                                             "or $PRUNEFLOW_HOME/mlflow.db)"),
+    as_flow: bool = typer.Option(False, "--flow", help="run as a Prefect flow run (recorded by Prefect)"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = QuietOpt,
 ):
@@ -318,17 +319,21 @@ def promote(
         val = _gate_value(opt, v)
         if val is not None:
             gate[key] = None if val == "off" else val
-    from .promote import Gate, promote_flow
+    from .promote import Gate, promote_candidate, promote_flow
 
     Gate.from_dict(gate)  # a bad setting fails before the flow starts
-    res = promote_flow(model=model, version=version, gate=gate, tracking_uri=tracking_uri)
+    if as_flow:
+        res = promote_flow(model=model, version=version, gate=gate, tracking_uri=tracking_uri)
+    else:
+        res = promote_candidate(model, version, gate, tracking_uri)
     if as_json:
         typer.echo(json.dumps(res, indent=1, default=str))
     else:
         typer.echo(f"{res['model']} v{res['version']}: challenger; gate {'passed' if res['passed'] else 'FAILED'}")
         typer.echo(table(["check", "value", "rule", "limit", "ok"],
                          [[k, c["value"], c["rule"], c["limit"], c["ok"]] for k, c in res["checks"].items()]))
-        typer.echo(f"champion: v{res['champion']} (before: v{res['champion_before']}) - {res['reason']}")
+        v = lambda x: f"v{x}" if x else "none"  # noqa: E731
+        typer.echo(f"champion: {v(res['champion'])} (before: {v(res['champion_before'])}) - {res['reason']}")
     if not res["passed"]:
         raise typer.Exit(1)
 

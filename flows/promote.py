@@ -284,13 +284,19 @@ def resolve_candidate(model: str, version: str | None, tracking_uri: str | None)
     return model, version, tracking_uri
 
 
+def promote_candidate(model: str, version: str | None = None, gate: Gate | Mapping | None = None,
+                      tracking_uri: str | None = None) -> dict:
+    """The promote flow's body as a plain function (the command line's default: no Prefect server needed)."""
+    model, version, tracking_uri = resolve_candidate(model, version, tracking_uri)
+    return promote_version(model, version, gate, tracking_uri)
+
+
 @flow(name="promote", log_prints=False)
 def promote_flow(model: str, version: str | None = None, gate: dict | None = None,
                  tracking_uri: str | None = None) -> dict:
     """Prefect flow: ``model`` is a registered model name or a run folder (its ``tracking.json``)."""
     logger = get_run_logger()
-    model, version, tracking_uri = resolve_candidate(model, version, tracking_uri)
-    res = promote_version(model, version, gate, tracking_uri)
+    res = promote_candidate(model, version, gate, tracking_uri)
     logger.info("%s v%s: gate %s; champion v%s (%s)", res["model"], res["version"],
                 "passed" if res["passed"] else "FAILED", res["champion"], res["reason"])
     return res
