@@ -42,7 +42,7 @@ from pruning_core.methods.streamline import (  # noqa: E402
     select_shortgpt,
     train_replacement,
 )
-from pruning_core.metrics import perplexity  # noqa: E402
+from pruning_core.metrics import flops_per_token, perplexity  # noqa: E402
 from pruning_core.models import load_model  # noqa: E402
 from pruning_core.surgery import apply_plan, count_params  # noqa: E402
 
@@ -89,6 +89,7 @@ def evaluate_model(model, tok, eval_ids, args) -> dict:
         "samples": res["samples"][TASK],
         "tokens_per_s": speed,
         "params": count_params(model),
+        "flops_per_token": flops_per_token(model, context=256),
         "eval_s": time.perf_counter() - t,
     }
 
@@ -164,6 +165,7 @@ def run(args) -> dict:
                 "acc_norm_ret": m["acc_norm"] / dense["acc_norm"] if dense["acc_norm"] else float("nan"),
                 "tps": m["tokens_per_s"],
                 "speedup": m["tokens_per_s"] / dense["tokens_per_s"],
+                "flops_speedup": dense["flops_per_token"] / m["flops_per_token"],
                 "train_s": train["seconds"] if train else None,
                 "mse": (train["val_mse_before"], train["val_mse_after"]) if train else None,
                 "loss_curve": train["loss_curve"] if train else None,
@@ -216,15 +218,16 @@ def markdown(r: dict, cmd: str) -> str:
         "Stability (%): LLM-Streamline's definition, per-item weights softmax(std of the dense model's "
         "per-option mean token loss), agreement of dense and pruned correctness. Retention = pruned/dense "
         "(dense/pruned for PPL). Speed: greedy decode with KV cache, batch 1, 24 new tokens after a 64-token prompt, best of 2 "
-        "(noisy on a shared CPU).",
+        "(noisy on a shared CPU); FLOPs speed-up = dense / pruned forward FLOPs per token (`metrics.flops_per_token`, "
+        "256 tokens of context, lm_head included).",
         "",
         f"Dense: PPL {d['ppl']:.2f}, acc {d['acc']:.3f}, acc_norm {d['acc_norm']:.3f}, {d['params'] / 1e6:.1f} M params, "
         f"{d['tokens_per_s']:.1f} tokens/s.",
         "",
         "| removed | method | layers removed / block | params removed (%) | PPL | acc | acc_norm | stability (%) "
-        "| stability acc_norm (%) | PPL retention | acc retention | acc_norm retention | tokens/s | speed-up "
+        "| stability acc_norm (%) | PPL retention | acc retention | acc_norm retention | tokens/s | speed-up | FLOPs speed-up "
         "| train (s) | val MSE before -> after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = {
         "shortgpt": "ShortGPT (BI)",
@@ -239,7 +242,7 @@ def markdown(r: dict, cmd: str) -> str:
             f"| {x['n']}/30 | {names[x['variant']]} | {x['where']} | {x['removed_pct']:.1f} | {x['ppl']:.2f} "
             f"| {x['acc']:.3f} | {x['acc_norm']:.3f} | {x['stability']:.1f} | {x['stability_norm']:.1f} "
             f"| {x['ppl_ret']:.3f} | {x['acc_ret']:.3f} | {x['acc_norm_ret']:.3f} | {x['tps']:.1f} "
-            f"| {x['speedup']:.2f}x | {tr} | {mse} |"
+            f"| {x['speedup']:.2f}x | {x['flops_speedup']:.2f}x | {tr} | {mse} |"
         )
     out += [
         "",
