@@ -182,3 +182,31 @@ def test_unknown_model_or_version_is_a_user_error(uri, m):
         promote_version("nope", None, GATE, uri)
     with pytest.raises(ConfigError, match="version"):
         promote_version(m, 9, GATE, uri)
+
+
+def test_cli_promote_both_outcomes_and_rollback(uri, m, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    c = MlflowClient(uri, uri)
+    monkeypatch.setenv("PRUNEFLOW_HOME", str(tmp_path))
+    v1 = _version(c, m, _report(12.0, 0.5, 0.2))
+    v2 = _version(c, m, _report(11.0, 0.5, 0.2))
+    # a run folder as the candidate: its tracking.json names the model version and the store
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "tracking.json").write_text(json.dumps({"status": "ok", "model_name": m, "model_version": v1, "uri": uri}))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["promote", "r1", "--max-ppl-ratio", "1.5", "--min-acc-retention", "0.9"])
+    assert ok.exit_code == 0, ok.output
+    assert "gate passed" in ok.output and _alias(c, m, CHAMPION) == v1
+    bad = runner.invoke(app, ["promote", m, "--version", v2, "--max-ppl-ratio", "1.05", "--tracking-uri", uri])
+    assert bad.exit_code == 1 and "gate FAILED" in bad.output and "ppl_ratio 1.1 not <= 1.05" in bad.output
+    assert _alias(c, m, CHAMPION) == v1 and _alias(c, m, CHALLENGER) == v2
+    good = runner.invoke(app, ["promote", m, "--version", v2, "--min-acc-retention", "off", "--tracking-uri", uri])
+    assert good.exit_code == 0 and _alias(c, m, CHAMPION) == v2
+    back = runner.invoke(app, ["rollback", m, "--tracking-uri", uri])
+    assert back.exit_code == 0 and f"v{v2} -> v{v1}" in back.output and _alias(c, m, CHAMPION) == v1
+    err = runner.invoke(app, ["promote", m, "--max-ppl-ratio", "lots", "--tracking-uri", uri])
+    assert err.exit_code == 2 and "--max-ppl-ratio" in err.output
