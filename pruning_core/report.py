@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +150,14 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
     return headers, rows, points
 
 
-def compare(reports: list[dict], out_dir: str | Path | None = None, plots: bool = True) -> str:
+def compare(reports: list[dict], out_dir: str | Path | None = None, plots: bool = True,
+            link_base: str | Path | None = None) -> str:
     """The table a paper would print, across runs: method x ratio -> params, PPL (protocol named),
     per-task accuracy, average accuracy, retention (mean after/before over quality metrics, PPL
     inverted) and speed-up (decode tokens/s after/before, else prefill, else eval throughput).
     Writes `sweep.png` (PPL and average accuracy versus ratio, one line per method, dense at 0) into
-    `out_dir` (default `$PRUNEFLOW_HOME/compare/<digest of the run names>`); returns Markdown."""
+    `out_dir` (default `$PRUNEFLOW_HOME/compare/<digest of the run names>`); returns Markdown, with the
+    plot linked relative to `link_base` when given (e.g. the folder of the Markdown file it goes into)."""
     if not reports:
         from .errors import DataError
 
@@ -177,8 +180,8 @@ def compare(reports: list[dict], out_dir: str | Path | None = None, plots: bool 
             from .plots import plot_sweep
 
             path = plot_sweep(points, out / "sweep.png", metrics=metrics, title="pruned vs ratio (dense at 0)")
-            md.append(f"\n![sweep]({path})")
-            md.append(f"\nplots: {path}")
+            link = os.path.relpath(path, link_base) if link_base is not None else str(path)
+            md.append(f"\n![sweep: PPL and average accuracy versus ratio]({link})")
         (out / "compare.md").write_text("\n".join(md) + "\n")
     return "\n".join(md)
 
@@ -240,8 +243,6 @@ def render_markdown(report: dict, plots_dir: str | Path | None = None) -> str:
 
 def write_report(report: dict, folder: str | Path) -> dict[str, Path]:
     """Write `report.json` and `report.md` (+ `plots/`) into `folder`, atomically per file."""
-    import os
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
