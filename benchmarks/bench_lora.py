@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is ~5x faster than 2 on a shared, oversubscribed 2-core box)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--plot", default=None, help="write the loss curve PNG here")
+    ap.add_argument("--plot", default=str(Path(__file__).resolve().parent / "plots" / "lora_recovery.png"),
+                    help="write the loss curve PNG here ('' for none)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -97,6 +98,8 @@ def main(argv=None) -> dict:
     print(f"| pruned + LoRA (merged) | {pc.count_params(merged) / 1e6:.1f} M | {recovered:.2f} |")
     print(f"| merged, saved and reloaded ({'stock from_pretrained' if stock else 'load_pruned'}) | "
           f"{pc.count_params(re_model) / 1e6:.1f} M | {reloaded:.2f} |")
+    if a.plot:
+        print(f"\n![LoRA loss curve]({os.path.relpath(a.plot, Path(__file__).resolve().parent)})")
     print(f"\nTraining loss: mean of first {k} steps {sum(curve[:k]) / k:.3f} -> last {k} steps {sum(curve[-k:]) / k:.3f}. "
           f"Total wall time {time.perf_counter() - t0:.0f} s.")
     return {"dense": dense, "pruned": pruned, "recovered": recovered, "reloaded": reloaded, "loss_curve": curve}
