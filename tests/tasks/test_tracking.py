@@ -87,6 +87,24 @@ def _report(run_dir: Path, cache_score: str = "miss") -> dict:
     }
 
 
+def _pipeline_report(run_dir: Path, score_uri: str, cache_score: str) -> dict:
+    """The shape flows.compress builds: flat metrics, `cache` per step, artifacts = step output URIs."""
+    link = run_dir / "checkpoint_link"
+    if not link.exists():
+        link.symlink_to(run_dir / "checkpoint", target_is_directory=True)
+    return {
+        "name": "r", "model": "tiny-llama", "method": "l1", "settings": {}, "target_ratio": 0.3,
+        "params_before": 1000, "params_after": 650, "removed_fraction": 0.35,
+        "metrics_before": {"ppl": 10.0, "ppl_protocol": "fixed_window_256", "t.acc,none": 0.5, "t.acc_norm,none": 0.6},
+        "metrics_after": {"ppl": 15.0, "ppl_protocol": "fixed_window_256", "t.acc,none": 0.4, "t.acc_norm,none": 0.6},
+        "retention": {"ppl": 1.5, "t.acc,none": 0.8},
+        "timings": {"load": 0.1, "score": 0.5}, "cache": {"load": "miss", "score": cache_score},
+        "artifacts": {"score": score_uri, "checkpoint": "/nonexistent/store/object", "checkpoint_local": str(link),
+                      "run_dir": str(run_dir)},
+        "versions": {"code_revision": "abc123"},
+    }
+
+
 SPEC = {"model": {"ref": "tiny"}, "method": {"name": "l1", "settings": {"x": 1}}, "ratio": 0.3,
         "calibration": {"n_samples": 8, "seq_len": 128}}
 
@@ -168,8 +186,15 @@ def test_nonuniform_run_uses_project_loader_and_cached_step_points_at_producer(s
     root, uri = store
     run_dir = _run_dir(root, uniform=False)
     spec = {**SPEC, "tracking": {"uri": uri, "experiment": "t-nonuniform"}}
-    first = track_compress_run(spec, _report(run_dir, cache_score="miss"), run_dir)
-    second = track_compress_run(spec, _report(run_dir, cache_score="hit"), run_dir)
+    from safetensors.torch import save_file
+
+    (run_dir / "lm_eval_results.json").unlink()  # the pipeline keeps lm-eval figures in the report only
+
+    score_uri = str(root / "objects" / "ab" / "abcd" / "scores.safetensors")  # content-addressed store object
+    Path(score_uri).parent.mkdir(parents=True)
+    save_file({"heads.0": torch.rand(4), "ffn.0": torch.rand(96), "ffn.1": torch.rand(96)}, score_uri)
+    first = track_compress_run(spec, _pipeline_report(run_dir, score_uri, "miss"), run_dir)
+    second = track_compress_run(spec, _pipeline_report(run_dir, score_uri, "hit"), run_dir)
     assert first["status"] == second["status"] == "ok"
     c = MlflowClient(uri, uri)
     hit = c.get_run(second["child_runs"]["score"])
@@ -177,6 +202,15 @@ def test_nonuniform_run_uses_project_loader_and_cached_step_points_at_producer(s
     assert hit.data.tags["pruneflow.producer_run_id"] == first["child_runs"]["score"]
     assert c.get_run(second["run_id"]).data.tags["pruneflow.cache.score"] == "hit"
     assert "pruneflow.producer_run_id" not in c.get_run(first["child_runs"]["score"]).data.tags
+    run = c.get_run(second["run_id"])
+    assert run.data.metrics["gate.acc_retention"] == pytest.approx(0.8)
+    assert run.data.metrics["gate.ppl_ratio"] == pytest.approx(1.5) and run.data.metrics["after.t.acc_norm"] == 0.6
+    arts = {a.path for a in c.list_artifacts(second["run_id"])} | {
+        a.path for a in c.list_artifacts(second["run_id"], "plots")}
+    assert {"plan.json", "lm_eval_results.json", "plots/scores_per_layer.png", "plots/kept_per_layer.png"} <= arts
+    lm = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=second["run_id"], artifact_path="lm_eval_results.json",
+                                                             tracking_uri=uri)).read_text())
+    assert lm["after"]["results"]["t"]["acc,none"] == 0.4
     # non-uniform: pyfunc rebuilt by load_pruned; greedy output equals the checkpoint's own generate
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     pm = mlflow.pyfunc.load_model(f"models:/tiny-llama-l1/{second['model_version']}")
