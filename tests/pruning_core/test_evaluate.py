@@ -101,6 +101,20 @@ def test_lm_eval_on_saved_tiny_checkpoint(tiny_ckpt):
         assert a["option_nll"] == pytest.approx(b["option_nll"], rel=1e-4)
 
 
+def test_dense_results_cached_once(tiny_ckpt, tmp_path):
+    from pruning_core.evaluate import cached_lm_eval
+
+    path, _, _ = tiny_ckpt
+    first = cached_lm_eval(path, ["pydoc_last_word"], cache_dir=tmp_path, limit=3, batch_size=3)
+    again = cached_lm_eval(path, ["pydoc_last_word"], cache_dir=tmp_path, limit=3, batch_size=3)
+    assert (first["cache"], again["cache"]) == ("miss", "hit")
+    assert again["results"] == first["results"] and again["samples"] == first["samples"]
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    # another task set (or limit) is another entry
+    cached_lm_eval(path, ["pydoc_last_word"], cache_dir=tmp_path, limit=2, batch_size=2)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
 def test_task_names_checked(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="boolq"):
