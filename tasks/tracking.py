@@ -136,19 +136,25 @@ def probe(uri: str, timeout_s: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def using_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (needed by ``log_model``) at ``uri`` for the block, then restore."""
+    """Point MLflow's fluent API (needed by ``log_model``) at ``uri`` for the block, then restore exactly
+    what was there (``set_tracking_uri`` also writes the ``MLFLOW_TRACKING_URI`` env var)."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+
     prev_t = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    prev_r = os.environ.get("MLFLOW_REGISTRY_URI")
+    prev_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    prev_r = getattr(registry_utils, "_registry_uri", None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        if prev_t is not None:
-            mlflow.set_tracking_uri(prev_t)
-        else:
-            mlflow.set_tracking_uri(resolve_tracking_uri())
-        mlflow.set_registry_uri(prev_r or mlflow.get_tracking_uri())
+        mlflow.set_tracking_uri(prev_t)
+        registry_utils._registry_uri = prev_r
+        for k, v in prev_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------- naming

@@ -224,6 +224,34 @@ def test_nonuniform_run_uses_project_loader_and_cached_step_points_at_producer(s
     assert out[0].startswith(short) and len(short.split()) < len(out[0].split())
 
 
+def test_default_store_is_sqlite_in_pruneflow_home_and_sweep_is_tracked(tmp_path, monkeypatch):
+    from tasks.tracking import track_sweep
+
+    monkeypatch.setenv("PRUNEFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    res = track_compress_run({**SPEC, "tracking": {"log_model": False}}, _report(run_dir), run_dir)
+    assert res["status"] == "ok" and res["uri"] == f"sqlite:///{(tmp_path / 'home' / 'mlflow.db').resolve()}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the fluent API's global URI is restored
+    art = tmp_path / "home" / "mlartifacts" / res["run_id"] / "artifacts"
+    assert json.loads((art / "report.json").read_text())["method"] == "l1"
+    assert (art / "plots" / "recovery_loss.png").read_bytes()[:4] == b"\x89PNG"
+    reports = []
+    for method in ("l1", "wanda"):
+        for ratio, ppl in ((0.1, 11.0), (0.3, 14.0)):
+            r = _report(run_dir)
+            r.update(method=method, target_ratio=ratio)
+            r["metrics_after"]["ppl"]["ppl"] = ppl
+            reports.append(r)
+    sw = track_sweep({}, reports, run_dir)
+    assert sw["status"] == "ok"
+    art = tmp_path / "home" / "mlartifacts" / sw["run_id"] / "artifacts"
+    pts = json.loads((art / "sweep.json").read_text())["points"]
+    assert sorted((p["method"], p["ratio"], p["ppl"], p["acc"]) for p in pts)[0] == ("l1", 0.1, 11.0, 0.45)
+    assert (art / "plots" / "sweep.png").stat().st_size > 1000
+
+
 def test_unreachable_server_warns_or_fails_and_keeps_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
