@@ -48,20 +48,25 @@ def plot_kept_per_layer(plan: Mapping[str, Any], path: str | os.PathLike,
                         full: Mapping[str, int] | None = None, title: str | None = None) -> Path:
     """Bar chart of what every layer keeps, from a ``PrunePlan.to_dict()`` (``plan.json``).
 
-    ``full`` gives the unpruned sizes ``{"heads": n_q, "kv_heads": n_kv, "ffn": d_ff}``; without it, a
-    unit list left at ``None`` ("all kept") is drawn at the largest kept count seen. With the full
-    sizes the y axis is the kept fraction, else the kept count. Removed layers are shaded.
+    ``full`` gives the unpruned sizes ``{"heads": n_q, "kv_heads": n_kv, "ffn": d_ff}`` (else
+    ``plan["notes"]["full_sizes"]``); with them the y axis is the kept fraction, without them the kept
+    count (a list left at ``None``, "all kept", is then drawn at the largest index seen + 1, a lower
+    bound). Kinds the plan never restricts and ``full`` does not name are left out. Removed layers are
+    shaded.
     """
     layers = plan.get("layers") if isinstance(plan, Mapping) else None
     if not layers:
         raise DataError("plan.layers", layers, "a plan dict with a non-empty 'layers' list")
-    full = dict(full or plan.get("notes", {}).get("full_sizes", {}) or {})
+    full = {k: int(v) for k, v in dict(full or plan.get("notes", {}).get("full_sizes", {}) or {}).items() if v}
     kinds = [("heads", "query heads"), ("kv_heads", "KV heads"), ("ffn", "FFN channels")]
-    for k, _ in kinds:  # infer a missing full size from the largest explicit list
-        if k not in full:
-            seen = [len(lp[k]) for lp in layers if lp.get(k) is not None]
-            if seen:
-                full[k] = max(seen)
+    used = [k for k, _ in kinds if k in full or any(lp.get(k) is not None for lp in layers)] or ["heads"]
+    as_fraction = all(k in full for k in used)
+    if not as_fraction:  # counts; a layer left at None ("all kept") is drawn at a lower bound of the full size
+        for k in used:
+            if k not in full:
+                seen = [max(lp[k]) + 1 for lp in layers if lp.get(k)]
+                full[k] = max(seen) if seen else 0
+    kinds = [(k, label) for k, label in kinds if k in used]
     fig = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     idx = [int(lp.get("index", i)) for i, lp in enumerate(layers)]
@@ -71,17 +76,17 @@ def plot_kept_per_layer(plan: Mapping[str, Any], path: str | os.PathLike,
         for lp in layers:
             n = full.get(k)
             v = 0.0 if not lp.get("keep", True) else _count(lp.get(k), n)
-            vals.append(v / n if n else v)
-        ax.bar([i + (j - 1) * width for i in idx], vals, width=width, label=label)
+            vals.append(v / n if as_fraction and n else v)
+        ax.bar([i + (j - (len(kinds) - 1) / 2) * width for i in idx], vals, width=width, label=label)
     for lp, i in zip(layers, idx):
         if not lp.get("keep", True):
             ax.axvspan(i - 0.5, i + 0.5, color="0.85", zorder=0)
         if lp.get("replacement"):
-            ax.annotate("R", (i, 1.02 if full else 0), ha="center", fontsize=7)
+            ax.annotate("R", (i, 1.02 if as_fraction else 0), ha="center", fontsize=7)
     kept = sum(1 for lp in layers if lp.get("keep", True))
     ax.set_xlabel(f"layer (kept {kept}/{len(layers)}; grey = removed, R = replacement)")
-    ax.set_ylabel("kept fraction" if full else "kept units")
-    if full:
+    ax.set_ylabel("kept fraction" if as_fraction else "kept units")
+    if as_fraction:
         ax.set_ylim(0, 1.1)
     ax.set_title(title or f"{plan.get('method', '?')}: kept structure per layer")
     ax.legend(fontsize=7, loc="lower right")

@@ -474,7 +474,8 @@ def _plots(report: Mapping[str, Any], arts: Mapping[str, str], tmp: Path) -> lis
     plan_file = _local_copy(plan_ref, tmp) if plan_ref else None
     if plan_file and plan_file.is_file():
         plan = json.loads(plan_file.read_text())
-        attempt(plots.plot_kept_per_layer, plan, tmp / "plots" / "kept_per_layer.png", full=report.get("full_sizes"))
+        attempt(plots.plot_kept_per_layer, plan, tmp / "plots" / "kept_per_layer.png",
+                full=report.get("full_sizes") or _full_sizes(report))
     scores = report.get("scores_summary")
     ref = arts.get("scores") or arts.get("score") or ""
     if not scores and ref.endswith((".json", ".safetensors")):
@@ -492,6 +493,22 @@ def _plots(report: Mapping[str, Any], arts: Mapping[str, str], tmp: Path) -> lis
     if losses:
         attempt(plots.plot_loss_curves, losses, tmp / "plots" / "recovery_loss.png")
     return made
+
+
+def _full_sizes(report: Mapping[str, Any]) -> dict[str, int] | None:
+    """Unpruned head / KV head / FFN sizes from the dense model's config.json (no model load, no conversion)."""
+    spec_model = ((report.get("spec") or {}).get("model") or {}) if isinstance(report.get("spec"), Mapping) else {}
+    ref = str(spec_model.get("ref") or report.get("model") or "")
+    for cand in (Path(ref).expanduser(), pruneflow_home() / "models" / ref):
+        try:
+            cfg = json.loads((cand / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        heads = cfg.get("num_attention_heads")
+        ffn = cfg.get("intermediate_size") or cfg.get("ffn_dim")
+        if heads and ffn:
+            return {"heads": int(heads), "kv_heads": int(cfg.get("num_key_value_heads") or heads), "ffn": int(ffn)}
+    return None
 
 
 # ----------------------------------------------------------------------------------------- the entry

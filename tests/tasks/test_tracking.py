@@ -139,6 +139,13 @@ def test_report_figures_params_and_names(tmp_path):
     assert registered_model_name("/x/y/smollm2-135m/", "SlimGPT") == "smollm2-135m-slimgpt"
     assert TrackingSettings.from_spec({"tracking": "http://h:1"}).uri == "http://h:1"
     assert not TrackingSettings.from_spec({"tracking": {"enabled": False}}).enabled
+    from tasks.tracking import _full_sizes
+
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(
+        {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}))
+    assert _full_sizes({"spec": {"model": {"ref": str(tmp_path / "dense")}}}) == {"heads": 9, "kv_heads": 3, "ffn": 1536}
+    assert _full_sizes({"model": str(tmp_path / "absent")}) is None
 
 
 # ------------------------------------------------------------------------------------ tracking a run
