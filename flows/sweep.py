@@ -120,6 +120,10 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
     man = steps.report_task(ctx=ctx, report=result, run_dir=str(run_dir))
     result["report"] = str(run_dir / "report.json")
     result["report_uri"] = man["uri"]
+    if s.tracking.enabled:  # MLflow: one "sweep" run with the points and the PPL/accuracy-vs-ratio plot
+        from tasks.tracking import track_sweep
+
+        result["tracking"] = track_sweep(s.model_dump(mode="json"), result, str(run_dir))
     return result
 
 
@@ -139,7 +143,8 @@ def _runner(name: str):
         if addr:
             return DaskTaskRunner(address=addr)
         return DaskTaskRunner(cluster_kwargs={"n_workers": int(os.environ.get("PRUNEFLOW_DASK_WORKERS", "2")),
-                                              "threads_per_worker": 1, "processes": True})
+                                              "threads_per_worker": 1, "dashboard_address": None,
+                                              "processes": os.environ.get("PRUNEFLOW_DASK_PROCESSES", "1") != "0"})
     raise ConfigError("--task-runner", name, ", ".join(RUNNERS))
 
 

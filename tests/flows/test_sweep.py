@@ -24,3 +24,17 @@ def test_sweep_three_ratios_computes_capture_and_score_once(prefect_harness, tin
     for o in objs:
         by_step[o.parent.name] = by_step.get(o.parent.name, 0) + 1
     assert by_step["capture"] == 1 and by_step["score"] == 1 and by_step["prune"] == 3
+
+
+def test_sweep_on_a_dask_cluster_reuses_the_cache(prefect_harness, tiny_spec, pf_home, monkeypatch):
+    """Branches submitted to a (local, threaded) Dask cluster through prefect-dask; a rerun with one
+    more ratio computes only the new branch."""
+    monkeypatch.setenv("PRUNEFLOW_DASK_PROCESSES", "0")
+    monkeypatch.setenv("PRUNEFLOW_DASK_WORKERS", "2")
+    first = run_sweep(tiny_spec, ["l2"], [0.2, 0.4], "dask")
+    assert first["step_counts"]["prune"] == {"miss": 2, "hit": 0}
+    second = run_sweep(tiny_spec, ["l2"], [0.2, 0.4, 0.6], "dask")
+    c = second["step_counts"]
+    assert c["capture"] == {"miss": 0, "hit": 1} and c["score"] == {"miss": 0, "hit": 1}
+    assert c["prune"] == {"miss": 1, "hit": 2}
+    assert len(second["rows"]) == 3
