@@ -643,27 +643,43 @@ def _log_step(client: MlflowClient, exp_id: str, name: str, st: Mapping[str, Any
         return child.info.run_id
 
 
-def track_sweep(spec: Mapping[str, Any], reports: list[Mapping[str, Any]], run_dir: str | os.PathLike) -> dict:
-    """One MLflow run for a sweep: a table of points and the PPL / accuracy versus ratio plot."""
+def sweep_points(result: Mapping[str, Any] | list[Mapping[str, Any]]) -> list[dict]:
+    """``[{"method", "ratio", "ppl", "acc", "params_after"}]`` from the sweep flow's result (``rows``) or
+    from a list of run reports."""
+    rows = result.get("rows", []) if isinstance(result, Mapping) else result
+    points = []
+    for r in rows:
+        after = flatten(r.get("metrics_after") or {})
+        ppl = _num(r.get("ppl_after"))
+        points.append({"method": r.get("method"), "ratio": r.get("ratio", r.get("target_ratio")),
+                       "ppl": ppl if ppl is not None else _find(after, "ppl"), "acc": _find(after, "acc"),
+                       "params_after": _num(r.get("params_after"))})
+    return points
+
+
+def track_sweep(spec: Mapping[str, Any], result: Mapping[str, Any] | list[Mapping[str, Any]],
+                run_dir: str | os.PathLike | None = None) -> dict:
+    """One MLflow run for a sweep: params, the points table and the PPL / accuracy versus ratio plot.
+    ``result``: the sweep flow's result dict (``rows``) or a list of run reports."""
     from pruning_core import plots
 
     settings = TrackingSettings.from_spec(spec)
     if not settings.enabled:
         return {"status": "disabled"}
     uri = resolve_tracking_uri(settings.uri)
-    points = []
-    for r in reports:
-        g = gate_figures(r)
-        after = flatten(r.get("metrics_after") or {})
-        points.append({"method": r.get("method"), "ratio": r.get("target_ratio"), "ppl": g.get("ppl_after"),
-                       "acc": _find(after, "acc"), "params_after": g.get("params_after")})
+    points = sweep_points(result)
     try:
         probe(uri, settings.probe_timeout_s)
         client = MlflowClient(tracking_uri=uri)
         exp_id = ensure_experiment(client, settings.experiment, uri)
         with using_uri(uri), tempfile.TemporaryDirectory() as tmpd, \
                 mlflow.start_run(experiment_id=exp_id, run_name="sweep", tags={f"{TAG}kind": "sweep"}) as run:
+            items = list(spec_params(spec).items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
             mlflow.log_dict({"points": points}, "sweep.json")
+            if isinstance(result, Mapping):
+                mlflow.log_dict(dict(result), "sweep_report.json")
             for i, p in enumerate(sorted(points, key=lambda p: (str(p["method"]), p["ratio"] or 0))):
                 mlflow.log_metrics({k: p[k] for k in ("ppl", "acc", "ratio") if _num(p.get(k)) is not None}, step=i)
             try:

@@ -257,6 +257,12 @@ def test_default_store_is_sqlite_in_pruneflow_home_and_sweep_is_tracked(tmp_path
     pts = json.loads((art / "sweep.json").read_text())["points"]
     assert sorted((p["method"], p["ratio"], p["ppl"], p["acc"]) for p in pts)[0] == ("l1", 0.1, 11.0, 0.45)
     assert (art / "plots" / "sweep.png").stat().st_size > 1000
+    # the sweep flow's own result shape (rows) reads the same
+    from tasks.tracking import sweep_points
+
+    rows = {"rows": [{"method": "l1", "ratio": 0.1, "ppl_after": 11.0, "params_after": 900,
+                      "metrics_after": {"ppl": 11.0, "t.acc,none": 0.4, "t.acc_stderr,none": 0.1}}]}
+    assert sweep_points(rows) == [{"method": "l1", "ratio": 0.1, "ppl": 11.0, "acc": 0.4, "params_after": 900.0}]
 
 
 def test_unreachable_server_warns_or_fails_and_keeps_outputs(tmp_path, monkeypatch):
