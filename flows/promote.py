@@ -22,6 +22,7 @@ promotions racing end with the alias on the better model.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -295,7 +296,10 @@ def promote_candidate(model: str, version: str | None = None, gate: Gate | Mappi
 def promote_flow(model: str, version: str | None = None, gate: dict | None = None,
                  tracking_uri: str | None = None) -> dict:
     """Prefect flow: ``model`` is a registered model name or a run folder (its ``tracking.json``)."""
-    logger = get_run_logger()
+    try:
+        logger = get_run_logger()
+    except Exception:  # called as promote_flow.fn(...) outside a flow run
+        logger = logging.getLogger("pruneflow.promote")
     res = promote_candidate(model, version, gate, tracking_uri)
     logger.info("%s v%s: gate %s; champion v%s (%s)", res["model"], res["version"],
                 "passed" if res["passed"] else "FAILED", res["champion"], res["reason"])

@@ -488,8 +488,14 @@ def _plots(report: Mapping[str, Any], arts: Mapping[str, str], tmp: Path) -> lis
             scores = {k: v.float().flatten() for k, v in load_file(str(f)).items() if re.fullmatch(r"\w+\.\d+", k)}
     if isinstance(scores, Mapping) and scores:
         attempt(plots.plot_scores_per_layer, scores, tmp / "plots" / "scores_per_layer.png")
-    rec = report.get("recovery") or (report.get("steps") or {}).get("recover") or {}
-    losses = rec.get("losses") or rec.get("loss_curve") if isinstance(rec, Mapping) else None
+    losses = None
+    for c in (report.get("recovery_info"), report.get("recovery"), (report.get("steps") or {}).get("recover"),
+              report):
+        if isinstance(c, Mapping) and isinstance(c.get("recovery"), Mapping):
+            c = c["recovery"]
+        if isinstance(c, Mapping) and (c.get("loss_curve") or c.get("losses")):
+            losses = c.get("loss_curve") or c.get("losses")
+            break
     if losses:
         attempt(plots.plot_loss_curves, losses, tmp / "plots" / "recovery_loss.png")
     return made
@@ -587,8 +593,14 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
                 if lm:
                     mlflow.log_dict(lm, "lm_eval_results.json")
             if settings.plots:
-                for p in _plots(report, arts, tmp):
+                made = _plots(report, arts, tmp)
+                for p in made:
                     mlflow.log_artifact(str(p), artifact_path="plots")
+                for p in sorted((run_dir / "plots").glob("*.png")):  # the human report's own plots
+                    if p.name not in {m.name for m in made}:
+                        mlflow.log_artifact(str(p), artifact_path="plots")
+            if (run_dir / "report.md").is_file():
+                mlflow.log_artifact(str(run_dir / "report.md"))
             for name, st in steps.items():
                 result["child_runs"][name] = _log_step(client, exp_id, name, st)
             ckpt = arts.get("checkpoint")

@@ -210,3 +210,17 @@ def test_cli_promote_both_outcomes_and_rollback(uri, m, tmp_path, monkeypatch):
     assert back.exit_code == 0 and f"v{v2} -> v{v1}" in back.output and _alias(c, m, CHAMPION) == v1
     err = runner.invoke(app, ["promote", m, "--max-ppl-ratio", "lots", "--tracking-uri", uri])
     assert err.exit_code == 2 and "--max-ppl-ratio" in err.output
+
+
+def test_promote_flow_body_takes_a_run_folder(uri, m, tmp_path):
+    from flows.promote import promote_flow
+
+    c = MlflowClient(uri, uri)
+    v1 = _version(c, m, _report(12.0, 0.5, 0.2))
+    (tmp_path / "tracking.json").write_text(json.dumps({"status": "ok", "model_name": m, "model_version": v1,
+                                                        "uri": uri}))
+    res = promote_flow.fn(model=str(tmp_path), gate=GATE)  # the flow's body, without a Prefect server
+    assert res["model"] == m and res["version"] == v1 and res["promoted"]
+    (tmp_path / "tracking.json").write_text(json.dumps({"status": "failed: ConnectionError"}))
+    with pytest.raises(ConfigError, match="registered"):
+        promote_flow.fn(model=str(tmp_path), gate=GATE)
