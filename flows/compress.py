@@ -99,11 +99,11 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     ckpt = sl("prune", steps.prune_task, model=model, method=method, settings=settings, ratio=ratio,
               scores=scores, calib=calib if coupled else None)
     r = spec.recovery
-    if r.kind != "none":
+    if r.kind == "lora":
         ckpt = sl("recover", steps.recover_task, checkpoint=ckpt, kind=r.kind, settings=r.settings,
                   model_revision=model["sha256"], train_source=spec.calibration.source,
                   seq_len=spec.calibration.seq_len, calib=calib)
-    else:
+    else:  # none, or replacement: trained inside the method's own prune step (LLM-Streamline)
         sl.skip("recover")
     after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
                model_revision=model["sha256"], label="pruned")

@@ -115,6 +115,24 @@ class RunSpec(_Strict):
                 raise ConfigError("schedule", self.schedule, f"no schedule (method {m.name!r} has none)")
             raw["schedule"] = self.schedule
         self.method.settings = m.parse_settings(raw).model_dump(mode="json")
+        sched = self.method.settings.get("schedule")
+        if isinstance(sched, str):
+            from pruning_core.select import SCHEDULES
+
+            if sched not in SCHEDULES:
+                field = "schedule" if self.schedule is not None else "method.settings.schedule"
+                raise ConfigError(field, sched, ", ".join(sorted(SCHEDULES)))
+        if self.recovery.kind == "lora":
+            from pruning_core.recover import parse_settings
+
+            self.recovery.settings = parse_settings(self.recovery.settings).model_dump(mode="json")
+        elif self.recovery.kind == "replacement":
+            if "replacement" not in m.settings.model_fields:
+                raise ConfigError("recovery.kind", "replacement",
+                                  f"none or lora for {m.name!r} (replacement layers are trained by llm-streamline)")
+            if self.recovery.settings:
+                raise ConfigError("recovery.settings", self.recovery.settings,
+                                  "{} for replacement (set it in method.settings)")
         return self
 
     def run_name(self) -> str:

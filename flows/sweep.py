@@ -83,7 +83,7 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
             ck = steps.prune_task.submit(ctx=ctx, model=model, method=method, settings=settings, ratio=r,
                                          scores=scores_f, calib=calib if meth.coupled else None)
             branches.append(("prune", method, r, ck))
-            if s.recovery.kind != "none":
+            if s.recovery.kind == "lora":
                 ck = steps.recover_task.submit(ctx=ctx, checkpoint=ck, kind=s.recovery.kind,
                                                settings=s.recovery.settings, model_revision=model["sha256"],
                                                train_source=s.calibration.source, seq_len=s.calibration.seq_len,

@@ -344,11 +344,10 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         store = open_store(ctx.get("store"))
         src = store.local_path(checkpoint)
         m, tok = load_pruned(src, device=_device(ctx))
-        fn = getattr(rec, "lora_recover" if kind == "lora" else "replacement_recover", None)
-        if fn is None:
-            raise ConfigError("recovery.kind", kind, "a recovery that pruning_core.recover provides")
+        if kind != "lora":
+            raise ConfigError("recovery.kind", kind, "lora (the only recovery run as its own step)")
         train_ids = tokenize_text(tok, load_text(train_source, "train"))
-        m, info = fn(m, tok, train_ids, settings)
+        m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
         with tempfile.TemporaryDirectory() as d:
             path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
@@ -425,7 +424,7 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
         if settings.get("efficiency") and importlib.util.find_spec("pruning_core.efficiency") is not None:
             from pruning_core import efficiency
 
-            eff = efficiency.measure(m, tok)
+            eff = efficiency.measure(m, tok, device=dev)
             for k, v in (eff or {}).items():
                 if isinstance(v, (int, float)):
                     metrics[f"eff.{k}"] = v

@@ -82,3 +82,14 @@ def test_compress_on_s3_store(prefect_harness, tiny_spec, s3_env):
            "dir": True, "kind": "checkpoint", "name": "checkpoint"}
     model, tok = load_pruned(st.local_path(man))
     assert sum(p.numel() for p in model.parameters()) == first["params_after"]
+
+
+def test_lora_recovery_is_its_own_cached_step(prefect_harness, tiny_spec, pf_home):
+    spec = {**tiny_spec, "name": "tiny-lora",
+            "recovery": {"kind": "lora", "settings": {"steps": 2, "batch_size": 2, "seq_len": 32, "rank": 2}}}
+    first = compress(spec=spec)
+    assert first["cache"]["recover"] == "miss"
+    assert first["artifacts"]["recover"] != first["artifacts"]["prune"]  # new weights, new object
+    assert first["params_after"] < first["params_before"]
+    second = compress(spec=spec)
+    assert second["cache"]["recover"] == "hit" and second["cache"]["evaluate"] == "hit"
