@@ -113,7 +113,7 @@ def _abs(ref: str) -> str:
     return ref if ref in EMBEDDED else str(Path(os.path.expanduser(ref)).resolve())
 
 
-define_step("load", _load_keyparts, lambda p: code_version("pruning_core.models", _load_keyparts))
+define_step("load", _load_keyparts, lambda p: code_version("pruning_core.models", _load_keyparts, load_model_task.fn))
 
 
 def model_valid(man: dict) -> bool:
@@ -167,7 +167,7 @@ def _calib_keyparts(p):
     return s, [p["model"]], p["model"]["sha256"]
 
 
-define_step("calibration", _calib_keyparts, lambda p: code_version("pruning_core.data", _calib_keyparts))
+define_step("calibration", _calib_keyparts, lambda p: code_version("pruning_core.data", _calib_keyparts, calibration_task.fn))
 
 
 @_task("calibration")
@@ -199,7 +199,7 @@ def _capture_keyparts(p):
     return {"requests": sorted(p["requests"]), "batch_size": p["batch_size"]}, [p["model"], p["calib"]], p["model"]["sha256"]
 
 
-define_step("capture", _capture_keyparts, lambda p: code_version("pruning_core.capture", _capture_keyparts))
+define_step("capture", _capture_keyparts, lambda p: code_version("pruning_core.capture", _capture_keyparts, capture_task.fn))
 
 
 @_task("capture", gpu=True)
@@ -240,7 +240,8 @@ def _score_keyparts(p):
 
 
 define_step("score", _score_keyparts,
-            lambda p: code_version(_score_module(p["method"]), "pruning_core.methods.base", _score_keyparts))
+            lambda p: code_version(_score_module(p["method"]), "pruning_core.methods.base", _score_keyparts,
+                                   score_task.fn))
 
 
 @_task("score", gpu=True)
@@ -270,7 +271,7 @@ def _prune_keyparts(p):
 
 define_step("prune", _prune_keyparts,
             lambda p: code_version(_score_module(p["method"]), "pruning_core.surgery", "pruning_core.select",
-                                   "pruning_core.checkpoint", _prune_keyparts))
+                                   "pruning_core.checkpoint", _prune_keyparts, prune_task.fn))
 
 
 @_task("prune", gpu=True)
@@ -324,7 +325,7 @@ def _recover_keyparts(p):
 
 define_step("recover", _recover_keyparts,
             lambda p: code_version("pruning_core.recover" if importlib.util.find_spec("pruning_core.recover") else
-                                   "pruning_core.checkpoint", _recover_keyparts))
+                                   "pruning_core.checkpoint", _recover_keyparts, recover_task.fn))
 
 
 @_task("recover", gpu=True)
@@ -375,7 +376,7 @@ def _eval_keyparts(p):
 
 
 def _eval_code(p):
-    mods = ["pruning_core.metrics", _eval_keyparts]
+    mods = ["pruning_core.metrics", _eval_keyparts, evaluate_task.fn]
     for name in ("pruning_core.evaluate", "pruning_core.efficiency"):
         if importlib.util.find_spec(name) is not None:
             mods.append(name)
