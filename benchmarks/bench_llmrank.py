@@ -41,6 +41,21 @@ CONFIGS = [  # (label, method, settings)
     ("llm-rank γ=0.5 chained", "llm-rank", {"gamma": 0.5, "pipeline": "chained"}),
     ("llm-rank γ=0.9 isolated", "llm-rank", {"gamma": 0.9, "pipeline": "isolated"}),
     ("llm-rank γ=0.9 chained", "llm-rank", {"gamma": 0.9, "pipeline": "chained"}),
+    (
+        "llm-rank γ=0.5 isolated, node=down_in",
+        "llm-rank",
+        {"gamma": 0.5, "pipeline": "isolated", "node": "down_in"},
+    ),
+    (
+        "llm-rank γ=0.5 chained, node=down_in",
+        "llm-rank",
+        {"gamma": 0.5, "pipeline": "chained", "node": "down_in"},
+    ),
+    (
+        "llm-rank γ=0.9 isolated, node=down_in",
+        "llm-rank",
+        {"gamma": 0.9, "pipeline": "isolated", "node": "down_in"},
+    ),
     ("mpr chained", "mpr", {"pipeline": "chained"}),
     ("random", "random", {"targets": ["ffn"]}),
     ("l1", "l1", {"targets": ["ffn"]}),
@@ -70,6 +85,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lm-eval-limit", type=int, default=0, help="samples per offline lm-eval task (0: skip)")
     ap.add_argument("--lm-eval-ratio", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--only", nargs="+", default=None, help="run only the methods whose label contains one of these"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -108,7 +126,8 @@ def main(argv=None) -> None:
     params: dict[float, int] = {}
     ppl: dict[str, dict[float, float]] = {}
     plans = {}
-    for label, name, raw in CONFIGS:
+    configs = [c for c in CONFIGS if args.only is None or any(o in c[0] for o in args.only)]
+    for label, name, raw in configs:
         m = get_method(name)
         st = m.parse_settings(raw)
         t = time.perf_counter()
@@ -140,7 +159,7 @@ def main(argv=None) -> None:
         )
 
     # physically smaller and reloads: save -> load -> identical logits
-    label = "llm-rank γ=0.9 chained"
+    label = "llm-rank γ=0.9 chained" if (args.only is None) else configs[-1][0]
     r = 0.3 if 0.3 in args.ratios else args.ratios[-1]
     pruned = apply_plan(copy.deepcopy(model), plans[(label, r)])
     x = ev[:64].view(1, -1)
@@ -171,7 +190,7 @@ def main(argv=None) -> None:
             + " | ".join(f"{dense[t].get('acc', float('nan')):.3f}" for t in tasks)
             + " | 100.0 |"
         )
-        for label, _name, _raw in CONFIGS:
+        for label, _name, _raw in configs:
             if (label, r) not in plans:
                 continue
             pruned = apply_plan(copy.deepcopy(model), plans[(label, r)])
