@@ -197,6 +197,81 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
+
+
+def diagnose(argv=None) -> None:
+    """Why SlimGPT does or does not beat FLAP: per-layer FFN (down_proj) reconstruction error on
+    *held-out* tokens, on the dense model's activations (no propagation), for OBS refit vs FLAP's
+    zero + bias, by calibration size and dampening. Run: bench_slimgpt.py diagnose [--layers ...]"""
+    from pruning_core import obs
+    from pruning_core.methods.flap import channel_metric, flap_bias
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--calib", default="8x128,32x128")
+    ap.add_argument("--heldout", default="8x128")
+    ap.add_argument("--layers", default="0,6,12,18,24,29")
+    ap.add_argument("--damps", default="0.01,0.1")
+    a = ap.parse_args(argv)
+    model, tok = load_model(a.model, device="cpu")
+    adapter = adapter_for(model)
+    layers = [int(x) for x in a.layers.split(",")]
+
+    def stats(spec, split, seed):
+        n, t = (int(x) for x in spec.split("x"))
+        ids = calibration_set(tok, n_samples=n, seq_len=t, seed=seed, split=split)
+        return capture_stats(model, adapter, ids, requests={"mlp_gram"})
+
+    held = stats(a.heldout, "eval", 1)
+    cal = {c: stats(c, "train", 0) for c in a.calib.split(",")}
+    rows = []
+    for i in layers:
+        W = adapter.proj(adapter.layers(model)[i], adapter.mlp_out).weight.detach().double()
+        Gh, sh, nh = held[f"layer.{i}.mlp_gram"].double(), held[f"layer.{i}.mlp_in_sum"].double(), float(held["tokens"])
+        base = float((W @ Gh * W).sum())
+        T = int(round(W.shape[1] * a.ratio))
+
+        def held_err(W_new, b=None, W=W, Gh=Gh, sh=sh, nh=nh, base=base):
+            D = W - W_new
+            e = float((D @ Gh * D).sum())
+            if b is not None:
+                e += -2 * float(b @ (D @ sh)) + nh * float(b @ b)
+            return e / base
+
+        for c, st in cal.items():
+            G, s, n = st[f"layer.{i}.mlp_gram"].double(), st[f"layer.{i}.mlp_in_sum"].double(), float(st["tokens"])
+            mean = s / n
+            var = (st[f"layer.{i}.mlp_in_sq"].double() - n * mean * mean) / (n - 1)
+            S_flap = torch.argsort(channel_metric("wifv", W, mean, var, None), stable=True)[:T]
+            Wf = W.clone()
+            Wf[:, S_flap] = 0
+            res = {"layer": i, "calib": c, "FLAP zero+bias": held_err(Wf, flap_bias(W, mean, S_flap)),
+                   "FLAP mask, OBS refit": None}
+            for d in [float(x) for x in a.damps.split(",")]:
+                H, _ = obs.prepare_hessian(2 * G / n, None, d)
+                Wo = W.clone()
+                gone = torch.tensor(obs.prune_columns_batched(Wo, H.clone(), T, obs.dgs_group_sizes(T)))
+                res[f"OBS refit d={d}"] = held_err(Wo)
+                res[f"OBS refit+bias d={d}"] = held_err(Wo, (W - Wo) @ mean)
+                if d == 0.01:
+                    Wz = W.clone()
+                    Wz[:, gone] = 0
+                    res["OBS mask, zero"] = held_err(Wz)
+                    Wr = W.clone()
+                    obs.obs_prune(Wr, H.clone(), S_flap)
+                    res["FLAP mask, OBS refit"] = held_err(Wr)
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+    keys = [k for k in rows[0] if k not in ("layer", "calib")]
+    print("\n| layer | calib | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2))
+    for r in rows:
+        print(f"| {r['layer']} | {r['calib']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    if sys.argv[1:2] == ["diagnose"]:
+        diagnose(sys.argv[2:])
+    else:
+        main()
