@@ -324,7 +324,7 @@ def test_real_mlflow_server_with_s3_artifacts_on_moto(tmp_path, monkeypatch):
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
            "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "true"}
+           "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes
     env.pop("MLFLOW_TRACKING_URI", None)
     logs = tmp_path / "logs"
     logs.mkdir()
