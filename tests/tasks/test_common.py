@@ -40,3 +40,16 @@ def test_task_keys_ignore_device(tiny_llama_dir):
     k_gpu = STEPS["calibration"].key({**p, "ctx": {"device": "cuda", "store": "/b"}})
     assert k_cpu == k_gpu
     assert k_cpu != STEPS["calibration"].key({**p, "seed": 1, "ctx": {}})
+
+
+def test_prefect_retry_condition_on_failed_states():
+    from types import SimpleNamespace
+
+    from prefect.states import Failed
+
+    from tasks.common import retry_condition
+
+    task = SimpleNamespace(name="capture")
+    assert retry_condition(task, None, Failed(data=ConnectionResetError("peer reset")))
+    assert not retry_condition(task, None, Failed(data=torch.OutOfMemoryError("CUDA out of memory")))
+    assert not retry_condition(task, None, Failed(data=RuntimeError("shape mismatch")))
