@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,13 +24,13 @@ torch.set_num_threads(2)
 n_layers, mode = int(sys.argv[1]), sys.argv[2]
 m = tiny_model("llama", n_layers=n_layers, hidden_size=256, intermediate_size=1024, num_attention_heads=8,
                num_key_value_heads=4, vocab_size=512)
-ids = torch.randint(0, 512, (16, 256), generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 512, (32, 512), generator=torch.Generator().manual_seed(0))
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 base = rss()
 weights = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
 if mode == "stream":
-    capture_stats(m, adapter_for(m), ids, requests={"attn_gram", "mlp_gram"}, batch_size=8)
+    capture_stats(m, adapter_for(m), ids, requests={"norms"}, batch_size=8)
 else:  # whole-model forward keeping every layer's input (what a naive hook capture holds)
     keep = []
     hs = [l.register_forward_pre_hook(lambda mod, a, kw: keep.append(a[0] if a else kw["hidden_states"]), with_kwargs=True)
@@ -46,7 +47,11 @@ def memory_table() -> str:
     for n in (8, 16, 32):
         r = {}
         for mode in ("stream", "whole"):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(n), mode], capture_output=True, text=True, check=True)
+            # fixed mmap threshold: freed large blocks go back to the OS, so peak RSS measures live memory
+            # rather than glibc heap fragmentation
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+            out = subprocess.run([sys.executable, "-c", CHILD, str(n), mode], capture_output=True, text=True,
+                                 check=True, env=env)
             r[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(f"| {n} | {r['stream']['weights_mb']:.0f} | {r['stream']['peak_over_base_mb']:.0f} | "
                     f"{r['whole']['peak_over_base_mb']:.0f} |")
@@ -82,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-real", action="store_true")
     args = ap.parse_args()
-    print("## Capture: peak memory vs depth (tiny Llama, hidden 256, FFN 1024, 16 x 256 tokens)\n")
+    print("## Capture: peak memory vs depth (tiny Llama, hidden 256, FFN 1024, 32 x 512 tokens, norm statistics)\n")
     print(memory_table())
     if not args.skip_real:
         print("\n## Capture time on smollm2-135m\n")
