@@ -207,8 +207,9 @@ def promote_version(name: str, version: str | int | None = None, gate: Gate | Ma
     if not passed:
         client.set_model_version_tag(name, version, T_DECISION, "gate failed")
         result.update(champion=_alias(client, name, CHAMPION), promoted=False,
-                      reason="gate failed: " + ", ".join(f"{k} {c['value']} not {c['rule']} {c['limit']}"
-                                                         for k, c in checks.items() if not c["ok"]))
+                      reason="gate failed: " + ", ".join(
+                          f"{k} {'missing' if c['value'] is None else format(c['value'], '.4g')} not {c['rule']} "
+                          f"{c['limit']}" for k, c in checks.items() if not c["ok"]))
         return result
     # elect until the alias and the election agree (concurrent promotions converge on the best)
     for _ in range(max_rounds):
