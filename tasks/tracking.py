@@ -605,17 +605,46 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
                 result["child_runs"][name] = _log_step(client, exp_id, name, st)
             ckpt = arts.get("checkpoint")
             if settings.log_model and ckpt:
-                ckpt_local = _local_copy(ckpt, tmp)
-                if ckpt_local is None or not (ckpt_local / "config.json").exists():
-                    raise StorageError("artifacts.checkpoint", ckpt, "a checkpoint folder with config.json")
                 name = settings.registered_model or registered_model_name(model, method)
-                info = log_checkpoint_model(ckpt_local, name, settings.max_new_tokens)
-                result.update(model_name=name, model_uri=info.model_uri,
-                              model_version=str(info.registered_model_version))
-                mlflow.set_tag(f"{TAG}registered_model", f"{name}/{info.registered_model_version}")
-                tag_model_version(client, name, str(info.registered_model_version), report, parent.info.run_id)
+                key = checkpoint_key(report)
+                known = _registered_version(client, name, key) if key else None
+                if known is not None:  # the same checkpoint bytes are registered already: point at them
+                    result.update(model_name=name, model_uri=f"models:/{name}/{known.version}",
+                                  model_version=str(known.version), model_reused=True)
+                    mlflow.set_tags({f"{TAG}registered_model": f"{name}/{known.version}",
+                                     f"{TAG}model_producer_run_id": str(known.tags.get(f"{TAG}run_id", ""))})
+                else:
+                    ckpt_local = _local_copy(ckpt, tmp)
+                    if ckpt_local is None or not (ckpt_local / "config.json").exists():
+                        raise StorageError("artifacts.checkpoint", ckpt, "a checkpoint folder with config.json")
+                    info = log_checkpoint_model(ckpt_local, name, settings.max_new_tokens)
+                    version = str(info.registered_model_version)
+                    result.update(model_name=name, model_uri=info.model_uri, model_version=version)
+                    mlflow.set_tag(f"{TAG}registered_model", f"{name}/{version}")
+                    tag_model_version(client, name, version, report, parent.info.run_id)
+                    if key:
+                        client.set_model_version_tag(name, version, f"{TAG}checkpoint_key", key)
     log.info("MLflow run %s (%s) logged to %s", result.get("run_id"), run_name, uri)
     return result
+
+
+def checkpoint_key(report: Mapping[str, Any]) -> str | None:
+    """The checkpoint's content digest when the report has one (a manifest's sha256, or the sha256 in a
+    content-addressed store URI); None for a plain folder, which is then always logged anew."""
+    ref = (report.get("artifacts") or {}).get("checkpoint")
+    if isinstance(ref, Mapping) and ref.get("sha256") and len(str(ref["sha256"])) >= 32:
+        return str(ref["sha256"])
+    m = re.search(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])", str(_artifact_path(ref) or ""))
+    return m.group(0) if m else None
+
+
+def _registered_version(client: MlflowClient, name: str, key: str):
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    same = [mv for mv in versions if mv.tags.get(f"{TAG}checkpoint_key") == key]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
 
 
 def version_tags(report: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:

@@ -99,7 +99,8 @@ def _pipeline_report(run_dir: Path, score_uri: str, cache_score: str) -> dict:
         "metrics_after": {"ppl": 15.0, "ppl_protocol": "fixed_window_256", "t.acc,none": 0.4, "t.acc_norm,none": 0.6},
         "retention": {"ppl": 1.5, "t.acc,none": 0.8},
         "timings": {"load": 0.1, "score": 0.5}, "cache": {"load": "miss", "score": cache_score},
-        "artifacts": {"score": score_uri, "checkpoint": "/nonexistent/store/object", "checkpoint_local": str(link),
+        "artifacts": {"score": score_uri, "checkpoint": f"/store/objects/ab/{'ab' * 32}",  # content-addressed
+                      "checkpoint_local": str(link),
                       "run_dir": str(run_dir)},
         "versions": {"code_revision": "abc123"},
     }
@@ -209,6 +210,9 @@ def test_nonuniform_run_uses_project_loader_and_cached_step_points_at_producer(s
     assert hit.data.tags["pruneflow.producer_run_id"] == first["child_runs"]["score"]
     assert c.get_run(second["run_id"]).data.tags["pruneflow.cache.score"] == "hit"
     assert "pruneflow.producer_run_id" not in c.get_run(first["child_runs"]["score"]).data.tags
+    # the same checkpoint bytes (same content-addressed URI) are registered once; the rerun points at them
+    assert second["model_version"] == first["model_version"] and second.get("model_reused")
+    assert c.get_run(second["run_id"]).data.tags["pruneflow.model_producer_run_id"] == first["run_id"]
     run = c.get_run(second["run_id"])
     assert run.data.metrics["gate.acc_retention"] == pytest.approx(0.8)
     assert run.data.metrics["gate.ppl_ratio"] == pytest.approx(1.5) and run.data.metrics["after.t.acc_norm"] == 0.6
