@@ -19,7 +19,9 @@ Called once at the end of the compress flow, after the checkpoint and ``report.j
   in the config) a pyfunc :class:`PrunedCheckpointModel` that rebuilds them with
   ``pruning_core.checkpoint.load_pruned``. Both generate text from ``predict(["prompt", ...])``.
   Gate figures (``ppl_ratio``, ``acc_retention``, ``param_reduction``...) are set as version tags
-  ``pruneflow.<name>``, read by ``flows.promote``.
+  ``pruneflow.<name>``, read by ``flows.promote``. A checkpoint whose content digest (the sha256 in its
+  store URI) is already registered is not logged again: the run points at that version.
+- **Sweeps**: :func:`track_sweep` logs one run with the points and the PPL / accuracy-versus-ratio plot.
 - **Unreachable server**: ``tracking.on_failure: warn`` (default) logs a warning and returns
   ``status: "failed: ..."`` (the checkpoint and report are already on disk); ``fail`` raises
   :class:`~pruning_core.errors.StorageError`. The outcome is also written to ``<run_dir>/tracking.json``.
