@@ -77,6 +77,12 @@ def prepare(spec: RunSpec, sl: StepLog) -> tuple[dict, dict]:
     return model, calib
 
 
+def capture_requests(meth) -> list[str]:
+    """What capture collects for `meth`: the cheap norm vectors always (so methods that differ only
+    there share one capture), plus whatever the method asks for (Gram matrices, cosines)."""
+    return sorted(set(meth.needs) | {"norms"})
+
+
 def score_once(spec: RunSpec, sl: StepLog, model: dict, calib: dict, method: str, settings: dict) -> dict | None:
     """capture + score (skipped for coupled methods, which consume the calibration set in prune)."""
     from pruning_core.methods import get_method
@@ -86,7 +92,7 @@ def score_once(spec: RunSpec, sl: StepLog, model: dict, calib: dict, method: str
         sl.skip("capture")
         sl.skip("score")
         return None
-    stats = sl("capture", steps.capture_task, model=model, calib=calib, requests=sorted(meth.needs),
+    stats = sl("capture", steps.capture_task, model=model, calib=calib, requests=capture_requests(meth),
                batch_size=spec.calibration.batch_size)
     return sl("score", steps.score_task, model=model, stats=stats, method=method, settings=settings)
 

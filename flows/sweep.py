@@ -23,7 +23,7 @@ from pruning_core.errors import ConfigError
 from tasks import steps
 from tasks.store import open_store, pruneflow_home
 
-from .compress import STEP_ORDER, StepLog, ctx_for, eval_settings, prepare, versions
+from .compress import STEP_ORDER, StepLog, capture_requests, ctx_for, eval_settings, prepare, versions
 from .spec import RunSpec, validate
 
 RUNNERS = ("sequential", "threads", "dask")
@@ -74,7 +74,7 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
         meth = get_method(method)
         scores_f = None
         if not meth.coupled:
-            stats_f = steps.capture_task.submit(ctx=ctx, model=model, calib=calib, requests=sorted(meth.needs),
+            stats_f = steps.capture_task.submit(ctx=ctx, model=model, calib=calib, requests=capture_requests(meth),
                                                 batch_size=s.calibration.batch_size)
             scores_f = steps.score_task.submit(ctx=ctx, model=model, stats=stats_f, method=method, settings=settings)
             branches.append(("capture", None, None, stats_f))

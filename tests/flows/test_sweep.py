@@ -33,8 +33,10 @@ def test_sweep_on_a_dask_cluster_reuses_the_cache(prefect_harness, tiny_spec, pf
     monkeypatch.setenv("PRUNEFLOW_DASK_WORKERS", "2")
     first = run_sweep(tiny_spec, ["l2"], [0.2, 0.4], "dask")
     assert first["step_counts"]["prune"] == {"miss": 2, "hit": 0}
-    second = run_sweep(tiny_spec, ["l2"], [0.2, 0.4, 0.6], "dask")
+    # one more ratio and one more method: l2's branches and the shared capture come from cache
+    second = run_sweep(tiny_spec, ["l2", "wanda"], [0.2, 0.4, 0.6], "dask")
     c = second["step_counts"]
-    assert c["capture"] == {"miss": 0, "hit": 1} and c["score"] == {"miss": 0, "hit": 1}
-    assert c["prune"] == {"miss": 1, "hit": 2}
-    assert len(second["rows"]) == 3
+    assert c["capture"] == {"miss": 0, "hit": 2}  # wanda and l2 need the same statistics
+    assert c["score"] == {"miss": 1, "hit": 1}
+    assert c["prune"] == {"miss": 4, "hit": 2}
+    assert len(second["rows"]) == 6
