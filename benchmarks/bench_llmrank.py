@@ -30,7 +30,7 @@ from pruning_core.capture import capture_stats  # noqa: E402
 from pruning_core.checkpoint import load_pruned, save_pruned  # noqa: E402
 from pruning_core.data import calibration_set, eval_tokens  # noqa: E402
 from pruning_core.methods import get_method  # noqa: E402
-from pruning_core.metrics import perplexity  # noqa: E402
+from pruning_core.metrics import flops_per_token, perplexity  # noqa: E402
 from pruning_core.models import load_model  # noqa: E402
 from pruning_core.surgery import apply_plan, count_params  # noqa: E402
 
@@ -107,6 +107,7 @@ def main(argv=None) -> None:
     dense_ppl = perplexity(model, ev, seq_len=256, max_windows=args.windows)
     dense_params = count_params(model)
     speed = {0.0: tokens_per_s(model)}
+    flops = {0.0: flops_per_token(model)}
     say(f"## LLM-Rank on {args.model}: FFN channels removed in every layer\n")
     say(
         f"Calibration: {n} x {seq} tokens of the pydoc train split; PPL protocol {dense_ppl['protocol']}, "
@@ -141,6 +142,7 @@ def main(argv=None) -> None:
             ppl[label][r] = perplexity(pruned, ev, seq_len=256, max_windows=args.windows)["ppl"]
             if r not in speed:
                 speed[r] = tokens_per_s(pruned)
+                flops[r] = flops_per_token(pruned)
             plans[(label, r)] = plan
             del pruned
         ret = sum(dense_ppl["ppl"] / ppl[label][r] for r in args.ratios) / len(args.ratios)
@@ -150,12 +152,13 @@ def main(argv=None) -> None:
             + f" | {100 * ret:.1f} |"
         )
 
-    say("\n| ratio | params (M) | removed of all params (%) | forward tokens/s (1 x 256) |")
-    say("|---|---|---|---|")
-    say(f"| dense | {dense_params / 1e6:.2f} | 0.0 | {speed[0.0]:.0f} |")
+    say("\n| ratio | params (M) | removed of all params (%) | GFLOPs / token | forward tokens/s (1 x 256) |")
+    say("|---|---|---|---|---|")
+    say(f"| dense | {dense_params / 1e6:.2f} | 0.0 | {flops[0.0] / 1e9:.3f} | {speed[0.0]:.0f} |")
     for r in args.ratios:
         say(
-            f"| {int(r * 100)} % | {params[r] / 1e6:.2f} | {100 * (1 - params[r] / dense_params):.1f} | {speed[r]:.0f} |"
+            f"| {int(r * 100)} % | {params[r] / 1e6:.2f} | {100 * (1 - params[r] / dense_params):.1f} | "
+            f"{flops[r] / 1e9:.3f} | {speed[r]:.0f} |"
         )
 
     # physically smaller and reloads: save -> load -> identical logits
