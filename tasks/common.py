@@ -24,12 +24,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pruning_core.errors import PruneflowError, StorageError
 
-from .store import ArtifactCorrupt, ArtifactMissing, TransientStorageError, _is_transient, open_store
+from .store import TransientStorageError, _is_transient, open_store
 
 log = logging.getLogger("pruneflow.tasks")
 
@@ -174,14 +173,6 @@ def run_step(step: str, params: dict, compute: Callable[[], dict]) -> dict:
     man.pop("seconds", None)
     store.record(step, key, man)
     return {**man, "hit": False, "seconds": time.perf_counter() - t0}
-
-
-def verified(store, man: dict) -> Path:
-    """Local path of an input artifact, verified; a torn input is a storage error, never used."""
-    try:
-        return store.local_path(man)
-    except (ArtifactMissing, ArtifactCorrupt):
-        raise
 
 
 # -- loaded models (one process may run several steps on the same model) ----------------------------

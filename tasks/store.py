@@ -284,10 +284,12 @@ class ArtifactStore:
         key = (self.url, sha)
         if not self.committed(sha):
             raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "a committed object in the store")
+        fresh = False
         if self.remote:
             dst = self.cache / sha
             if not dst.exists():
                 self._download(man, dst)
+                fresh = True
             path = dst if man.get("dir") else dst / man["name"]
         else:
             path = Path(man["uri"])
@@ -298,6 +300,9 @@ class ArtifactStore:
                 got = sha256_dir(path)[0] if man.get("dir") else sha256_file(path)
             except FileNotFoundError as e:
                 raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "an object present in the store") from e
+            if got != sha and self.remote and not fresh:  # a damaged local copy: fetch it again
+                shutil.rmtree(self.cache / sha, ignore_errors=True)
+                return self.local_path(man)
             if got != sha:
                 if self.remote:
                     shutil.rmtree(self.cache / sha, ignore_errors=True)

@@ -87,6 +87,11 @@ def test_s3_roundtrip_and_corruption(s3_env, tmp_path):
     f.write_bytes(b"s3 bytes" * 500)
     m = store.put_file(f, "scores", "test")
     assert m["uri"].startswith("s3://")
+    # a damaged local copy of an intact S3 object is fetched again, not reported corrupt
+    cached = store.local_path(m)
+    cached.write_bytes(b"damaged")
+    store._verified.clear()
+    assert store.local_path(m).read_bytes() == f.read_bytes()
     store.fs.pipe_file(m["uri"], b"torn")  # overwrite the object behind the marker
     fresh = ArtifactStore(s3_env, cache_dir=tmp_path / "cache2")
     with pytest.raises(ArtifactCorrupt):
