@@ -194,16 +194,19 @@ class _RunLog:
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.handler.setLevel(logging.INFO)
         for name in ("pruneflow", "prefect"):
-            lg = logging.getLogger(name)
-            lg.addHandler(self.handler)
-            if lg.level == logging.NOTSET or lg.level > logging.INFO:
-                lg.setLevel(logging.INFO)
+            logging.getLogger(name).addHandler(self.handler)
+        pf = logging.getLogger("pruneflow")
+        self._saved = (pf.level, pf.propagate)
+        quiet = os.environ.get("PRUNEFLOW_QUIET") in ("1", "true")
+        pf.setLevel(logging.WARNING if quiet else logging.INFO)  # --quiet: warnings only
         return self
 
     def __exit__(self, *exc):
         if self.handler is not None:
             for name in ("pruneflow", "prefect"):
                 logging.getLogger(name).removeHandler(self.handler)
+            pf = logging.getLogger("pruneflow")
+            pf.setLevel(self._saved[0])
             self.handler.close()
 
 
