@@ -232,6 +232,7 @@ def markdown(r: dict, cmd: str) -> str:
     names = {
         "shortgpt": "ShortGPT (BI)",
         "none": "Streamline none",
+        "collapse": "LaCo-style collapse",
         "layer": "Streamline layer",
         "ffn": "Streamline FFN",
     }
@@ -295,10 +296,10 @@ def main() -> None:
         os.environ.setdefault(k, v)
     r = run(args)
     cmd = "PYTHONPATH=. .venv/bin/python benchmarks/bench_streamline.py " + " ".join(sys.argv[1:])
-    md = markdown(r, cmd.strip())
-    print(md)
     if args.json:
         args.json.write_text(json.dumps(r, indent=1, default=str))
+    md = markdown(r, cmd.strip())
+    print(md)
     if args.write:
         write_section(md, ROOT / "benchmarks" / "RESULTS.md")
 
