@@ -205,7 +205,7 @@ def run(args) -> dict:
 def markdown(r: dict, cmd: str) -> str:
     a, d = r["args"], r["dense"]
     out = [
-        "## LLM-Streamline (issue 6): remove 4, 7 and 10 of 30 layers of smollm2-135m",
+        f"## LLM-Streamline (issue 6): remove {', '.join(str(n) for n in a['layers'])} of 30 layers of smollm2-135m",
         "",
         f"Regenerate: `{cmd}` (total {r['total_s'] / 60:.1f} min on this shared 2-core CPU, "
         f"{a['threads']} torch thread(s)).",
