@@ -558,6 +558,42 @@ def replacement_recover(
     return pruned_model, info
 
 
+def prune(
+    model: nn.Module,
+    adapter: Adapter,
+    calib_ids: torch.Tensor,
+    ratio: float | None,
+    settings: StreamlineSettings | dict | None,
+    device: torch.device | str = "cpu",
+) -> PrunePlan:
+    """The pipeline's prune step for LLM-Streamline (capture, score, select, and train the
+    replacement on the calibration blocks). The trained weights are written back into layer l* of
+    `model` (for `ffn`: its MLP and post-attention norm), so that surgery with the returned plan
+    builds the trained replacement. `steps: 0` (or replacement none/collapse) trains nothing."""
+    from ..capture import capture_stats
+    from ..surgery import apply_plan
+
+    s = settings if isinstance(settings, StreamlineSettings) else _recovery_settings(settings)
+    stats = capture_stats(
+        model, adapter, calib_ids, requests={"cosine"}, device=device, batch_size=s.batch_size
+    )
+    plan = select(model, adapter, score(model, adapter, stats, s), ratio, s)
+    if s.replacement in ("layer", "ffn") and s.steps > 0:
+        pruned = apply_plan(copy.deepcopy(model), plan)  # `model` itself stays the frozen teacher
+        info = train_replacement(model, pruned, plan, calib_ids, s, device=device)
+        new_idx, start, _, kind = replacement_of(plan)
+        trained, target = adapter.layers(pruned)[new_idx], adapter.layers(model)[start]
+        with torch.no_grad():
+            if kind == "layer":
+                target.load_state_dict(trained.state_dict())
+            else:
+                adapter.mlp(target).load_state_dict(trained.mlp.state_dict())
+                getattr(target, _ffn_norm_name(adapter)).load_state_dict(trained.norm.state_dict())
+        plan.notes["training"] = {k: v for k, v in info.items() if k != "lr_curve"}
+        del pruned
+    return plan
+
+
 def _recovery_settings(raw: dict | None) -> StreamlineSettings:
     from pydantic import ValidationError
 
@@ -590,6 +626,7 @@ register(
         needs=frozenset({"cosine"}),
         score=score,
         select=select,
+        prune=prune,  # the pipeline trains the replacement inside the prune step (recovery: replacement)
         default_recovery="replacement",
     )
 )

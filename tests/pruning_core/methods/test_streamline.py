@@ -337,3 +337,28 @@ def test_replacement_recover_takes_a_token_stream_and_rejects_unknown_settings()
     assert info["val_mse_after"] <= info["val_mse_before"]
     with pytest.raises(ConfigError, match="recovery.settings"):
         replacement_recover(pruned, None, stream, {"rank": 8}, dense, plan)
+
+
+@pytest.mark.parametrize("kind", ["layer", "ffn"])
+def test_prune_step_trains_and_surgery_builds_the_trained_replacement(kind):
+    dense = tiny_model("llama", n_layers=6, seed=2, initializer_range=0.1)
+    meth = get_method("llm-streamline")
+    assert meth.coupled  # the pipeline passes the calibration blocks to prune
+    calib = _ids(48, 32, seed=7, vocab=16)
+    heldout = _ids(4, 32, seed=99, vocab=16)
+    base = {
+        "replacement": kind,
+        "n_layers": 2,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 2,
+    }
+    m0 = copy.deepcopy(dense)
+    plan0 = meth.prune(m0, adapter_for(m0), calib, None, meth.parse_settings({**base, "steps": 0}))
+    m1 = copy.deepcopy(dense)
+    plan1 = meth.prune(m1, adapter_for(m1), calib, None, meth.parse_settings({**base, "steps": 40}))
+    assert plan0.notes["block"] == plan1.notes["block"] and "training" in plan1.notes
+    untrained = _heldout_mse(dense, apply_plan(m0, plan0), plan0, heldout)
+    trained = _heldout_mse(dense, apply_plan(m1, plan1), plan1, heldout)
+    assert trained < 0.7 * untrained, (untrained, trained)
