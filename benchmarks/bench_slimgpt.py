@@ -51,6 +51,7 @@ VARIANTS = {
     "slimgpt_no_dgs": ("slimgpt", {"dynamic_group_size": False}),
     "slimgpt_floor8": ("slimgpt", {"ffn_group_floor": 8}),
     "slimgpt_fp64": ("slimgpt", {"stat_dtype": "float64"}),
+    "slimgpt_damp0.1": ("slimgpt", {"percdamp": 0.1}),
     "slimgpt_linear": ("slimgpt", {"schedule": "linear_increase"}),
     "slimgpt_log_dec": ("slimgpt", {"schedule": "log_decrease"}),
     "slimgpt_per_group": ("slimgpt", {"gqa": "per_group"}),
