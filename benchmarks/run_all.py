@@ -120,7 +120,7 @@ def full_comparison(args) -> str:
 
     import pruning_core as pc
     from pruning_core.checkpoint import save_pruned
-    from pruning_core.efficiency import measure
+    from pruning_core.efficiency import measure_pair
     from pruning_core.evaluate import cached_lm_eval, metrics_record, run_lm_eval, stability
     from pruning_core.methods import list_methods
     from pruning_core.models import resolve_model_path
@@ -141,7 +141,7 @@ def full_comparison(args) -> str:
         ppl = pc.perplexity(model, ev, seq_len=256, max_windows=args.windows)
         lm = (run_lm_eval(str(path), tasks, limit=args.limit, device=str(dev)) if path is not None else
               cached_lm_eval(dense_path, tasks, limit=args.limit, device=str(dev))) if tasks else None
-        return metrics_record(perplexity=ppl, lm_eval_results=lm, efficiency=measure(model, tok, **eff_kw)), lm
+        return metrics_record(perplexity=ppl, lm_eval_results=lm), lm
 
     log(f"dense {args.model}: evaluating")
     t0 = time.perf_counter()
@@ -159,11 +159,15 @@ def full_comparison(args) -> str:
             with tempfile.TemporaryDirectory() as d:
                 path = save_pruned(model, tok, None, Path(d) / name)
                 after, lm = evaluate(model, path)
+            # dense and pruned timed back to back (alternating), so load on a shared box hits both alike
+            eff = measure_pair(dense, model, tok, rounds=2, **eff_kw)
+            after["efficiency"] = eff["pruned"]
             p1 = pc.count_params(model)
             stab = stability(dense_lm["samples"], lm["samples"]) if lm and dense_lm else None
             reports.append({"name": f"{name}-{args.ratio}", "model": args.model, "method": name,
                             "target_ratio": args.ratio, "recovery": "none", "params_before": p0, "params_after": p1,
-                            "removed_fraction": 1 - p1 / p0, "metrics_before": before, "metrics_after": after,
+                            "removed_fraction": 1 - p1 / p0, "metrics_before": {**before, "efficiency": eff["dense"]},
+                            "metrics_after": after,
                             "stability": stab, "timings": {"prune": t_prune}})
             log(f"{name}: done in {time.perf_counter() - t0:.0f} s, {p1 / 1e6:.1f} M params")
         except Exception as e:  # one failing method must not hide the others
@@ -177,7 +181,7 @@ def full_comparison(args) -> str:
           f"Calibration {args.calib} x 128 tokens of the training text; PPL: first {args.windows} windows of "
           f"256 tokens of the evaluation text; lm-eval: offline tasks {', '.join(tasks) or '-'} "
           f"(first {args.limit} items, 0-shot, pruned checkpoints evaluated by path); speed: greedy decode "
-          f"(64-token prompt, 16 new tokens, median of 3 after warm-up) on {dev}, {torch.get_num_threads()} thread(s). "
+          f"(64-token prompt, 16 new tokens, median of 3 after warm-up; dense and pruned timed back to back, twice, for every row) on {dev}, {torch.get_num_threads()} thread(s). "
           f"Methods prune at their own default settings; `ratio` is each method's own target (per-layer units "
           f"for width methods, layers for depth methods), so compare the params column too. Stability: LLM-Streamline's "
           f"weighted agreement of per-item correctness with the dense model (lm-eval items).", ""]
