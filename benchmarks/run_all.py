@@ -186,7 +186,8 @@ def full_comparison(args) -> str:
           f"for width methods, layers for depth methods), so compare the params column too. Stability: LLM-Streamline's "
           f"weighted agreement of per-item correctness with the dense model (lm-eval items).", ""]
     if reports:
-        md.append(compare(reports, out_dir=HERE / "plots" / "full_comparison", link_base=HERE))
+        plot_dir = Path(tempfile.mkdtemp(prefix="pf-compare-")) if args.no_write else HERE / "plots" / "full_comparison"
+        md.append(compare(reports, out_dir=plot_dir, link_base=None if args.no_write else HERE))
     if failed:
         md += ["", "Methods that failed: " + "; ".join(f"`{n}` ({e})" for n, e in failed)]
     return "\n".join(md)
