@@ -164,8 +164,8 @@ def _settings(name, **kw):
 def test_decoder_gamma_zero_is_up_activation_and_chained_equals_isolated(tiny):
     model, adapter, stats, _ = tiny["llama"]
     m = get_method("llm-rank")
-    iso = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.0, pipeline="isolated"))
-    cha = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.0, pipeline="chained"))
+    iso = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.0, pipeline="isolated", node="up"))
+    cha = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.0, pipeline="chained", node="up"))
     for i in range(3):
         a = stats[f"layer.{i}.up_out_sq"].double().sqrt()
         assert torch.allclose(iso[f"ffn.{i}"].double(), a / a.sum(), atol=1e-6)
@@ -178,8 +178,8 @@ def test_decoder_gamma_zero_is_up_activation_and_chained_equals_isolated(tiny):
 def test_decoder_chained_differs_from_isolated_when_gamma_positive(tiny):
     model, adapter, stats, _ = tiny["llama"]
     m = get_method("llm-rank")
-    iso = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.9, pipeline="isolated"))
-    cha = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.9, pipeline="chained"))
+    iso = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.9, pipeline="isolated", node="up"))
+    cha = m.score(model, adapter, stats, _settings("llm-rank", gamma=0.9, pipeline="chained", node="up"))
     assert torch.allclose(iso["ffn.0"], cha["ffn.0"])  # same prior in the first block
     assert not torch.allclose(iso["ffn.2"], cha["ffn.2"])
     # isolated layer i by hand from the layer's own weights and statistics
@@ -256,8 +256,8 @@ def test_bad_settings_and_inputs(tiny):
     with pytest.raises(ConfigError, match="ratio"):
         m.select(model, adapter, m.score(model, adapter, stats, st), 1.0, st)
     partial = {k: v for k, v in stats.items() if k != "layer.1.mlp_out_sq"}
-    with pytest.raises(DataError, match="mlp_out_sq"):
-        m.score(model, adapter, partial, st)
+    with pytest.raises(DataError, match="mlp_out_sq"):  # the chained pipeline needs the FFN outputs
+        m.score(model, adapter, partial, m.parse_settings({"pipeline": "chained"}))
     stale = dict(stats, **{"layer.0.up_out_sq": stats["layer.0.up_out_sq"][:-1]})  # captured on another shape
     with pytest.raises(DataError, match="stats"):
         m.score(model, adapter, stale, st)
