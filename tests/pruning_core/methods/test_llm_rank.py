@@ -258,7 +258,7 @@ def test_bad_settings_and_inputs(tiny):
     partial = {k: v for k, v in stats.items() if k != "layer.1.mlp_out_sq"}
     with pytest.raises(DataError, match="mlp_out_sq"):  # the chained pipeline needs the FFN outputs
         m.score(model, adapter, partial, m.parse_settings({"pipeline": "chained"}))
-    stale = dict(stats, **{"layer.0.up_out_sq": stats["layer.0.up_out_sq"][:-1]})  # captured on another shape
+    stale = dict(stats, **{"layer.0.mlp_in_sq": stats["layer.0.mlp_in_sq"][:-1]})  # captured on another shape
     with pytest.raises(DataError, match="stats"):
         m.score(model, adapter, stale, st)
 
