@@ -35,14 +35,14 @@ from pruning_core.models import load_model  # noqa: E402
 from pruning_core.surgery import apply_plan, count_params  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.3, 0.4)
-CONFIGS = [  # (label, method, settings)
-    ("llm-rank γ=0 (= activation of up_proj)", "llm-rank", {"gamma": 0.0}),
-    ("llm-rank γ=0.5 isolated", "llm-rank", {"gamma": 0.5, "pipeline": "isolated"}),
-    ("llm-rank γ=0.5 chained", "llm-rank", {"gamma": 0.5, "pipeline": "chained"}),
-    ("llm-rank γ=0.9 isolated", "llm-rank", {"gamma": 0.9, "pipeline": "isolated"}),
-    ("llm-rank γ=0.9 chained", "llm-rank", {"gamma": 0.9, "pipeline": "chained"}),
+CONFIGS = [  # (label, method, settings); llm-rank's defaults are gamma 0.5, isolated, node=down_in
+    ("llm-rank γ=0, node=up (= activation of up_proj)", "llm-rank", {"gamma": 0.0, "node": "up"}),
+    ("llm-rank γ=0.5 isolated, node=up", "llm-rank", {"gamma": 0.5, "pipeline": "isolated", "node": "up"}),
+    ("llm-rank γ=0.5 chained, node=up", "llm-rank", {"gamma": 0.5, "pipeline": "chained", "node": "up"}),
+    ("llm-rank γ=0.9 isolated, node=up", "llm-rank", {"gamma": 0.9, "pipeline": "isolated", "node": "up"}),
+    ("llm-rank γ=0.9 chained, node=up", "llm-rank", {"gamma": 0.9, "pipeline": "chained", "node": "up"}),
     (
-        "llm-rank γ=0.5 isolated, node=down_in",
+        "llm-rank γ=0.5 isolated, node=down_in (default)",
         "llm-rank",
         {"gamma": 0.5, "pipeline": "isolated", "node": "down_in"},
     ),
@@ -56,10 +56,10 @@ CONFIGS = [  # (label, method, settings)
         "llm-rank",
         {"gamma": 0.9, "pipeline": "isolated", "node": "down_in"},
     ),
-    ("mpr chained", "mpr", {"pipeline": "chained"}),
+    ("mpr chained, node=up", "mpr", {"pipeline": "chained", "node": "up"}),
     ("random", "random", {"targets": ["ffn"]}),
     ("l1", "l1", {"targets": ["ffn"]}),
-    ("activation (down_proj input)", "activation", {"targets": ["ffn"]}),
+    ("activation (down_proj input = llm-rank γ=0, node=down_in)", "activation", {"targets": ["ffn"]}),
     ("wanda (structured)", "wanda", {"targets": ["ffn"]}),
 ]
 
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
         )
 
     # physically smaller and reloads: save -> load -> identical logits
-    label = "llm-rank γ=0.9 chained" if (args.only is None) else configs[-1][0]
+    label = configs[0][0]
     r = 0.3 if 0.3 in args.ratios else args.ratios[-1]
     pruned = apply_plan(copy.deepcopy(model), plans[(label, r)])
     x = ev[:64].view(1, -1)
