@@ -90,7 +90,7 @@ def summary(report: dict) -> str:
     for k in ma:
         if isinstance(ma[k], (int, float)) and k not in ("ppl_tokens",):
             rows.append([k, mb.get(k), ma[k], ret.get(k)])
-    out.append(table(["metric", "before", "after", "after/before"], rows))
+    out.append(table(["metric", "dense", "pruned", "retention (1 = dense; PPL inverted)"], rows))
     if "ppl_protocol" in ma:
         out.append(f"perplexity protocol: {ma['ppl_protocol']} ({ma.get('ppl_tokens')} predicted tokens)")
     steps = report.get("cache", {})

@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import flow
 
 from pruning_core.errors import PruneflowError
+from pruning_core.evaluate import retention
 from tasks import steps
 from tasks.store import default_store_url, open_store, pruneflow_home
 
@@ -135,15 +136,6 @@ def versions() -> dict:
     return out
 
 
-def retention(before: dict, after: dict) -> dict:
-    out = {}
-    for k, v in after.items():
-        b = before.get(k)
-        if isinstance(v, (int, float)) and isinstance(b, (int, float)) and not isinstance(v, bool) and b:
-            out[k] = v / b
-    return out
-
-
 def _metrics_view(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in ("params",)}
 
@@ -163,7 +155,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "removed_fraction": ckpt.get("removed_fraction"),
         "metrics_before": mb,
         "metrics_after": ma,
-        "retention": retention(mb, ma),
+        "retention": retention(mb, ma),  # after/before, perplexities inverted; 1.0 = as good as dense
         "timings": {k: sl.timings.get(k) for k in STEP_ORDER if k in sl.timings},
         "cache": {k: sl.cache.get(k) for k in STEP_ORDER if k in sl.cache},
         "artifacts": {**sl.artifacts, "checkpoint": ckpt["uri"], "run_dir": run_dir,

@@ -148,7 +148,8 @@ DEFAULT_SPEC: dict[str, Any] = {
     "calibration": {"source": "pydoc", "n_samples": 32, "seq_len": 256, "seed": 0},
     "method": {"name": "wanda", "settings": {"gqa": "per_group"}},
     "ratio": 0.2,
-    "evaluation": {"ppl_seq_len": 256, "ppl_windows": 16},
+    # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)
+    "evaluation": {"ppl_seq_len": 256, "ppl_windows": 16, "tasks": ["pydoc_next_sentence"], "limit": 50},
 }
 
 
