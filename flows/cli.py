@@ -87,9 +87,14 @@ def summary(report: dict) -> str:
     pb, pa = report.get("params_before"), report.get("params_after")
     rows = [["params", pb, pa, (pa / pb if pb else None)]]
     mb, ma, ret = report.get("metrics_before", {}), report.get("metrics_after", {}), report.get("retention", {})
-    for k in ma:
-        if isinstance(ma[k], (int, float)) and k not in ("ppl_tokens",):
-            rows.append([k, mb.get(k), ma[k], ret.get(k)])
+    from pruning_core.evaluate import flatten_metrics  # canonical names, the ones retention uses
+
+    fb, fa = flatten_metrics(mb), flatten_metrics(ma)
+    for k in fa:
+        if k not in ("ppl_tokens",):
+            rows.append([k, fb.get(k), fa[k], ret.get(k)])
+    if "average" in ret:
+        rows.append(["average retention (quality metrics)", None, None, ret["average"]])
     out.append(table(["metric", "dense", "pruned", "retention (1 = dense; PPL inverted)"], rows))
     if "ppl_protocol" in ma:
         out.append(f"perplexity protocol: {ma['ppl_protocol']} ({ma.get('ppl_tokens')} predicted tokens)")

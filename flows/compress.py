@@ -232,7 +232,7 @@ def track(spec: RunSpec, report: dict, run_dir: str) -> dict | None:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-@flow(name="compress", log_prints=True, validate_parameters=False)
+@flow(name="compress", log_prints=False, validate_parameters=False)  # lm-eval/dill print bytecode otherwise
 def compress(spec: dict, run_dir: str | None = None) -> dict:
     """Compress one model with one method at one ratio; returns the run report (also report.json)."""
     s = validate(spec)

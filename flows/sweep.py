@@ -52,7 +52,7 @@ def _state_hit(state, man: dict) -> bool:
     return state.name == "Cached" or bool(man.get("hit"))
 
 
-@flow(name="sweep", log_prints=True, validate_parameters=False)
+@flow(name="sweep", log_prints=False, validate_parameters=False)
 def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
     s = validate(spec)
     ctx = ctx_for(s)
