@@ -12,14 +12,7 @@ from pruning_core.plan import LayerPlan, PrunePlan
 from pruning_core.recover import LoraSettings, default_targets, lora_recover, target_modules
 from pruning_core.surgery import apply_plan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin contention (50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pruned_tiny():
