@@ -48,6 +48,7 @@ from torch import nn
 from ..adapters import Adapter, adapter_for
 from ..errors import ConfigError, DataError
 from ..plan import LayerPlan, PrunePlan
+from ..surgery import count_params
 from .base import Method, MethodSettings, Scores, register
 
 # ------------------------------------------------------------------------------------------------
@@ -130,13 +131,6 @@ def score(model: nn.Module, adapter: Adapter, stats: dict, settings) -> Scores:
 # selection
 
 
-def _nparams(mod: nn.Module) -> int:
-    seen, n = set(), 0
-    for p in mod.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def n_from_ratio(
@@ -163,7 +157,7 @@ def n_from_ratio(
 
 
 def _ffn_params(adapter: Adapter, layer: nn.Module) -> int:
-    return _nparams(adapter.mlp(layer)) + _nparams(getattr(layer, _ffn_norm_name(adapter)))
+    return count_params(adapter.mlp(layer)) + count_params(getattr(layer, _ffn_norm_name(adapter)))
 
 
 def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | None, settings) -> PrunePlan:
@@ -172,8 +166,8 @@ def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | No
     s = settings if isinstance(settings, StreamlineSettings) else StreamlineSettings(**(settings or {}))
     layers = adapter.layers(model)
     L = len(layers)
-    total = _nparams(model)
-    per = [_nparams(layer) for layer in layers]
+    total = count_params(model)
+    per = [count_params(layer) for layer in layers]
     n = n_from_ratio(ratio, total, sum(per) / L, L, s.n_layers)
     cos = scores["block_cos"]
     plan_layers = [LayerPlan(i) for i in range(L)]
@@ -214,8 +208,8 @@ def select_shortgpt(
     s = settings if isinstance(settings, ShortGPTSettings) else ShortGPTSettings(**(settings or {}))
     layers = adapter.layers(model)
     L = len(layers)
-    total = _nparams(model)
-    per = [_nparams(layer) for layer in layers]
+    total = count_params(model)
+    per = [count_params(layer) for layer in layers]
     n = n_from_ratio(ratio, total, sum(per) / L, L, s.n_layers)
     bi = scores["layer_bi"].to(torch.float64)
     drop = sorted(int(i) for i in torch.argsort(bi, stable=True)[:n])
