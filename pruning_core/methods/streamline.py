@@ -160,30 +160,30 @@ def _ffn_params(adapter: Adapter, layer: nn.Module) -> int:
     return count_params(adapter.mlp(layer)) + count_params(getattr(layer, _ffn_norm_name(adapter)))
 
 
+def _depth_budget(model: nn.Module, adapter: Adapter, ratio: float | None, n_layers: int | None):
+    """(layers, total params, params per layer, number of layers to remove) for a depth method."""
+    layers = adapter.layers(model)
+    total = count_params(model)
+    per = [count_params(layer) for layer in layers]
+    return layers, total, per, n_from_ratio(ratio, total, sum(per) / len(layers), len(layers), n_layers)
+
+
 def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | None, settings) -> PrunePlan:
     """The most redundant contiguous block for the ratio; a PrunePlan dropping it (and marking the
     replacement on its first layer for the `layer` / `ffn` variants)."""
     s = settings if isinstance(settings, StreamlineSettings) else StreamlineSettings(**(settings or {}))
-    layers = adapter.layers(model)
+    layers, total, per, n = _depth_budget(model, adapter, ratio, s.n_layers)
     L = len(layers)
-    total = count_params(model)
-    per = [count_params(layer) for layer in layers]
-    n = n_from_ratio(ratio, total, sum(per) / L, L, s.n_layers)
     cos = scores["block_cos"]
     plan_layers = [LayerPlan(i) for i in range(L)]
-    if s.replacement == "none":
-        m = n
-        start = best_block(cos, m)
-        for i in range(start, start + m):
-            plan_layers[i].keep = False
-        after = total - sum(per[start : start + m])
-    else:
-        m = n + 1
-        start = best_block(cos, m)
+    m = n if s.replacement == "none" else n + 1  # a replacement takes the place of n + 1 layers
+    start = best_block(cos, m)
+    for i in range(start, start + m):
+        plan_layers[i].keep = False
+    after = total - sum(per[start : start + m])
+    if s.replacement != "none":
+        plan_layers[start].keep = True
         plan_layers[start].replacement = {"kind": s.replacement, "span": [start, start + m]}
-        for i in range(start + 1, start + m):
-            plan_layers[i].keep = False
-        after = total - sum(per[start : start + m])
         after += _ffn_params(adapter, layers[start]) if s.replacement == "ffn" else per[start]
     return PrunePlan(
         method="llm-streamline",
@@ -206,11 +206,8 @@ def select_shortgpt(
 ) -> PrunePlan:
     """Remove the n layers with the lowest Block Influence (ShortGPT, Men et al. 2024, §3)."""
     s = settings if isinstance(settings, ShortGPTSettings) else ShortGPTSettings(**(settings or {}))
-    layers = adapter.layers(model)
+    layers, total, per, n = _depth_budget(model, adapter, ratio, s.n_layers)
     L = len(layers)
-    total = count_params(model)
-    per = [count_params(layer) for layer in layers]
-    n = n_from_ratio(ratio, total, sum(per) / L, L, s.n_layers)
     bi = scores["layer_bi"].to(torch.float64)
     drop = sorted(int(i) for i in torch.argsort(bi, stable=True)[:n])
     plan_layers = [LayerPlan(i, keep=i not in drop) for i in range(L)]
