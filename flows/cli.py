@@ -210,6 +210,20 @@ def plan(
              r["ffn_after"], r["params"], r["params_after"], r["flops"], r["flops_after"]] for r in res["layers"]]
     typer.echo(f"{res['model']} / {res['method']} @ ratio {res['ratio']}  ({res['basis']})")
     typer.echo(table(["layer", "q/kv heads", "after", "ffn", "after", "params", "after", "FLOPs/tok", "after"], rows))
+    sv = res["servable"]
+    if sv["vllm"]:
+        typer.echo(f"servable by vLLM: yes ({sv['query_heads']} query heads in every layer; "
+                   f"export with `pruneflow export RUN --format vllm OUT`)")
+    else:
+        typer.echo(f"servable by vLLM: no ({sv['reason']})")
+    ch = sv.get("changes")
+    if ch is not None:
+        typer.echo(f"servable: vllm changes {len(ch['changed'])} layers (without it: {ch['unconstrained_params_after']} "
+                   "params after):")
+        if ch["changed"]:
+            typer.echo(table(["layer", "q/kv heads without", "with", "ffn without", "with"],
+                             [[c["layer"], f"{c['heads'][0]}/{c['kv_heads'][0]}", f"{c['heads'][1]}/{c['kv_heads'][1]}",
+                               c["ffn"][0], c["ffn"][1]] for c in ch["changed"]]))
     t = res["total"]
     typer.echo(table(["total", "before", "after", "after/before"],
                      [["params", t["params"], t["params_after"], t["params_after"] / t["params"]],

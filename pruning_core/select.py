@@ -84,8 +84,10 @@ def plan_from_scores(
     per_layer: list[float] | None = None,
     method: str = "",
     settings: dict | None = None,
+    uniform_heads: bool = False,
 ) -> PrunePlan:
-    """Remove the lowest-scoring units in every layer: round(n * r_i) of them."""
+    """Remove the lowest-scoring units in every layer: round(n * r_i) of them. `uniform_heads`
+    (the `servable: vllm` constraint): heads at the target ratio in every layer, FFN at r_i."""
     check_ratio(ratio)
     shapes = adapter.shapes(model)
     ratios = per_layer if per_layer is not None else [ratio] * len(shapes)
@@ -93,8 +95,9 @@ def plan_from_scores(
     for i, s in enumerate(shapes):
         lp = LayerPlan(i)
         r = ratios[i]
-        if "heads" in targets and f"heads.{i}" in scores and r > 0:
-            lp.heads, lp.kv_heads = keep_heads(scores[f"heads.{i}"], s.n_heads, s.n_kv_heads, r, gqa, i)
+        rh = ratio if uniform_heads else r
+        if "heads" in targets and f"heads.{i}" in scores and rh > 0:
+            lp.heads, lp.kv_heads = keep_heads(scores[f"heads.{i}"], s.n_heads, s.n_kv_heads, rh, gqa, i)
         if "ffn" in targets and f"ffn.{i}" in scores and r > 0:
             lp.ffn = keep_channels(scores[f"ffn.{i}"], r, i)
         lps.append(lp)

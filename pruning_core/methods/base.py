@@ -18,20 +18,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
 
 Scores = dict[str, torch.Tensor]  # e.g. {"heads.3": [n_q], "ffn.3": [d_ff], "layers": [L]}
 
 
+SERVABLE = ("none", "vllm")
+
+
 class MethodSettings(BaseModel):
-    """Base for every method's settings: unknown keys are an error, values are validated."""
+    """Base for every method's settings: unknown keys are an error, values are validated.
+
+    `servable` is the planning constraint every method honours: `vllm` keeps the same number of query
+    heads in every layer (vLLM's per-layer DeciLM format has one global query-head count; KV heads and
+    FFN widths stay free per layer), so the result can be exported with `pruneflow export --format vllm`.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    servable: Literal["none", "vllm"] = Field(
+        "none", description="none, or vllm: the same number of query heads in every layer (FFN widths free)")
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,9 @@ class Method:
     select: Callable[..., Any] | None = None
     # prune(model, adapter, calib_ids, ratio, settings, device=...) -> PrunePlan (coupled methods)
     prune: Callable[..., Any] | None = None
+    # optional, coupled methods: sizes(model, adapter, ratio, settings) -> PrunePlan with the kept *sizes*
+    # (not the data-chosen indices), so `pruneflow plan` shows them without calibration data
+    sizes: Callable[..., Any] | None = None
     # optional: what the recovery step should do by default ("lora", "replacement", "none")
     default_recovery: str = "none"
     baseline_of: tuple[str, ...] = field(default=())

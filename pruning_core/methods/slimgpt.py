@@ -126,15 +126,23 @@ def _removed(u: dict, r: float) -> tuple[int, int]:
 
 
 def solve_schedule(model, adapter, target: float, schedule: str = "log_increase", r0_fraction: float = 0.25,
-                   gqa: str = "kv_group") -> dict:
+                   gqa: str = "kv_group", uniform_heads: bool = False) -> dict:
     """Per-layer ratios and removal counts whose realised parameter reduction over the decoder layers
     equals `target` after rounding (bisection on r_last, then the FFN absorbs the head residual).
-    Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last, realised}."""
+    `uniform_heads` (`servable: vllm`): every layer removes the same number of head units, the mean
+    (rounded) of what the schedule alone would remove; the FFN widths follow the schedule and absorb
+    the difference. Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last,
+    realised}."""
     check_ratio(target)
     units = _unit_counts(model, adapter, gqa)
     L = len(units)
     total = sum(u["total"] for u in units if u)
     goal = target * total
+    fixed = None
+    if uniform_heads and schedule != "uniform":
+        free = solve_schedule(model, adapter, target, schedule, r0_fraction, gqa)["heads"]
+        hs = [h for h, u in zip(free, units) if u]
+        fixed = int(math.floor(sum(hs) / max(len(hs), 1) + 0.5))
 
     def count(r_last):
         rs = schedule_ratios(schedule, r_last, L, r0_fraction)
@@ -144,6 +152,8 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
                 kh.append(0), kf.append(0)
                 continue
             a, b = _removed(u, min(r, 1.0))
+            if fixed is not None:
+                a = min(fixed, (u["per_group"] or u["units"]) - 1)
             kh.append(a), kf.append(b)
             rem += a * u["unit_params"] + b * u["ch_params"]
         return rs, kh, kf, rem
@@ -188,6 +198,38 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
     return dict(ratios=rs, heads=kh, ffn=kf, r_last=r_last, realised=rem / total)
 
 
+def sizes_plan(model, adapter, sched: dict, gqa: str, method: str, settings: dict, ratio: float) -> PrunePlan:
+    """A plan with the kept sizes of a solved schedule (lowest indices dropped: only sizes are meaningful)."""
+    lps = []
+    for i, layer in enumerate(adapter.layers(model)):
+        lp, shape = LayerPlan(i), adapter.layer_shape(model, layer)
+        kh, kf = sched["heads"][i], sched["ffn"][i]
+        if shape.kind == "decoder":
+            rep = shape.n_heads // shape.n_kv_heads
+            if kh and (gqa == "kv_group" or rep == 1):
+                lp.kv_heads = list(range(kh, shape.n_kv_heads))
+                lp.heads = [g * rep + j for g in lp.kv_heads for j in range(rep)]
+            elif kh:
+                lp.heads = [g * rep + j for g in range(shape.n_kv_heads) for j in range(kh, rep)]
+                lp.kv_heads = list(range(shape.n_kv_heads))
+            if kf:
+                lp.ffn = list(range(kf, shape.ffn))
+        lps.append(lp)
+    plan = PrunePlan(method=method, settings=settings, layers=lps, target_ratio=ratio,
+                     per_layer_ratio=[float(r) for r in sched["ratios"]])
+    from ..metrics import plan_params
+
+    plan.params_before, plan.params_after = plan_params(model, plan)
+    return plan
+
+
+def planned_sizes(model, adapter, ratio: float, settings: SlimGPTSettings | None = None) -> PrunePlan:
+    s = settings or SlimGPTSettings()
+    sched = solve_schedule(model, adapter, check_ratio(ratio), s.schedule, s.r0_fraction, s.gqa,
+                           uniform_heads=s.servable == "vllm")
+    return sizes_plan(model, adapter, sched, s.gqa, "slimgpt", s.model_dump(), ratio)
+
+
 # -- the coupled prune step ---------------------------------------------------------------------
 
 
@@ -218,7 +260,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     Returns the plan; `surgery.apply_plan(model, plan)` then removes the dead structures."""
     s = settings or SlimGPTSettings()
     ratio = check_ratio(ratio)
-    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa)
+    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, uniform_heads=s.servable == "vllm")
     sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
     dev = torch.device(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -296,4 +338,5 @@ register(Method(
     paper="Ling et al., NeurIPS 2024, arXiv 2412.18110",
     targets=("heads", "ffn"),
     prune=prune,
+    sizes=planned_sizes,
 ))
