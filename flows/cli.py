@@ -295,6 +295,55 @@ def methods(as_json: bool = typer.Option(False, "--json")):
 # --- more commands below ---
 
 
+def _checkpoint_folder(ref: str, tmp: Path) -> Path:
+    """A checkpoint folder from a folder path, or from a run (name / report.json): its checkpoint, fetched
+    from a remote store when needed."""
+    p = Path(ref).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    arts = _find_report(ref).get("artifacts", {})
+    cand = arts.get("checkpoint_local") or arts.get("checkpoint")
+    if cand and "://" not in cand and Path(cand).is_dir():
+        return Path(cand)
+    if cand and "://" in cand:
+        import fsspec
+
+        dst = tmp / "checkpoint"
+        try:
+            fs, path = fsspec.core.url_to_fs(cand)
+            fs.get(path.rstrip("/") + "/", str(dst), recursive=True)
+        except Exception as e:  # noqa: BLE001 - one line for the user
+            fail(f"run: got {ref!r}; accepted: a run whose checkpoint can be read ({cand}: {type(e).__name__}: {e})")
+        return dst
+    fail(f"run: got {ref!r}; accepted: a checkpoint folder or a run with a checkpoint (found {cand!r})")
+
+
+@app.command()
+@guarded
+def export(
+    source: str = typer.Argument(..., help="run name, report.json, or checkpoint folder"),
+    out: Path = typer.Argument(..., help="output folder (replaced atomically)"),
+    fmt: str = typer.Option("vllm", "--format", help="serving format: vllm"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """A folder vLLM serves: uniform -> the stock folder; per-layer sizes -> vLLM's DeciLM format
+    (`vllm serve OUT --trust-remote-code`)."""
+    import tempfile
+
+    from pruning_core.export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="pruneflow-export-") as d:
+        res = export_checkpoint(_checkpoint_folder(source, Path(d)), out, fmt)
+    if as_json:
+        typer.echo(json.dumps(res, indent=1))
+        return
+    how = "stock Hugging Face folder" if res["layout"] == "stock" else \
+        f"vLLM DeciLM / Nemotron-NAS format, {res['blocks']} blocks"
+    flag = "" if res["layout"] == "stock" else " --trust-remote-code"
+    typer.echo(f"exported {source} -> {res['path']} ({how})")
+    typer.echo(f"serve it: vllm serve {res['path']}{flag}")
+
+
 def _gate_value(opt: str, v: str | None):
     if v is None:
         return None
