@@ -2,8 +2,12 @@
 
 The model is built from its config on the `meta` device (no weights read or allocated). The kept
 sizes of every layer depend only on the ratio, schedule and GQA rule, not on the scores, so the
-method's own selection is run on random scores; methods whose selection needs real data (or that are
-coupled) fall back to the same uniform rule `select.plan_from_scores` applies, marked as an estimate.
+method's own selection is run on random scores; coupled methods give their kept sizes through
+`Method.sizes` (SlimGPT's solved schedule, FLAP's uniform structure); the others fall back to the same
+uniform rule `select.plan_from_scores` applies, marked as an estimate.
+
+Servability: whether vLLM's per-layer format can hold the sizes (one query-head count for every layer),
+and with `servable: vllm` the layers whose sizes the constraint changes against the same method without it.
 """
 
 from __future__ import annotations
