@@ -114,6 +114,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
                 adapter.prune_heads(model, layers[i], keep_q, list(range(desc["n_kv_heads"])))
             if desc["ffn"] != shape.ffn:
                 adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
+            adapter.add_bias(layers[i], desc.get("bias", ()))  # biases the architecture hard-codes away
         else:
             layers[i] = _layer_kind(desc["kind"]).empty(config, desc)
     adapter.renumber(model)

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import slice_linear
 from .errors import ConfigError, DataError, StorageError
 from .methods.llm_rank import keep_global, keep_local, mpr_layer, normalise, wpr_layer
 
@@ -367,15 +368,6 @@ def group_scores(
 # ------------------------------------------------------------------------------------------------
 # physical removal
 # ------------------------------------------------------------------------------------------------
-def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
-    w = lin.weight.data.index_select(dim, idx)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
-    new.weight.data.copy_(w)
-    if lin.bias is not None:
-        new.bias.data.copy_(lin.bias.data.index_select(0, idx) if dim == 0 else lin.bias.data)
-    return new.train(lin.training)
-
-
 def _slice_norm(m: nn.Module, idx: torch.Tensor) -> nn.Module:
     n = idx.numel()
     if isinstance(m, nn.BatchNorm1d):
@@ -413,7 +405,7 @@ def remove_neurons(model: nn.Sequential, keep: list[tuple[Group, list[int]]]) ->
         for names, dim in ((g.producers, 0), (g.consumers, 1)):
             for n in names:
                 lin = model.get_submodule(n)
-                _replace(model, n, _slice_linear(lin, idx.to(lin.weight.device), dim))
+                _replace(model, n, slice_linear(lin, idx, dim))
         for n in g.norms:
             mod = model.get_submodule(n)
             dev = next(iter(list(mod.parameters()) + list(mod.buffers())), torch.empty(0)).device

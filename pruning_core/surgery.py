@@ -9,12 +9,13 @@ down (fc2) columns. Layers: removed from the ModuleList; kept layers get consecu
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import Adapter, LayerShape, adapter_for
+from .adapters import Adapter, LayerShape, adapter_for, stock_layer
 from .errors import ConfigError
 from .plan import PrunePlan
 
@@ -113,27 +114,64 @@ def layer_descriptions(model: nn.Module) -> list[dict]:
         kind = getattr(layer, "pruneflow_kind", "decoder")
         if kind == "decoder":
             s: LayerShape = adapter.layer_shape(model, layer)
-            out.append({"kind": "decoder", "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "ffn": s.ffn})
+            out.append({"kind": "decoder", "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "ffn": s.ffn,
+                        "bias": adapter.biased(layer)})
         else:
             out.append({"kind": kind, **_layer_kind(kind).describe(layer)})
     return out
 
 
+def settle_biases(model: nn.Module, adapter: Adapter | None = None) -> bool:
+    """Make the config build every bias the decoder layers carry (e.g. FLAP's compensation bias on
+    o_proj / down_proj). Turns on the architecture's bias flags that add a needed bias (Llama's
+    `attention_bias` / `mlp_bias`) and gives the layers zero biases wherever a flag builds more than
+    they have, so the state dict matches. Returns False when stock transformers cannot build them
+    (Qwen2 and Mistral hard-code `bias=False` on o_proj / down_proj): the checkpoint then records
+    each layer's biased projections in `pruneflow_layers` and `checkpoint.load_pruned` restores them."""
+    adapter = adapter or adapter_for(model)
+    config = model.config
+    layers = [la for la in adapter.layers(model) if getattr(la, "pruneflow_kind", "decoder") == "decoder"]
+    if not layers:
+        return True
+    want = set().union(*(adapter.biased(la) for la in layers))
+
+    def built(cfg) -> set[str]:
+        return set(adapter.biased(stock_layer(cfg)))
+
+    have = built(config)
+    for flag in adapter.bias_flags:
+        if want <= have:
+            break
+        trial = copy.deepcopy(config)
+        setattr(trial, flag, True)
+        more = built(trial)
+        if (more - have) & want:
+            setattr(config, flag, True)
+            have = more
+    if not want <= have:
+        return False
+    for la in layers:
+        adapter.add_bias(la, have)
+    return True
+
+
 def sync_config(model: nn.Module) -> bool:
     """Make the config describe the current shapes. Returns True when stock transformers can
-    rebuild the model from it (uniform layers), else records per-layer sizes in
-    `config.pruneflow_layers` for `checkpoint.load_pruned`."""
+    rebuild the model from it (uniform layers, biases it can build), else records per-layer sizes
+    and biases in `config.pruneflow_layers` for `checkpoint.load_pruned`."""
     adapter = adapter_for(model)
     config = model.config
     shapes = adapter.shapes(model)
     stock = adapter.stock_config(config, shapes)
+    biases_ok = settle_biases(model, adapter)
     if stock is not None:
         stock.pop("layer_types", None)
         for k, v in stock.items():
             setattr(config, k, v)
-        if hasattr(config, "pruneflow_layers"):
-            delattr(config, "pruneflow_layers")
-        return True
+        if biases_ok:
+            if hasattr(config, "pruneflow_layers"):
+                delattr(config, "pruneflow_layers")
+            return True
     config.pruneflow_layers = layer_descriptions(model)
     if getattr(config, "head_dim", None) is None and adapter.family == "llama":
         config.head_dim = adapter.head_dim(model)

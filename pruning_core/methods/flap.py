@@ -19,8 +19,10 @@ weighted by its parameter count — FLAP's 512/3 channels per head).
 
 Compensation (FLAP eq. 8): the pruned columns are zeroed and the bias b += W[:, S]·mean(x_S) is
 added to `o_proj` / `down_proj` — the least-squares optimal constant offset for the removed inputs.
-Llama has no such biases: zero biases are added to q/k/v/o and gate/up/down and the config gets
-`attention_bias = mlp_bias = True`, so the pruned model stays a stock Llama checkpoint.
+Llama-like models have no such biases: zero biases are added to o_proj / down_proj, and
+`surgery.settle_biases` makes the checkpoint keep them — Llama through its `attention_bias` /
+`mlp_bias` flags (a stock checkpoint), Qwen2 and Mistral (which hard-code `bias=False`) through the
+per-layer record that `checkpoint.load_pruned` reads.
 
 Streaming: with `uniform`, layers are processed in order on the outputs of the already pruned
 layers (as FLAP's UL-UM loop compresses each layer before computing its outputs). `al_am` needs
@@ -34,12 +36,12 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from ..capture import LayerStream
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
 from ..select import check_ratio
+from ..surgery import settle_biases
 from .base import Method, MethodSettings, register
 from .slimgpt import _unit_counts, solve_schedule
 
@@ -91,18 +93,6 @@ class _Moments:
         return mean, var.clamp_min(0), self.sq
 
 
-def _add_zero_biases(model, adapter, layer) -> None:
-    names = [adapter.q, adapter.k, adapter.v, adapter.o, *adapter.mlp_in, adapter.mlp_out]
-    for n in names:
-        lin: nn.Linear = adapter.proj(layer, n)
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
-                                    requires_grad=lin.weight.requires_grad)
-    for key in ("attention_bias", "mlp_bias"):
-        if hasattr(model.config, key):
-            setattr(model.config, key, True)
-
-
 def _scores(shape, o_lin, d_lin, mo: _Moments, md: _Moments, metric: str, gqa: str):
     """(unit scores for heads [units] or [heads], FFN channel scores, o stats, down stats)."""
     ma, va, sa = mo.stats()
@@ -135,7 +125,7 @@ def _apply(model, adapter, layer, shape, lp: LayerPlan, gone_units, gone_ffn, me
     if gone_ffn:
         lp.ffn = [j for j in range(shape.ffn) if j not in set(gone_ffn)]
     if bias and (cols.numel() or ffn.numel()):
-        _add_zero_biases(model, adapter, layer)
+        adapter.add_bias(layer, (adapter.o, adapter.mlp_out))
     for lin, idx, mean in ((o_lin, cols, means[0]), (d_lin, ffn, means[1])):
         if idx.numel() == 0:
             continue
@@ -195,6 +185,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
                      per_layer_ratio=[float(r) for r in per_layer])
     from ..metrics import plan_params
 
+    settle_biases(model, adapter)  # the flags / zero biases the checkpoint will carry, counted in the plan
     plan.params_before, plan.params_after = plan_params(model, plan)
     return plan
 
