@@ -4,8 +4,9 @@
 kept, layer i is (moved to the working device and) run, whatever the consumer wants is accumulated
 by hooks, and the outputs become the inputs of layer i+1. Peak accelerator memory is one layer
 plus one layer's activations, flat in the number of layers. The keyword arguments each layer gets
-(rotary `position_embeddings`, causal mask, `position_ids`, ...) are caught from the real model's
-own forward call, so they are exactly what the installed transformers version passes.
+(rotary `position_embeddings`, causal mask, `position_ids`, ...) are caught, layer by layer, from the
+real model's own forward call, so they are exactly what the installed transformers version passes —
+including a sliding-window mask for the sliding layers of a model that mixes them with full attention.
 
 `capture_stats` uses it to accumulate, per layer (keys of the returned flat dict):
 
@@ -48,15 +49,23 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _to(obj, device):
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
+
+
+def _to(obj, device, memo: dict | None = None):
+    """`obj` (tensors inside tuples, lists, dicts) on `device`; `memo` moves a shared tensor once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -127,30 +136,40 @@ class LayerStream:
         self.n_tokens = int(input_ids.numel())
 
     @torch.no_grad()
-    def _catch_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+    def _catch_inputs(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Layer 0's input per batch, and the keyword arguments *each* layer gets per batch (models
+        that mix sliding-window and full attention pass each layer its own mask). Every layer is
+        swapped for a catcher that records its call and passes the hidden state on; the last raises,
+        so no layer computes anything."""
         layers = self.adapter.layers(self.model)
-        first = layers[0]
-        hs, kws = [], []
+        originals = list(layers)
+        n = len(originals)
+        hs: list[torch.Tensor] = []
+        kws: list[list[dict]] = [[] for _ in range(n)]
 
         class Catcher(nn.Module):
-            def __init__(self, inner):
+            def __init__(self, inner, index):
                 super().__init__()
-                self.inner = inner
+                self.inner, self.index = inner, index
                 # attributes transformers may read off a layer (e.g. attention_type)
                 for a in ("attention_type", "layer_idx"):
                     if hasattr(inner, a):
                         setattr(self, a, getattr(inner, a))
 
             def forward(self, hidden_states, *args, **kwargs):
-                hs.append(hidden_states.detach())
-                kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+                if self.index == 0:
+                    hs.append(hidden_states.detach())
+                kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
                 kw["use_cache"] = False
-                kws.append(kw)
-                raise _Caught
+                kws[self.index].append(kw)
+                if self.index == n - 1:
+                    raise _Caught
+                return hidden_states
 
         # move everything but the decoder layers to the working device
         placed = _place_non_layers(self.model, self.adapter, self.device)
-        layers[0] = Catcher(first)
+        for i, layer in enumerate(originals):
+            layers[i] = Catcher(layer, i)
         try:
             for b in range(0, self.input_ids.shape[0], self.batch_size):
                 ids = self.input_ids[b : b + self.batch_size].to(self.device)
@@ -159,10 +178,12 @@ class LayerStream:
                 except _Caught:
                     pass
         finally:
-            layers[0] = first
+            for i, layer in enumerate(originals):
+                layers[i] = layer
             _restore(placed)
+        memo: dict[int, torch.Tensor] = {}  # tensors shared between layers (rotary tables, masks) move once
         hs = [h.to(self.store) for h in hs]
-        kws = [_to(k, self.store) for k in kws]
+        kws = [[_to(k, self.store, memo) for k in per_layer] for per_layer in kws]
         return hs, kws
 
     def __iter__(self) -> Iterator[LayerStep]:
@@ -173,7 +194,7 @@ class LayerStream:
             home = _device_of(layer)
             if home != self.device:
                 layer.to(self.device)
-            step = LayerStep(i, layer, inputs, kwargs, self.device, _store=self.store)
+            step = LayerStep(i, layer, inputs, kwargs[i], self.device, _store=self.store)
             yield step
             layer = layers[i]  # the consumer may have replaced it
             step.layer = layer
