@@ -40,10 +40,9 @@ from pydantic import Field
 from ..capture import LayerStream
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
-from ..select import check_ratio
+from ..select import check_ratio, solve_schedule, unit_counts
 from ..surgery import settle_biases
 from .base import Method, MethodSettings, register
-from .slimgpt import _unit_counts, solve_schedule
 
 
 class FLAPSettings(MethodSettings):
@@ -191,7 +190,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
 
 
 def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress) -> list[float]:
-    units = _unit_counts(model, adapter, "kv_group")
+    units = unit_counts(model, adapter, "kv_group")
     collected = {}
     for step in stream:  # dense statistics, one pass
         i, layer = step.index, step.layer

@@ -10,7 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning_core import adapter_for, apply_plan, capture_stats, is_uniform, list_methods, load_pruned, save_pruned
+from pruning_core import (
+    adapter_for,
+    apply_plan,
+    capture_stats,
+    is_uniform,
+    list_methods,
+    load_pruned,
+    save_pruned,
+)
 from pruning_core.models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
