@@ -242,10 +242,20 @@ def _restore(placed) -> None:
         _move_own(mod, dev)
 
 
-class _Acc:
-    def __init__(self, dtype: torch.dtype):
+class Accumulator:
+    """Running sums over calibration tokens in `dtype` (fp32 or fp64), one entry per key: per-feature
+    sums (`vec(square=False)`), sums of squares (`vec`), Gram matrices Σ x xᵀ (`gram`). `rows[key]`
+    counts the token rows added. Inputs [..., d] are flattened to rows; sums stay on x's device."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
         self.dtype = dtype
         self.data: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def _rows(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        self.rows[key] = self.rows.get(key, 0) + x.shape[0]
+        return x
 
     def add(self, key: str, value: torch.Tensor) -> None:
         if key in self.data:
@@ -254,15 +264,38 @@ class _Acc:
             self.data[key] = value.clone()
 
     def vec(self, key: str, x: torch.Tensor, square: bool = True) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        x = self._rows(key, x)
         self.add(key, (x * x).sum(0) if square else x.sum(0))
 
     def gram(self, key: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        self.add(key, x.T @ x)
+        x = self._rows(key, x)
+        if key in self.data:
+            self.data[key].addmm_(x.T, x)
+        else:
+            self.data[key] = x.T @ x
+
+    def gram_hook(self, key: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """A stream hook fn(input, output) adding the input's Gram matrix."""
+        return lambda x, _y: self.gram(key, x)
+
+    def moments_hook(self, key: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """A stream hook fn(input, output) adding the input's per-feature sum and sum of squares."""
+
+        def hook(x, _y):
+            self.vec(key + ".sum", x, square=False)
+            self.vec(key + ".sq", x)
+
+        return hook
+
+    def moments(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, sample variance, sum of squares) per feature of what `moments_hook(key)` saw."""
+        n = self.rows[key + ".sq"]
+        mean = self.data[key + ".sum"] / n
+        var = (self.data[key + ".sq"] - n * mean * mean) / max(n - 1, 1)
+        return mean, var.clamp_min(0), self.data[key + ".sq"]
 
 
-def stat_hooks(adapter: Adapter, acc: _Acc, prefix: str, requests: frozenset[str]) -> dict[str, Callable]:
+def stat_hooks(adapter: Adapter, acc: Accumulator, prefix: str, requests: frozenset[str]) -> dict[str, Callable]:
     """The hooks `capture_stats` puts on one layer (reusable by methods that stream themselves)."""
     a = adapter
 
@@ -315,7 +348,7 @@ def capture_stats(
         from .errors import ConfigError
 
         raise ConfigError("capture.requests", sorted(unknown), ", ".join(sorted(REQUESTS)))
-    acc = _Acc(stat_dtype)
+    acc = Accumulator(stat_dtype)
     stream = LayerStream(model, adapter, input_ids, device=device, batch_size=batch_size, offload=offload)
     n_layers = len(adapter.layers(model))
     want_cos = "cosine" in requests

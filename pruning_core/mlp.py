@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .adapters import slice_linear
+from .capture import Accumulator
 from .errors import ConfigError, DataError, StorageError
 from .methods.llm_rank import keep_global, keep_local, mpr_layer, normalise, wpr_layer
 
@@ -265,11 +266,8 @@ def calibrate(model: nn.Sequential, x: torch.Tensor, batch_size: int = 256) -> d
     element-wise modules that follow it): sums of squares over the calibration samples, fp64."""
     g = graph(model)
     mods = dict(model.named_modules())
-    acc: dict[str, torch.Tensor] = {}
-
-    def add(key, t):
-        v = t.detach().reshape(-1, t.shape[-1]).to(torch.float64).pow(2).sum(0)
-        acc[key] = acc[key] + v if key in acc else v
+    acc = Accumulator(torch.float64)
+    add = acc.vec
 
     def on_linear(n):
         def hook(_m, a, o):
@@ -297,7 +295,7 @@ def calibrate(model: nn.Sequential, x: torch.Tensor, batch_size: int = 256) -> d
         for h in handles:
             h.remove()
         model.train(was)
-    return acc
+    return acc.data
 
 
 def layer_scores(

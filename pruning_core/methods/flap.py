@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..capture import LayerStream
+from ..capture import Accumulator, LayerStream
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
 from ..select import check_ratio, solve_schedule, unit_counts
@@ -74,28 +74,17 @@ def flap_bias(W: torch.Tensor, mean_x: torch.Tensor, pruned: torch.Tensor) -> to
     return W[:, pruned].double() @ mean_x[pruned].double()
 
 
-class _Moments:
-    def __init__(self):
-        self.s = self.sq = None
-        self.n = 0
-
-    def __call__(self, x, _y):
-        x = x.reshape(-1, x.shape[-1]).double()
-        s, sq = x.sum(0), (x * x).sum(0)
-        self.s = s if self.s is None else self.s + s
-        self.sq = sq if self.sq is None else self.sq + sq
-        self.n += x.shape[0]
-
-    def stats(self):
-        mean = self.s / self.n
-        var = (self.sq - self.n * mean * mean) / max(self.n - 1, 1)
-        return mean, var.clamp_min(0), self.sq
+def _moment_hooks(adapter) -> tuple[Accumulator, dict]:
+    """fp64 per-channel sums and sums of squares of the o_proj ("o") and down_proj ("down") inputs."""
+    acc = Accumulator(torch.float64)
+    return acc, {adapter.module_name(adapter.o): acc.moments_hook("o"),
+                 adapter.module_name(adapter.mlp_out): acc.moments_hook("down")}
 
 
-def _scores(shape, o_lin, d_lin, mo: _Moments, md: _Moments, metric: str, gqa: str):
-    """(unit scores for heads [units] or [heads], FFN channel scores, o stats, down stats)."""
-    ma, va, sa = mo.stats()
-    mm, vm, sm = md.stats()
+def _scores(shape, o_lin, d_lin, acc: Accumulator, metric: str, gqa: str):
+    """(unit scores for heads [units] or [heads], FFN channel scores, (o mean, down mean))."""
+    ma, va, sa = acc.moments("o")
+    mm, vm, sm = acc.moments("down")
     a = channel_metric(metric, o_lin.weight.data.cpu(), ma.cpu(), va.cpu(), sa.cpu()) ** 2
     head = a.view(shape.n_heads, shape.head_dim).sum(1)
     rep = shape.n_heads // shape.n_kv_heads
@@ -165,10 +154,9 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
             kh, kf = sched["heads"][i], sched["ffn"][i]
             if shape.kind == "decoder" and (kh or kf):
                 o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-                mo, md = _Moments(), _Moments()
-                step.run(hooks={adapter.module_name(adapter.o): mo, adapter.module_name(adapter.mlp_out): md},
-                         keep_outputs=False)
-                head, f, means = _scores(shape, o_lin, d_lin, mo, md, s.metric, s.gqa)
+                acc, hooks = _moment_hooks(adapter)
+                step.run(hooks=hooks, keep_outputs=False)
+                head, f, means = _scores(shape, o_lin, d_lin, acc, s.metric, s.gqa)
                 rep = shape.n_heads // shape.n_kv_heads
                 if s.gqa == "per_group" and rep > 1:
                     gone = _lowest(head, kh * shape.n_kv_heads, torch.arange(shape.n_heads) // rep, kh)
@@ -197,10 +185,9 @@ def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress
         shape = adapter.layer_shape(model, layer)
         if shape.kind == "decoder":
             o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-            mo, md = _Moments(), _Moments()
-            step.outputs = step.run(hooks={adapter.module_name(adapter.o): mo,
-                                           adapter.module_name(adapter.mlp_out): md})
-            collected[i] = (shape, *_scores(shape, o_lin, d_lin, mo, md, s.metric, "kv_group"))
+            acc, hooks = _moment_hooks(adapter)
+            step.outputs = step.run(hooks=hooks)
+            collected[i] = (shape, *_scores(shape, o_lin, d_lin, acc, s.metric, "kv_group"))
         if progress:
             progress(i + 1, len(units))
     # z-score within each layer and module, then one global threshold weighted by parameter count

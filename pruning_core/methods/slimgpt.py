@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 
 from .. import obs
-from ..capture import LayerStream
+from ..capture import Accumulator, LayerStream
 from ..plan import LayerPlan, PrunePlan
 from ..select import SCHEDULE_NAMES, check_ratio, solve_schedule
 from .base import Method, MethodSettings, register
@@ -67,18 +67,9 @@ def _head_groups(n_heads: int, n_kv: int, hd: int, gqa: str) -> tuple[torch.Tens
     return torch.arange(n_heads * hd).view(n_heads, hd), torch.arange(n_heads) // rep
 
 
-class _Hessian:
-    def __init__(self, d: int, dtype, device):
-        self.H = torch.zeros(d, d, dtype=dtype, device=device)
-        self.tokens = 0
-
-    def __call__(self, x, _y):
-        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
-        self.H.addmm_(x.T, x)
-        self.tokens += x.shape[0]
-
-    def value(self) -> torch.Tensor:
-        return self.H * (2.0 / max(self.tokens, 1))
+def _hessian(grams: Accumulator, key: str) -> torch.Tensor:
+    """H = (2/T)·Σ x xᵀ over the T calibration tokens (SlimGPT §3.1, the layer-wise OBS Hessian)."""
+    return grams.data[key] * (2.0 / max(grams.rows[key], 1))
 
 
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimGPTSettings | None = None,
@@ -106,16 +97,15 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
                 layers_plan.append(lp)
                 continue
             o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-            h_attn = _Hessian(o_lin.in_features, sdt, dev)
-            h_mlp = _Hessian(d_lin.in_features, sdt, dev)
-            hooks = {adapter.module_name(adapter.o): h_attn}
-            if kh == 0:
-                hooks[adapter.module_name(adapter.mlp_out)] = h_mlp
+            grams = Accumulator(sdt)
+            h_attn = {adapter.module_name(adapter.o): grams.gram_hook("attn")}
+            h_mlp = {adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")}
+            hooks = h_attn if kh > 0 else {**h_attn, **h_mlp}
             step.run(hooks=hooks, keep_outputs=False)
             loss = {}
             if kh > 0:
                 W = o_lin.weight.data.to(sdt).clone()
-                H, _ = obs.prepare_hessian(h_attn.value(), W, s.percdamp)
+                H, _ = obs.prepare_hessian(_hessian(grams, "attn"), W, s.percdamp)
                 W0, H0 = W.clone(), H.clone()
                 groups, bucket = _head_groups(shape.n_heads, shape.n_kv_heads, shape.head_dim, s.gqa)
                 if bucket is None:
@@ -131,10 +121,10 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
                 loss["attn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
                 o_lin.weight.data.copy_(W.to(o_lin.weight.dtype))
                 if kf > 0:
-                    step.run(hooks={adapter.module_name(adapter.mlp_out): h_mlp}, keep_outputs=False)
+                    step.run(hooks=h_mlp, keep_outputs=False)
             if kf > 0:
                 W = d_lin.weight.data.to(sdt).clone()
-                H, _ = obs.prepare_hessian(h_mlp.value(), W, s.percdamp)
+                H, _ = obs.prepare_hessian(_hessian(grams, "mlp"), W, s.percdamp)
                 W0, H0 = W.clone(), H.clone()
                 sizes = obs.dgs_group_sizes(kf, s.ffn_group_floor, s.ffn_group_cap, s.dynamic_group_size)
                 gone = set(obs.prune_columns_batched(W, H, kf, sizes, s.compensate))
