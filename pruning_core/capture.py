@@ -45,7 +45,8 @@ class _Caught(Exception):
     pass
 
 
-def _first(out):
+def first_output(out):
+    """A layer's hidden state, whether it returns a tensor or a tuple."""
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -94,11 +95,11 @@ class LayerStep:
         handles = []
         for name, fn in (hooks or {}).items():
             mod = layer.get_submodule(name)
-            handles.append(mod.register_forward_hook(lambda m, a, o, fn=fn: fn(a[0].detach(), _first(o).detach())))
+            handles.append(mod.register_forward_hook(lambda m, a, o, fn=fn: fn(a[0].detach(), first_output(o).detach())))
         outs = []
         try:
             for h, kw in zip(self.inputs, self.kwargs):
-                out = _first(layer(h.to(self.device), **_to(kw, self.device)))
+                out = first_output(layer(h.to(self.device), **_to(kw, self.device)))
                 if keep_outputs:
                     outs.append(out.to(self._store))
         finally:

@@ -234,7 +234,7 @@ class ArtifactStore:
         sha = man["sha256"]
         try:
             if self.committed(sha):
-                return self._manifest_for(sha, man)
+                return man  # same content: the stored object serves this producer too
             if self.remote:
                 copy(self._obj(sha))  # objects first, under the final key ...
                 fault_point(f"commit:{man['kind']}")
@@ -254,10 +254,6 @@ class ArtifactStore:
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e, "write") from e
         return man
-
-    def _manifest_for(self, sha: str, man: dict) -> dict:
-        # same content, maybe a different producer: the URI is what matters
-        return {**man, "uri": man["uri"]}
 
     # -- reads -------------------------------------------------------------------------------------
     def committed(self, sha: str) -> bool:

@@ -16,8 +16,9 @@ Statistics a score-then-select method needs are named in `needs` and produced by
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,9 +49,6 @@ class Method:
     select: Callable[..., Any] | None = None
     # prune(model, adapter, calib_ids, ratio, settings, device=...) -> PrunePlan (coupled methods)
     prune: Callable[..., Any] | None = None
-    # optional: what the recovery step should do by default ("lora", "replacement", "none")
-    default_recovery: str = "none"
-    baseline_of: tuple[str, ...] = field(default=())
 
     @property
     def coupled(self) -> bool:
@@ -74,6 +72,18 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
+# every method module registers itself on import (a plugin registry: they import this module)
+_MODULES = ("baselines", "llm_rank", "streamline", "slimgpt", "flap")
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for m in _MODULES:
+        importlib.import_module(f"{__package__}.{m}")
 
 
 def register(method: Method) -> Method:
@@ -86,8 +96,6 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from . import _load_all
-
     _load_all()
     if name not in REGISTRY:
         raise ConfigError("method.name", name, ", ".join(sorted(REGISTRY)))
@@ -95,7 +103,5 @@ def get_method(name: str) -> Method:
 
 
 def list_methods() -> list[Method]:
-    from . import _load_all
-
     _load_all()
     return [REGISTRY[k] for k in sorted(REGISTRY)]

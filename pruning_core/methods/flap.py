@@ -230,5 +230,4 @@ register(Method(
     paper="An et al., AAAI 2024, arXiv 2312.11983",
     targets=("heads", "ffn"),
     prune=prune,
-    baseline_of=("slimgpt",),
 ))

@@ -304,6 +304,5 @@ register(
         needs=frozenset(),
         score=_score_mpr,
         select=_select_mpr,
-        baseline_of=("llm-rank",),
     )
 )

@@ -35,7 +35,6 @@ individually least influential layers are removed (not necessarily contiguous). 
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import time
 from collections.abc import Callable
@@ -45,10 +44,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..adapters import Adapter, adapter_for
+from ..adapters import Adapter, adapter_for, stock_layer
+from ..capture import first_output as _first
 from ..errors import ConfigError, DataError
 from ..plan import LayerPlan, PrunePlan
-from ..surgery import count_params
+from ..surgery import LayerKind, count_params, register_layer_kind
 from .base import Method, MethodSettings, Scores, register
 
 # ------------------------------------------------------------------------------------------------
@@ -259,15 +259,6 @@ def ffn_from_layer(adapter: Adapter, layer: nn.Module) -> ResidualFFN:
     return ffn.to(device=p.device, dtype=p.dtype)
 
 
-def _decoder_layer_class(config) -> type:
-    mt = config.model_type
-    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
-    for name in dir(mod):
-        if name.endswith("DecoderLayer") and name.lower().startswith(mt.replace("_", "")):
-            return getattr(mod, name)
-    raise ConfigError("model.architecture", mt, "a transformers model with a *DecoderLayer class")
-
-
 def _ffn_empty(config, desc: dict) -> ResidualFFN:
     adapter = adapter_for(config)
     cfg = copy.deepcopy(config)
@@ -275,7 +266,7 @@ def _ffn_empty(config, desc: dict) -> ResidualFFN:
         setattr(cfg, adapter.ffn_sizes_key(), int(desc["ffn"]))
     if hasattr(cfg, "pruneflow_layers"):
         delattr(cfg, "pruneflow_layers")
-    layer = _decoder_layer_class(cfg)(cfg, layer_idx=0)
+    layer = stock_layer(cfg, device="cpu")
     return ResidualFFN(getattr(layer, _ffn_norm_name(adapter)), adapter.mlp(layer))
 
 
@@ -317,10 +308,6 @@ def _not_saved(*_a):  # a collapsed layer is an ordinary decoder layer: never de
 
 
 def _register_layer_kind() -> None:
-    try:
-        from ..surgery import LayerKind, register_layer_kind
-    except ImportError:  # surgery not there (the core is being assembled)
-        return
     register_layer_kind(
         LayerKind(
             name="ffn",
@@ -340,10 +327,6 @@ def _register_layer_kind() -> None:
 
 class _Stop(Exception):
     pass
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -618,7 +601,6 @@ register(
         score=score,
         select=select,
         prune=prune,  # the pipeline trains the replacement inside the prune step (recovery: replacement)
-        default_recovery="replacement",
     )
 )
 
@@ -632,6 +614,5 @@ register(
         needs=frozenset({"cosine"}),
         score=score,
         select=select_shortgpt,
-        baseline_of=("llm-streamline",),
     )
 )
