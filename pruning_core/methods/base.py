@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import ConfigError
+from ..errors import ConfigError, validated
 
 Scores = dict[str, torch.Tensor]  # e.g. {"heads.3": [n_q], "ffn.3": [d_ff], "layers": [L]}
 
@@ -55,20 +55,7 @@ class Method:
         return self.prune is not None
 
     def parse_settings(self, raw: dict | None) -> MethodSettings:
-        from pydantic import ValidationError
-
-        try:
-            return self.settings(**(raw or {}))
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            field_info = self.settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
-            accepted = err["msg"]
-            if err["type"] == "extra_forbidden":
-                accepted = "one of " + ", ".join(sorted(self.settings.model_fields)) if self.settings.model_fields else "no settings"
-            elif field_info is not None and field_info.description:
-                accepted = f"{err['msg']} ({field_info.description})"
-            raise ConfigError(f"method.settings.{loc}", err.get("input"), accepted) from None
+        return validated(self.settings, raw, "method.settings")
 
 
 REGISTRY: dict[str, Method] = {}

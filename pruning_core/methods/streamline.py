@@ -46,7 +46,7 @@ from torch import nn
 
 from ..adapters import Adapter, adapter_for, stock_layer
 from ..capture import first_output as _first
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, validated
 from ..plan import LayerPlan, PrunePlan
 from ..surgery import LayerKind, count_params, register_layer_kind
 from .base import Method, MethodSettings, Scores, register
@@ -569,19 +569,7 @@ def prune(
 
 
 def _recovery_settings(raw: dict | None) -> StreamlineSettings:
-    from pydantic import ValidationError
-
-    try:
-        return StreamlineSettings(**(raw or {}))
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        accepted = (
-            "one of " + ", ".join(sorted(StreamlineSettings.model_fields))
-            if err["type"] == "extra_forbidden"
-            else err["msg"]
-        )
-        raise ConfigError(f"recovery.settings.{loc}", err.get("input"), accepted) from None
+    return validated(StreamlineSettings, raw, "recovery.settings")
 
 
 # ------------------------------------------------------------------------------------------------
