@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from prefect import flow
 
 from pruning_core.errors import PruneflowError
 from pruning_core.evaluate import retention
+from pruning_core.util import git_revision
 from tasks import steps
 from tasks.store import default_store_url, open_store, pruneflow_home
 
@@ -126,13 +126,9 @@ def versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    try:
-        root = Path(__file__).resolve().parents[1]
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if rev.returncode == 0:
-            out["code_revision"] = rev.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    rev = git_revision()
+    if rev:
+        out["code_revision"] = rev
     return out
 
 

@@ -300,18 +300,18 @@ def stat_hooks(adapter: Adapter, acc: Accumulator, prefix: str, requests: frozen
     """The hooks `capture_stats` puts on one layer (reusable by methods that stream themselves)."""
     a = adapter
 
+    def channels(part: str, x) -> None:  # o_proj / down_proj input: sums of squares, sums, Gram
+        acc.vec(f"{prefix}{part}_in_sq", x)
+        acc.vec(f"{prefix}{part}_in_sum", x, square=False)
+        if f"{part}_gram" in requests:
+            acc.gram(f"{prefix}{part}_gram", x)
+
     def on_o(x, _y):
-        acc.vec(prefix + "attn_in_sq", x)
-        acc.vec(prefix + "attn_in_sum", x, square=False)
-        if "attn_gram" in requests:
-            acc.gram(prefix + "attn_gram", x)
+        channels("attn", x)
 
     def on_down(x, y):
         acc.vec(prefix + "mlp_out_sq", y)
-        acc.vec(prefix + "mlp_in_sq", x)
-        acc.vec(prefix + "mlp_in_sum", x, square=False)
-        if "mlp_gram" in requests:
-            acc.gram(prefix + "mlp_gram", x)
+        channels("mlp", x)
 
     def on_up(x, y):
         acc.vec(prefix + "mlp_x_sq", x)

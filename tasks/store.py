@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pruning_core.errors import StorageError
+from pruning_core.util import home as pruneflow_home
 
 log = logging.getLogger("pruneflow.store")
 
@@ -49,10 +50,6 @@ class ArtifactCorrupt(StorageError):
 
 class TransientStorageError(StorageError):
     """A network / storage hiccup worth retrying (never used for user errors)."""
-
-
-def pruneflow_home() -> Path:
-    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
 
 
 def default_store_url() -> str:

@@ -33,10 +33,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
-import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -48,6 +46,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pruning_core.errors import ConfigError, StorageError
+from pruning_core.util import finite_float as _num
+from pruning_core.util import git_revision
+from pruning_core.util import home as pruneflow_home
 
 log = logging.getLogger("pruneflow.tracking")
 
@@ -88,10 +89,6 @@ class TrackingSettings:
         if s.on_failure not in ("warn", "fail"):
             raise ConfigError("tracking.on_failure", s.on_failure, "warn or fail")
         return s
-
-
-def pruneflow_home() -> Path:
-    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -186,16 +183,6 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
         return out
     out[prefix[:-1] if prefix else "value"] = d
     return out
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def spec_params(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -354,11 +341,7 @@ def code_revision(report: Mapping[str, Any]) -> str:
     for k in ("code_revision", "git", "git_sha", "revision"):
         if isinstance(v, Mapping) and v.get(k):
             return str(v[k])
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return git_revision(_REPO) or "unknown"
 
 
 def _flow_run_id(report: Mapping[str, Any]) -> str | None:

@@ -1,7 +1,7 @@
 """SlimGPT: layer-wise structured Optimal Brain Surgeon for attention heads and FFN channels.
 
 Ling, Wang, Yan, Liu, "SlimGPT: Layer-wise Structured Pruning for Large Language Models",
-NeurIPS 2024, arXiv 2412.18110 (spec: shared/specs/slimgpt.md).
+NeurIPS 2024, arXiv 2412.18110 (§3.1–3.4; section numbers below are the paper's).
 
 For every decoder layer, in order, on the outputs of the already *pruned* previous layers:
 

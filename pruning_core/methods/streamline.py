@@ -1,9 +1,9 @@
 """LLM-Streamline: remove the most redundant block of consecutive layers, train a light replacement.
 
 Paper: Chen et al., "Streamlining Redundant Layers to Compress Large Language Models", ICLR 2025
-(arXiv 2403.19135 v5). Spec: `shared/specs/llm-streamline.md`.
+(arXiv 2403.19135 v5).
 
-Block importance (§3.1, spec §1): x^(l) is the hidden state entering layer l (x^(0) the embeddings,
+Block importance (§3.1): x^(l) is the hidden state entering layer l (x^(0) the embeddings,
 x^(L) the last layer's output *before* the final norm, captured by the layer stream, not HF's normed
 last hidden state). A block of m layers starting at l is scored by the mean over calibration tokens
 of cos(x_t^(l), x_t^(l+m)); the block with the highest cosine (it changes the residual stream least)
@@ -19,10 +19,11 @@ mean ||f_θ(x^(l*)) − x^(l*+m)||² (element-wise MSE). Variants (setting `repl
   into one, θ* = θ_l* + Σ_k (θ_k − θ_l*) over the block's projection weights (norms from layer l*),
   untrained. Only the merge rule is LaCo's; its iterative top-down threshold search is not reproduced.
 * `ffn`   — m = n+1 layers are replaced by a residual FFN x + MLP(norm(x)) initialised from layer l*'s
-  MLP and post-attention norm (the residual, inherited form recommended by the spec's pitfall 6
-  instead of upstream's random, residual-free ReLU MLP). Saved through `checkpoint.load_pruned`.
+  MLP and post-attention norm (a residual, inherited form instead of the released code's randomly
+  initialised MLP without residual, which starts far from the near-identity map the block is).
+  Saved through `checkpoint.load_pruned`.
 
-Training differs from the reference script on purpose (spec §7): the replacement is called with
+Training differs from the released script on purpose: the replacement is called with
 the exact keyword arguments the real model passes to layer l* (causal mask, rotary
 `position_embeddings`), caught by a forward pre-hook — never `attention_mask=None` bidirectional
 attention; `use_cache=False` and surgery renumbers `layer_idx`; the cosine schedule decays per
