@@ -24,7 +24,8 @@ from torch import nn
 from .adapters import adapter_for
 from .errors import DataError, StorageError
 from .plan import PrunePlan
-from .surgery import _layer_kind, sync_config
+from .replacements import layer_kind
+from .surgery import sync_config
 
 
 def _check_writable(path: Path) -> None:
@@ -116,7 +117,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
                 adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
             adapter.add_bias(layers[i], desc.get("bias", ()))  # biases the architecture hard-codes away
         else:
-            layers[i] = _layer_kind(desc["kind"]).empty(config, desc)
+            layers[i] = layer_kind(desc["kind"]).empty(config, desc)
     adapter.renumber(model)
     from safetensors.torch import load_file
 

@@ -10,46 +10,13 @@ down (fc2) columns. Layers: removed from the ModuleList; kept layers get consecu
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch import nn
 
 from .adapters import Adapter, LayerShape, adapter_for, stock_layer
 from .errors import ConfigError
 from .plan import PrunePlan
-
-
-@dataclass(frozen=True)
-class LayerKind:
-    """A non-standard decoder-layer module (e.g. a residual FFN replacing a block of layers).
-
-    from_plan(model, adapter, layer, spec) -> module : build it during surgery (spec = plan replacement dict)
-    describe(module) -> dict                      : what the loader needs to rebuild it (saved in config)
-    empty(config, desc) -> module                 : an uninitialised module of that shape, for loading
-    """
-
-    name: str
-    from_plan: Callable
-    describe: Callable
-    empty: Callable
-
-
-LAYER_KINDS: dict[str, LayerKind] = {}
-
-
-def register_layer_kind(kind: LayerKind) -> LayerKind:
-    LAYER_KINDS[kind.name] = kind
-    return kind
-
-
-def _layer_kind(name: str) -> LayerKind:
-    from . import methods
-
-    methods._load_all()  # methods register their kinds on import
-    if name not in LAYER_KINDS:
-        raise ConfigError("plan.replacement.kind", name, ", ".join(sorted(LAYER_KINDS)) or "no kinds registered")
-    return LAYER_KINDS[name]
+from .replacements import layer_kind
 
 
 def count_params(model: nn.Module) -> int:
@@ -89,7 +56,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
         if not lp.keep:
             continue
         if lp.replacement and lp.replacement.get("kind") not in (None, "layer"):
-            layer = _layer_kind(lp.replacement["kind"]).from_plan(model, adapter, layer, lp.replacement)
+            layer = layer_kind(lp.replacement["kind"]).from_plan(model, adapter, layer, lp.replacement)
         elif getattr(layer, "pruneflow_kind", "decoder") == "decoder":
             shape = adapter.layer_shape(model, layer)
             if lp.heads is not None or lp.kv_heads is not None:
@@ -117,7 +84,7 @@ def layer_descriptions(model: nn.Module) -> list[dict]:
             out.append({"kind": "decoder", "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "ffn": s.ffn,
                         "bias": adapter.biased(layer)})
         else:
-            out.append({"kind": kind, **_layer_kind(kind).describe(layer)})
+            out.append({"kind": kind, **layer_kind(kind).describe(layer)})
     return out
 
 
