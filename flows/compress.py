@@ -9,7 +9,6 @@ Each arrow is a cached Prefect task (see `tasks/`); a second run of the same spe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -218,7 +217,7 @@ def _link_checkpoint(run_dir: Path, ckpt: dict, store_url: str) -> str:
 
 
 def track(spec: RunSpec, report: dict, run_dir: str) -> dict | None:
-    if not spec.tracking.enabled or importlib.util.find_spec("tasks.tracking") is None:
+    if not spec.tracking.enabled:
         return None
     from tasks import tracking
 
