@@ -234,12 +234,15 @@ def differences(old: dict, new: KeyParts) -> dict[str, list[str]]:
 
 
 def explain_miss(previous: list[dict], new: KeyParts) -> dict:
-    """The reason of a miss against the closest earlier record (fewest differing parts), or a first run."""
-    best = None
+    """The reason of a miss against the closest earlier record, or a first run. Closest: same input
+    artifacts first (the same lineage: dense and pruned evaluations share one step), then the fewest
+    differing parts."""
+    best, rank = None, None
     for rec in previous:
         d = differences(rec, new)
-        if best is None or (len(d), sum(map(len, d.values()))) < (len(best), sum(map(len, best.values()))):
-            best = d
+        r = ("input artifact" in d, len(d), sum(map(len, d.values())))
+        if rank is None or r < rank:
+            best, rank = d, r
     if best is None:
         return {"reason": "first run of this step in this store", "changed": {}}
     if not best:  # same parts, but the record's artifact was missing or corrupt
