@@ -191,6 +191,11 @@ class Adapter:
     def ffn_sizes_key(self) -> str:
         raise NotImplementedError
 
+    def bias_capable_config(self, config):
+        """A config of another stock architecture that computes the same function and can carry
+        biases this one hard-codes away, or None."""
+        return None
+
 
 class LlamaAdapter(Adapter):
     family = "llama"
@@ -231,6 +236,28 @@ class LlamaAdapter(Adapter):
 
     def ffn_sizes_key(self):
         return "intermediate_size"
+
+    def bias_capable_config(self, config):
+        """Qwen2 and Mistral hard-code `bias=False` on o_proj / down_proj, but with no layer using a
+        sliding window they compute exactly what Llama does: the equivalent LlamaConfig (whose
+        `attention_bias` / `mlp_bias` flags build those biases), else None."""
+        if config.model_type == "llama":
+            return None
+        types = list(getattr(config, "layer_types", None) or [])
+        window = getattr(config, "sliding_window", None)
+        if any(t != "full_attention" for t in types):
+            return None
+        if not types and window is not None and window < config.max_position_embeddings:
+            return None
+        from transformers import LlamaConfig
+
+        d = config.to_dict()
+        for k in ("model_type", "architectures", "auto_map", "transformers_version", "pruneflow_layers",
+                  "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
+            d.pop(k, None)
+        llama = LlamaConfig(**d)
+        llama.architectures = ["LlamaForCausalLM"]
+        return llama
 
 
 class OPTAdapter(Adapter):

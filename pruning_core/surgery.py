@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from .adapters import Adapter, LayerShape, adapter_for, stock_layer
@@ -88,38 +89,54 @@ def layer_descriptions(model: nn.Module) -> list[dict]:
     return out
 
 
-def settle_biases(model: nn.Module, adapter: Adapter | None = None) -> bool:
-    """Make the config build every bias the decoder layers carry (e.g. FLAP's compensation bias on
-    o_proj / down_proj). Turns on the architecture's bias flags that add a needed bias (Llama's
-    `attention_bias` / `mlp_bias`) and gives the layers zero biases wherever a flag builds more than
-    they have, so the state dict matches. Returns False when stock transformers cannot build them
-    (Qwen2 and Mistral hard-code `bias=False` on o_proj / down_proj): the checkpoint then records
-    each layer's biased projections in `pruneflow_layers` and `checkpoint.load_pruned` restores them."""
+def settle_biases(model: nn.Module, adapter: Adapter | None = None):
+    """The config under which stock transformers builds every bias the decoder layers carry (e.g.
+    FLAP's compensation bias on o_proj / down_proj), or None when there is none.
+
+    First the model's own config, with the architecture's bias flags turned on where they add a
+    needed bias (Llama's `attention_bias` / `mlp_bias`). Qwen2 and Mistral hard-code `bias=False`;
+    without sliding windows they are exactly Llama, so next the adapter's equivalent Llama config,
+    kept only if a model built from it has the same tensors. The layers get zero biases wherever the
+    chosen config builds more than they have (the function is unchanged, the state dict matches).
+    None (a sliding-window Mistral or Qwen2): the checkpoint records each layer's biased projections
+    in `pruneflow_layers` and `checkpoint.load_pruned` restores them."""
     adapter = adapter or adapter_for(model)
-    config = model.config
     layers = [la for la in adapter.layers(model) if getattr(la, "pruneflow_kind", "decoder") == "decoder"]
-    if not layers:
-        return True
     want = set().union(*(adapter.biased(la) for la in layers))
+    for config, own in ((model.config, True), (adapter.bias_capable_config(model.config), False)):
+        if config is None or not _bias_flags_cover(adapter, config, want):
+            continue
+        have = set(adapter.biased(stock_layer(config)))
+        for la in layers:
+            adapter.add_bias(la, have)
+        if own or _same_tensors(model, config):
+            return config
+    return None
 
-    def built(cfg) -> set[str]:
-        return set(adapter.biased(stock_layer(cfg)))
 
-    have = built(config)
+def _bias_flags_cover(adapter: Adapter, config, want: set[str]) -> bool:
+    """Turn on (in `config`) the bias flags that add a bias in `want`; True if then all are built."""
+    have = set(adapter.biased(stock_layer(config)))
     for flag in adapter.bias_flags:
         if want <= have:
             break
         trial = copy.deepcopy(config)
         setattr(trial, flag, True)
-        more = built(trial)
+        more = set(adapter.biased(stock_layer(trial)))
         if (more - have) & want:
             setattr(config, flag, True)
             have = more
-    if not want <= have:
-        return False
-    for la in layers:
-        adapter.add_bias(la, have)
-    return True
+    return want <= have
+
+
+def _same_tensors(model: nn.Module, config) -> bool:
+    """Whether stock transformers builds, from `config`, a model with exactly `model`'s tensors."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
 def sync_config(model: nn.Module) -> bool:
@@ -130,15 +147,15 @@ def sync_config(model: nn.Module) -> bool:
     config = model.config
     shapes = adapter.shapes(model)
     stock = adapter.stock_config(config, shapes)
-    biases_ok = settle_biases(model, adapter)
     if stock is not None:
         stock.pop("layer_types", None)
         for k, v in stock.items():
             setattr(config, k, v)
-        if biases_ok:
-            if hasattr(config, "pruneflow_layers"):
-                delattr(config, "pruneflow_layers")
-            return True
+    biases_ok = settle_biases(model, adapter) is not None
+    if stock is not None and biases_ok:
+        if hasattr(config, "pruneflow_layers"):
+            delattr(config, "pruneflow_layers")
+        return True
     config.pruneflow_layers = layer_descriptions(model)
     if getattr(config, "head_dim", None) is None and adapter.family == "llama":
         config.head_dim = adapter.head_dim(model)

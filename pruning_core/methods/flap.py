@@ -21,8 +21,9 @@ Compensation (FLAP eq. 8): the pruned columns are zeroed and the bias b += W[:, 
 added to `o_proj` / `down_proj` — the least-squares optimal constant offset for the removed inputs.
 Llama-like models have no such biases: zero biases are added to o_proj / down_proj, and
 `surgery.settle_biases` makes the checkpoint keep them — Llama through its `attention_bias` /
-`mlp_bias` flags (a stock checkpoint), Qwen2 and Mistral (which hard-code `bias=False`) through the
-per-layer record that `checkpoint.load_pruned` reads.
+`mlp_bias` flags (a stock checkpoint); Qwen2 and Mistral, which hard-code `bias=False`, are saved
+as the equivalent stock Llama when no layer uses a sliding window, else with a per-layer record of
+the biases that `checkpoint.load_pruned` reads.
 
 Streaming: with `uniform`, layers are processed in order on the outputs of the already pruned
 layers (as FLAP's UL-UM loop compresses each layer before computing its outputs). `al_am` needs

@@ -119,3 +119,24 @@ def test_flap_compensation_bias_survives_reload(family, tmp_path):
             for n in (a.o, a.mlp_out):
                 a.proj(la, n).bias.zero_()
     assert not torch.allclose(logits(stripped), logits(again), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_flap_without_sliding_windows_saves_a_stock_llama(family, tmp_path):
+    """Qwen2 / Mistral with no sliding-window layer compute what Llama does: FLAP's checkpoint is
+    then a stock Llama (attention_bias / mlp_bias on) that plain transformers loads with the
+    compensated logits; with a sliding window it stays a pruneflow checkpoint (the test above)."""
+    method = next(m for m in list_methods() if m.name == "flap")
+    model = tiny_model(family, n_layers=4, seed=1)  # Qwen2: no sliding window; Mistral: window 4096 > 256
+    plan = run_method(method, model)
+    ref = logits(model)
+    apply_plan(model, plan)
+    assert type(model).__name__.lower().startswith(family)
+    path = save_pruned(model, None, plan, tmp_path / "ck")
+    assert is_uniform(path)
+    stock = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(stock).__name__ == "LlamaForCausalLM"
+    assert stock.config.attention_bias and stock.config.mlp_bias
+    torch.testing.assert_close(logits(stock), ref, atol=1e-5, rtol=1e-5)
+    o = adapter_for(stock).proj(adapter_for(stock).layers(stock)[0], "o_proj")
+    assert float(o.bias.detach().abs().max()) > 1e-4  # the compensation, not a zero placeholder
