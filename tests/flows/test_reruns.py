@@ -174,9 +174,11 @@ def test_killed_uploads_are_aborted_by_the_next_run(s3_env, tmp_path, monkeypatc
 
 def _flow_run_states(env: dict) -> dict:
     code = ("from prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.sorting import FlowRunSort\n"
             "import json\n"
             "with get_client(sync_client=True) as c:\n"
-            "    print(json.dumps({str(r.id): r.state.type.value for r in c.read_flow_runs()}))\n")
+            "    runs = c.read_flow_runs(limit=50, sort=FlowRunSort.START_TIME_DESC)\n"
+            "    print(json.dumps({str(r.id): r.state.type.value for r in runs}))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
