@@ -116,7 +116,7 @@ def client_for(uri: str) -> MlflowClient:
     """A client whose stores exist: on a fresh SQLite file the first client creates (migrates) the schema,
     which two runs starting together must not do at once."""
     with _sqlite_init_lock(uri):
-        client = client_for(uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_registered_models(max_results=1)  # the registry's store migrates on first use
         return client
 
