@@ -47,8 +47,11 @@ def decoder_layer_class(config) -> type:
 
 
 def stock_layer(config, device: str | torch.device = "meta") -> nn.Module:
-    """One decoder layer as stock transformers builds it from `config` (on `meta`: nothing allocated)."""
-    with torch.device(device):
+    """One decoder layer as stock transformers builds it from `config` (on `meta`: nothing allocated),
+    under the process-wide build lock (see `hfload`)."""
+    from .hfload import BUILD_LOCK
+
+    with BUILD_LOCK, torch.device(device):
         return decoder_layer_class(config)(config, layer_idx=0)
 
 

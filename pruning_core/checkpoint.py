@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hfload
 from .adapters import adapter_for
 from .errors import DataError, StorageError
 from .plan import PrunePlan
@@ -93,7 +94,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     device = torch.device(device) if not isinstance(device, torch.device) else device
     p = Path(str(path)).expanduser()
     if not p.exists():  # a hub id: stock loader only
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = hfload.from_pretrained(AutoModelForCausalLM, str(path), dtype=dtype, trust_remote_code=trust_remote_code)
         from transformers import AutoTokenizer
 
         return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -102,10 +103,10 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     layers_desc = getattr(config, "pruneflow_layers", None)
     if not layers_desc:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = hfload.from_pretrained(AutoModelForCausalLM, p, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(device).eval(), _load_tokenizer(p, trust_remote_code)
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model = hfload.from_config(AutoModelForCausalLM, config, dtype=dtype or torch.float32)
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     for i, desc in enumerate(layers_desc):

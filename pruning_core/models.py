@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import hfload
 from .errors import ConfigError, DataError
 from .util import home
 
@@ -98,7 +99,7 @@ def _convert_gguf(gguf: Path, arch: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = hfload.from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are plain fp32 after the legacy GGUF load, but the quantizer tag blocks saving
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -181,7 +182,7 @@ def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overri
         config = OPTConfig(**cfg)
     else:
         raise ConfigError("family", family, "llama, qwen2, mistral or opt")
-    model = AutoModelForCausalLM.from_config(config)
+    model = hfload.from_config(AutoModelForCausalLM, config)
     # random non-trivial norms and biases so that tests see every parameter matter
     with torch.no_grad():
         for p in model.parameters():

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from . import hfload
 from .adapters import Adapter, LayerShape, adapter_for, stock_layer
 from .errors import ConfigError
 from .plan import PrunePlan
@@ -134,7 +135,7 @@ def _same_tensors(model: nn.Module, config) -> bool:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        ref = AutoModelForCausalLM.from_config(config)
+        ref = hfload.from_config(AutoModelForCausalLM, config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 

@@ -109,8 +109,17 @@ def _default_artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri()
 
 
+def client_for(uri: str) -> MlflowClient:
+    """A client whose stores exist: on a fresh SQLite file the first client creates (migrates) the schema,
+    which two runs starting together must not do at once."""
+    with _sqlite_init_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_registered_models(max_results=1)  # the registry's store migrates on first use
+        return client
+
+
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    with _sqlite_init_lock(uri):  # two runs on a fresh home would both create the schema
+    with _sqlite_init_lock(uri):
         return _ensure_experiment(client, name, uri)
 
 
@@ -557,7 +566,7 @@ def _record(run_dir: Path, result: dict) -> dict:
 
 
 def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) -> dict:
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = client_for(uri)
     exp_id = ensure_experiment(client, settings.experiment, uri)
     model, method = str(report.get("model", "model")), str(report.get("method", "method"))
     ratio = report.get("target_ratio")
@@ -729,7 +738,7 @@ def track_sweep(spec: Mapping[str, Any], result: Mapping[str, Any] | list[Mappin
     points = sweep_points(result)
     try:
         probe(uri, settings.probe_timeout_s)
-        client = MlflowClient(tracking_uri=uri)
+        client = client_for(uri)
         exp_id = ensure_experiment(client, settings.experiment, uri)
         with using_uri(uri), tempfile.TemporaryDirectory() as tmpd, \
                 mlflow.start_run(experiment_id=exp_id, run_name="sweep", tags={f"{TAG}kind": "sweep"}) as run:
