@@ -25,7 +25,8 @@ from . import hfload
 from .adapters import adapter_for
 from .errors import DataError, StorageError
 from .plan import PrunePlan
-from .surgery import _layer_kind, sync_config
+from .replacements import layer_kind
+from .surgery import settle_biases, sync_config
 
 
 def _check_writable(path: Path) -> None:
@@ -42,12 +43,15 @@ def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str |
     """Write model (+ tokenizer, plan.json) to `path` atomically. Returns the path."""
     path = Path(path).expanduser()
     _check_writable(path)
-    sync_config(model)
+    stock = sync_config(model)
     if getattr(model.config, "architectures", None) is None:
         model.config.architectures = [type(model).__name__]
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        config = settle_biases(model) if stock else None
+        if config is not None and config is not model.config:  # e.g. Qwen2 + FLAP's biases, saved as Llama
+            config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
@@ -115,8 +119,9 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
                 adapter.prune_heads(model, layers[i], keep_q, list(range(desc["n_kv_heads"])))
             if desc["ffn"] != shape.ffn:
                 adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
+            adapter.add_bias(layers[i], desc.get("bias", ()))  # biases the architecture hard-codes away
         else:
-            layers[i] = _layer_kind(desc["kind"]).empty(config, desc)
+            layers[i] = layer_kind(desc["kind"]).empty(config, desc)
     adapter.renumber(model)
     from safetensors.torch import load_file
 

@@ -10,7 +10,7 @@ import torch
 
 from pruning_core.adapters import adapter_for
 from pruning_core.methods import get_method, list_methods
-from pruning_core.methods.slimgpt import solve_schedule
+from pruning_core.select import solve_schedule
 from pruning_core.models import tiny_model
 from pruning_core.surgery import apply_plan
 
