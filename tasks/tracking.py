@@ -451,7 +451,7 @@ def log_checkpoint_model(checkpoint: str | Path, name: str | None, max_new_token
     """Log a checkpoint folder as an MLflow model in the active run (and register it when ``name``)."""
     from pruning_core.checkpoint import is_uniform, load_pruned
 
-    ckpt = Path(checkpoint)
+    ckpt = Path(checkpoint).resolve()  # the run folder's link -> the store object (MLflow refuses links out)
     reqs = pip_requirements()
     if is_uniform(ckpt):
         model, tok = load_pruned(ckpt, device="cpu")
@@ -659,7 +659,7 @@ def _log_servable(client: MlflowClient, info, name: str, version: str, arts: Map
     local = _local_copy(ref, tmp) if ref else None
     if local is None or not (local / "config.json").exists() or not getattr(info, "model_id", None):
         return None
-    client.log_model_artifacts(info.model_id, str(local), artifact_path=SERVABLE_DIR)
+    client.log_model_artifacts(info.model_id, str(local.resolve()), artifact_path=SERVABLE_DIR)
     uri = f"models:/{name}/{version}/{SERVABLE_DIR}"
     client.set_model_version_tag(name, version, f"{TAG}servable", uri)
     return uri
