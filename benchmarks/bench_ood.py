@@ -52,6 +52,9 @@ GRIDS: dict[str, dict[str, dict]] = {
     "slimgpt": {
         "slimgpt kv_group (old default)": dict(method="slimgpt", settings={"gqa": "kv_group"}),
         "slimgpt per_group": dict(method="slimgpt", settings={"gqa": "per_group"}),
+        "slimgpt per_group, heads at 0.75 r": dict(method="slimgpt", settings={"gqa": "per_group",
+                                                                              "head_ratio_scale": 0.75}),
+        "slimgpt FFN only (head_ratio_scale 0)": dict(method="slimgpt", settings={"head_ratio_scale": 0.0}),
         "slimgpt per_group, uniform": dict(method="slimgpt", settings={"gqa": "per_group", "schedule": "uniform"}),
         "slimgpt per_group, damp 0.1": dict(method="slimgpt", settings={"gqa": "per_group", "percdamp": 0.1}),
         "slimgpt per_group, floor 8": dict(method="slimgpt", settings={"gqa": "per_group", "ffn_group_floor": 8}),
@@ -83,9 +86,17 @@ GRIDS: dict[str, dict[str, dict]] = {
     # item 3: Streamline on one block (7 of 30 layers), replacement recipes
     "streamline": {
         "shortgpt 7 layers": dict(method="shortgpt", settings={"n_layers": 7}, calib="64x256"),
-        "streamline none": dict(method="llm-streamline", settings={"n_layers": 7, "replacement": "none"}, calib="64x256"),
-        "streamline layer (defaults)": dict(method="llm-streamline", settings={"n_layers": 7, "replacement": "layer"},
-                                            calib="64x256"),
+        "streamline none": dict(method="llm-streamline", settings={"n_layers": 7, "replacement": "none"},
+                                calib="64x256"),
+        **{f"streamline layer, {k}": dict(method="llm-streamline", calib="64x256",
+                                          settings={"n_layers": 7, "replacement": "layer"} | v)
+           for k, v in {
+               "defaults": {},
+               "140 steps (10 epochs of 56 blocks)": {"steps": 140},
+               "lr 1e-3": {"lr": 1e-3, "min_lr": 1e-4},
+               "loss skips token 0": {"loss_skip_tokens": 1},
+               "100 steps, batch 8, lr 5e-4": {"steps": 100, "batch_size": 8, "lr": 5e-4},
+           }.items()},
     },
     # item 7: LoRA on pydoc, does it help out of domain?
     "lora": {
@@ -141,7 +152,16 @@ class Bench:
         meth = get_method(spec["method"])
         calib = self.calib(spec["calib"], seed)
         t0 = time.perf_counter()
-        if meth.coupled:
+        if spec["method"] == "llm-streamline":  # cosine statistics shared across rows; the dense model teaches
+            from pruning_core.methods import streamline as sl
+
+            st = sl.StreamlineSettings(**spec["settings"])
+            plan = sl.select(m, self.adapter, sl.score(m, self.adapter, self.stats(spec["calib"], seed, {"cosine"}), st),
+                             None, st)
+            apply_plan(m, plan)
+            if st.replacement in ("layer", "ffn") and st.steps > 0:
+                plan.notes["training"] = sl.train_replacement(self.model, m, plan, calib, st)
+        elif meth.coupled:
             plan = pf_prune(m, spec["method"], calib, spec["ratio"], spec["settings"])
         else:
             st = meth.parse_settings(spec["settings"])
@@ -156,7 +176,7 @@ class Bench:
             apply_plan(m, plan)
         row = dict(prune_s=time.perf_counter() - t0)
         if "training" in plan.notes:
-            row["training"] = {k: v for k, v in plan.notes["training"].items() if not isinstance(v, (list, dict))}
+            row["training"] = {k: v for k, v in plan.notes["training"].items() if k not in ("loss_curve", "lr_curve")}
         if spec["recover"]:
             row["before"] = self.evaluate(m, 0)
             from pruning_core.data import load_text, tokenize_text
@@ -175,7 +195,12 @@ def run(a) -> None:
     done = {(r["row"], r["seed"]) for r in rows}
     bench = None
     grid = GRIDS[a.grid]
-    names = list(grid) if not a.rows else [n for n in grid if any(k in n for k in a.rows.split("|"))]
+    names = list(grid)
+    if a.rows:  # exact names, in the order given
+        names = [k.strip() for k in a.rows.split("|")]
+        bad = [k for k in names if k not in grid]
+        if bad:
+            raise SystemExit(f"--rows: got {bad}; accepted: {list(grid)}")
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name in ["dense"] + names:
             if (name, seed) in done or (name == "dense" and any(r["row"] == "dense" for r in rows)):
@@ -231,7 +256,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cmd", nargs="?", default="run", choices=("run", "table"))
     ap.add_argument("--grid", default="slimgpt", choices=sorted(GRIDS))
-    ap.add_argument("--rows", default="", help="only rows whose name contains one of these ('|'-separated)")
+    ap.add_argument("--rows", default="", help="only these rows, in this order ('|'-separated exact names)")
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--id-windows", type=int, default=32)

@@ -204,16 +204,18 @@ def calibration_set(
         raise ConfigError("calibration.seq_len", seq_len, "an integer >= 2")
     ids = tokenize_text(tokenizer, load_text(source, split))
     n_chunks = ids.numel() // seq_len
+    if sampling == "random_windows":
+        if ids.numel() < seq_len + 1:
+            raise DataError("calibration.seq_len", seq_len, f"at most {ids.numel() - 1} tokens from {source!r}")
+        rng = random.Random(seed)
+        starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(n_samples)]
+        return torch.stack([ids[a:a + seq_len] for a in starts])
     if n_chunks < n_samples:
         raise DataError(
             "calibration.n_samples",
             n_samples,
             f"at most {n_chunks} samples of {seq_len} tokens from {source!r} ({ids.numel()} tokens in split {split!r})",
         )
-    if sampling == "random_windows":
-        rng = random.Random(seed)
-        starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(n_samples)]
-        return torch.stack([ids[a:a + seq_len] for a in starts])
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_chunks, generator=g)[:n_samples].sort().values
     return ids[: n_chunks * seq_len].view(n_chunks, seq_len)[pick].clone()

@@ -57,6 +57,9 @@ class SlimGPTSettings(MethodSettings):
     schedule: Literal[SCHEDULE_NAMES] = Field("log_increase", description=", ".join(SCHEDULE_NAMES))
     r0_fraction: float = Field(0.25, ge=0.0, le=1.0, description="r_0 = r0_fraction · r_last (README: 1/4)")
     gqa: Literal["kv_group", "per_group"] = Field("kv_group", description="kv_group or per_group")
+    head_ratio_scale: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "heads are removed at this multiple of the layer's ratio (paper: 1; 0: FFN only); the ratios are "
+        "solved so the parameter budget holds either way"))
     stat_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of Hessians and updates")
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
 
@@ -117,16 +120,16 @@ def _unit_counts(model, adapter, gqa: str) -> list[dict]:
     return out
 
 
-def _removed(u: dict, r: float) -> tuple[int, int]:
-    """(head units, FFN channels) removed at ratio r; at least one of each kept."""
+def _removed(u: dict, r: float, head_scale: float = 1.0) -> tuple[int, int]:
+    """(head units, FFN channels) removed at ratio r (heads at r·head_scale); at least one of each kept."""
     n_units = u["per_group"] if u["per_group"] else u["units"]
-    kh = min(int(math.floor(n_units * r + 0.5)), n_units - 1)
+    kh = min(int(math.floor(n_units * r * head_scale + 0.5)), n_units - 1)
     kf = min(int(math.floor(u["ffn"] * r + 0.5)), u["ffn"] - 1)
     return max(kh, 0), max(kf, 0)
 
 
 def solve_schedule(model, adapter, target: float, schedule: str = "log_increase", r0_fraction: float = 0.25,
-                   gqa: str = "kv_group") -> dict:
+                   gqa: str = "kv_group", head_scale: float = 1.0) -> dict:
     """Per-layer ratios and removal counts whose realised parameter reduction over the decoder layers
     equals `target` after rounding (bisection on r_last, then the FFN absorbs the head residual).
     Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last, realised}."""
@@ -143,7 +146,7 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
             if u is None:
                 kh.append(0), kf.append(0)
                 continue
-            a, b = _removed(u, min(r, 1.0))
+            a, b = _removed(u, min(r, 1.0), head_scale)
             kh.append(a), kf.append(b)
             rem += a * u["unit_params"] + b * u["ch_params"]
         return rs, kh, kf, rem
@@ -218,7 +221,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     Returns the plan; `surgery.apply_plan(model, plan)` then removes the dead structures."""
     s = settings or SlimGPTSettings()
     ratio = check_ratio(ratio)
-    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa)
+    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale)
     sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
     dev = torch.device(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
