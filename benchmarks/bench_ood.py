@@ -189,6 +189,16 @@ class Bench:
         return row
 
 
+def _append(path: Path, row: dict) -> None:
+    """Append one row to the JSON list under a lock (several runs may share the file)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(rows + [row], indent=1))
+
+
 def run(a) -> None:
     path = Path(a.json)
     rows = json.loads(path.read_text()) if path.exists() else []
@@ -202,7 +212,7 @@ def run(a) -> None:
         if bad:
             raise SystemExit(f"--rows: got {bad}; accepted: {list(grid)}")
     for seed in [int(s) for s in a.seeds.split(",")]:
-        for name in ["dense"] + names:
+        for name in ([] if a.skip_dense else ["dense"]) + names:
             if (name, seed) in done or (name == "dense" and any(r["row"] == "dense" for r in rows)):
                 continue
             bench = bench or Bench(a.model, a.id_windows, a.ood_windows, a.threads)
@@ -210,10 +220,10 @@ def run(a) -> None:
             row = bench.evaluate(bench.model, a.cloze) if name == "dense" else bench.run_row(name, grid[name], seed, a.cloze)
             row |= dict(row=name, seed=seed, grid=a.grid if name != "dense" else "*", wall_s=time.perf_counter() - t0,
                         id_windows=a.id_windows, ood_windows=a.ood_windows)
+            _append(path, row)
             rows.append(row)
-            path.write_text(json.dumps(rows, indent=1))
             print(json.dumps(row), flush=True)
-    print(table(rows, a.grid))
+    print(table(json.loads(path.read_text()), a.grid))
 
 
 def _agg(vals: list[float], fmt: str) -> str:
@@ -263,6 +273,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ood-windows", type=int, default=64)
     ap.add_argument("--cloze", type=int, default=0, help="items of pkgdocs_last_word per row (0: none)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-dense", action="store_true", help="leave the dense row to another run")
     ap.add_argument("--json", default=str(DEFAULT_JSON))
     ap.add_argument("--write", action="store_true", help="run every grid and write the RESULTS.md sections")
     a = ap.parse_args(argv)
