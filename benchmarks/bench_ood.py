@@ -151,7 +151,7 @@ class Bench:
         m = copy.deepcopy(self.model)
         meth = get_method(spec["method"])
         calib = self.calib(spec["calib"], seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if spec["method"] == "llm-streamline":  # cosine statistics shared across rows; the dense model teaches
             from pruning_core.methods import streamline as sl
 
@@ -174,7 +174,8 @@ class Bench:
             else:
                 plan = meth.select(m, self.adapter, scores, spec["ratio"], st)
             apply_plan(m, plan)
-        row = dict(prune_s=time.perf_counter() - t0)
+        # process CPU seconds: on a loaded machine a better proxy of idle one-thread wall time than wall time
+        row = dict(prune_s=time.perf_counter() - t0, prune_cpu_s=time.process_time() - c0)
         if "training" in plan.notes:
             row["training"] = {k: v for k, v in plan.notes["training"].items() if k not in ("loss_curve", "lr_curve")}
         if spec["recover"]:
@@ -213,7 +214,7 @@ def run(a) -> None:
             raise SystemExit(f"--rows: got {bad}; accepted: {list(grid)}")
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name in ([] if a.skip_dense else ["dense"]) + names:
-            if (name, seed) in done or (name == "dense" and any(r["row"] == "dense" for r in rows)):
+            if (name, seed) in done or (name == "dense" and _dense(rows, a.id_windows, a.ood_windows)):
                 continue
             bench = bench or Bench(a.model, a.id_windows, a.ood_windows, a.threads)
             t0 = time.perf_counter()
@@ -234,9 +235,15 @@ def _agg(vals: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(vals))} [{fmt.format(min(vals))}, {fmt.format(max(vals))}]"
 
 
+def _dense(rows: list[dict], id_windows: int, ood_windows: int) -> dict | None:
+    """The dense row evaluated on the same windows."""
+    return next((r for r in rows if r["row"] == "dense" and (r["id_windows"], r["ood_windows"]) == (id_windows, ood_windows)),
+                None)
+
+
 def table(rows: list[dict], grid: str) -> str:
-    dense = next((r for r in rows if r["row"] == "dense"), None)
     mine = [r for r in rows if r.get("grid") == grid]
+    dense = _dense(rows, mine[0]["id_windows"], mine[0]["ood_windows"]) if mine else None
     names = [n for n in GRIDS[grid] if any(r["row"] == n for r in mine)]
     lora = grid == "lora"
     head = ["row", "calib", "params (M)", "seeds", "in-domain PPL (pydoc)", "out-of-domain PPL (pkgdocs)"]
