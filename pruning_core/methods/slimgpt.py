@@ -56,7 +56,9 @@ class SlimGPTSettings(MethodSettings):
     compensate: bool = Field(True, description="OBS update of surviving columns (False: zero only, ablation)")
     schedule: Literal[SCHEDULE_NAMES] = Field("log_increase", description=", ".join(SCHEDULE_NAMES))
     r0_fraction: float = Field(0.25, ge=0.0, le=1.0, description="r_0 = r0_fraction · r_last (README: 1/4)")
-    gqa: Literal["kv_group", "per_group"] = Field("kv_group", description="kv_group or per_group")
+    gqa: Literal["kv_group", "per_group"] = Field("per_group", description=(
+        "per_group (query heads, the same number in every KV group; K/V kept) or kv_group (whole KV groups); "
+        "per_group wins out of domain (benchmarks/RESULTS.md, ood-slimgpt)"))
     head_ratio_scale: float = Field(1.0, ge=0.0, le=1.0, description=(
         "heads are removed at this multiple of the layer's ratio (paper: 1; 0: FFN only); the ratios are "
         "solved so the parameter budget holds either way"))
