@@ -77,7 +77,7 @@ def test_reconstruction_error_below_wanda_and_magnitude_with_the_same_mask_sizes
         return [float((_logits(m, x) - d).norm() / d.norm()) for x, d in ((calib, dense_c), (held, dense_h))]
 
     slim = copy.deepcopy(base)
-    plan = prune(slim, adapter_for(slim), calib, 0.25, SlimGPTSettings(schedule="uniform"))
+    plan = prune(slim, adapter_for(slim), calib, 0.25, SlimGPTSettings(schedule="uniform", gqa="kv_group"))
     e_slim = err(apply_plan(slim, plan))
     stats = capture_stats(base, adapter_for(base), calib)
     errs = {}
