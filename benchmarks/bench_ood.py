@@ -35,7 +35,7 @@ from pruning_core.adapters import adapter_for  # noqa: E402
 from pruning_core.capture import capture_stats  # noqa: E402
 from pruning_core.data import calibration_set, eval_tokens  # noqa: E402
 from pruning_core.methods import get_method  # noqa: E402
-from pruning_core.methods.slimgpt import solve_schedule  # noqa: E402
+from pruning_core.select import solve_schedule  # noqa: E402
 from pruning_core.metrics import perplexity  # noqa: E402
 from pruning_core.models import load_model  # noqa: E402
 from pruning_core.surgery import apply_plan, count_params  # noqa: E402

