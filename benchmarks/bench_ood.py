@@ -30,17 +30,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from bench_slimgpt import _counts_plan  # noqa: E402
+
 from pruning_core import prune as pf_prune  # noqa: E402
 from pruning_core.adapters import adapter_for  # noqa: E402
 from pruning_core.capture import capture_stats  # noqa: E402
 from pruning_core.data import calibration_set, eval_tokens  # noqa: E402
 from pruning_core.methods import get_method  # noqa: E402
-from pruning_core.select import solve_schedule  # noqa: E402
 from pruning_core.metrics import perplexity  # noqa: E402
 from pruning_core.models import load_model  # noqa: E402
+from pruning_core.select import solve_schedule  # noqa: E402
 from pruning_core.surgery import apply_plan, count_params  # noqa: E402
-
-from bench_slimgpt import _counts_plan  # noqa: E402
 
 SECTION = "ood-quality"
 DEFAULT_JSON = HERE / ".bench_ood.json"
