@@ -167,18 +167,19 @@ def unit_counts(model, adapter, gqa: str) -> list[dict]:
     return out
 
 
-def _removed(u: dict, r: float) -> tuple[int, int]:
-    """(head units, FFN channels) removed at ratio r; at least one of each kept."""
+def _removed(u: dict, r: float, head_scale: float = 1.0) -> tuple[int, int]:
+    """(head units, FFN channels) removed at ratio r (heads at r·head_scale); at least one of each kept."""
     n_units = u["per_group"] if u["per_group"] else u["units"]
-    kh = min(int(math.floor(n_units * r + 0.5)), n_units - 1)
+    kh = min(int(math.floor(n_units * r * head_scale + 0.5)), n_units - 1)
     kf = min(int(math.floor(u["ffn"] * r + 0.5)), u["ffn"] - 1)
     return max(kh, 0), max(kf, 0)
 
 
 def solve_schedule(model, adapter, target: float, schedule: str = "log_increase", r0_fraction: float = 0.25,
-                   gqa: str = "kv_group", uniform_heads: bool = False) -> dict:
+                   gqa: str = "kv_group", head_scale: float = 1.0, uniform_heads: bool = False) -> dict:
     """Per-layer ratios and removal counts whose realised parameter reduction over the decoder layers
     equals `target` after rounding (bisection on r_last, then the FFN absorbs the head residual).
+    `head_scale` removes heads at that multiple of each layer's ratio (0: FFN only).
     `uniform_heads` (`servable: vllm`): every layer removes the same number of head units, the mean
     (rounded) of what the schedule alone would remove; the FFN widths follow the schedule and absorb
     the difference. Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last,
@@ -190,7 +191,7 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
     goal = target * total
     fixed = None
     if uniform_heads and schedule != "uniform":
-        free = solve_schedule(model, adapter, target, schedule, r0_fraction, gqa)["heads"]
+        free = solve_schedule(model, adapter, target, schedule, r0_fraction, gqa, head_scale)["heads"]
         hs = [h for h, u in zip(free, units) if u]
         fixed = int(math.floor(sum(hs) / max(len(hs), 1) + 0.5))
 
@@ -201,7 +202,7 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
             if u is None:
                 kh.append(0), kf.append(0)
                 continue
-            a, b = _removed(u, min(r, 1.0))
+            a, b = _removed(u, min(r, 1.0), head_scale)
             if fixed is not None:
                 a = min(fixed, (u["per_group"] or u["units"]) - 1)
             kh.append(a), kf.append(b)
