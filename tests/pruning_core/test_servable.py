@@ -10,8 +10,8 @@ import torch
 
 from pruning_core.adapters import adapter_for
 from pruning_core.methods import get_method, list_methods
-from pruning_core.select import solve_schedule
 from pruning_core.models import tiny_model
+from pruning_core.select import solve_schedule
 from pruning_core.surgery import apply_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
