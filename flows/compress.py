@@ -105,16 +105,24 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     coupled = get_method(method).coupled
     ckpt = sl("prune", steps.prune_task, model=model, method=method, settings=settings, ratio=ratio,
               scores=scores, calib=calib if coupled else None)
-    r = spec.recovery
-    if r.kind == "lora":
-        ckpt = sl("recover", steps.recover_task, checkpoint=ckpt, kind=r.kind, settings=r.settings,
-                  model_revision=model["sha256"], train_source=spec.calibration.source,
-                  seq_len=spec.calibration.seq_len, calib=calib)
-    else:  # none, or replacement: trained inside the method's own prune step (LLM-Streamline)
+    if spec.recovery.kind in ("lora", "replacement"):
+        ckpt = sl("recover", steps.recover_task, **recover_args(spec, model, calib, settings), checkpoint=ckpt)
+    else:  # none: the prune step's checkpoint as it is (an LLM-Streamline replacement stays untrained)
         sl.skip("recover")
     after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
                model_revision=model["sha256"], label="pruned")
     return ckpt, after
+
+
+def recover_args(spec: RunSpec, model: dict, calib: dict, method_settings: dict) -> dict:
+    """The recover step's inputs: LoRA takes `recovery.settings` and the training text; the
+    replacement (LLM-Streamline) takes the method's settings, the calibration blocks and the dense model."""
+    r = spec.recovery
+    args = {"kind": r.kind, "model_revision": model["sha256"], "train_source": spec.calibration.source,
+            "seq_len": spec.calibration.seq_len, "calib": calib}
+    if r.kind == "replacement":
+        return {**args, "settings": method_settings, "model": model}
+    return {**args, "settings": r.settings}
 
 
 def versions() -> dict:

@@ -139,6 +139,9 @@ class RunSpec(_Strict):
             if "replacement" not in m.settings.model_fields:
                 raise ConfigError("recovery.kind", "replacement",
                                   f"none or lora for {m.name!r} (replacement layers are trained by llm-streamline)")
+            if self.method.settings.get("replacement") not in ("layer", "ffn"):
+                raise ConfigError("recovery.kind", "replacement", "none or lora with method.settings.replacement "
+                                  f"{self.method.settings.get('replacement')!r} (only layer and ffn are trained)")
             if self.recovery.settings:
                 raise ConfigError("recovery.settings", self.recovery.settings,
                                   "{} for replacement (set it in method.settings)")

@@ -83,15 +83,21 @@ def _load_tensors(man: dict, ctx: dict) -> dict:
     return load_file(str(open_store(ctx.get("store")).local_path(man)))
 
 
-def _progress(desc: str, total: int):
+def _progress(desc: str, total: int, unit: str = "layer"):
+    """A transient tqdm bar under the step's own bar and its callback `cb(done, total, *extra)`
+    (a float extra, e.g. a training loss, is shown beside it)."""
     if not progress_enabled():
         return None, lambda *a: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
+    bar = tqdm(total=total, desc=f"  {desc}", unit=unit, leave=False, dynamic_ncols=True)
 
-    def cb(done, _total):
+    def cb(done, total_=None, *extra):
+        if total_ and bar.total != total_:
+            bar.total = total_
         bar.n = done
+        if extra and isinstance(extra[0], float):
+            bar.set_postfix_str(f"loss {extra[0]:.4g}", refresh=False)
         bar.refresh()
 
     return bar, cb
@@ -330,7 +336,11 @@ define_step("recover", _recover_keyparts,
 
 @_task("recover", gpu=True)
 def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_revision: str,
-                 train_source: str = "pydoc", seq_len: int = 256, calib: dict | None = None) -> dict:
+                 train_source: str = "pydoc", seq_len: int = 256, calib: dict | None = None,
+                 model: dict | None = None) -> dict:
+    """`lora`: LoRA on the training text, merged. `replacement` (LLM-Streamline): the replacement of
+    the removed block is trained on the calibration blocks against the dense model (`model`), with
+    the method's settings; the prune step before it is the same as for `recovery: none`."""
     params = {"ctx": ctx, "checkpoint": checkpoint, "kind": kind, "settings": settings,
               "model_revision": model_revision, "calib": calib}
 
@@ -345,11 +355,25 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         store = open_store(ctx.get("store"))
         src = store.local_path(checkpoint)
         m, tok = load_pruned(src, device=_device(ctx))
-        if kind != "lora":
-            raise ConfigError("recovery.kind", kind, "lora (the only recovery run as its own step)")
-        train_ids = tokenize_text(tok, load_text(train_source, "train"))
-        m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
+        if kind == "replacement":
+            if model is None or calib is None or plan is None:
+                raise ConfigError("recovery.kind", kind, "lora or none (replacement needs the dense model, the "
+                                  "calibration set and the checkpoint's plan)")
+            dense, _ = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+            bar, cb = _progress("recover", 1, unit="step")
+            try:
+                m, info = rec.replacement_recover(m, dense, plan, load_calibration(calib, ctx), settings,
+                                                  device=_device(ctx), progress=cb)
+            finally:
+                if bar is not None:
+                    bar.close()
+                dense.to("cpu")
+        elif kind == "lora":
+            train_ids = tokenize_text(tok, load_text(train_source, "train"))
+            m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
+        else:
+            raise ConfigError("recovery.kind", kind, "lora or replacement (the recoveries run as their own step)")
         with tempfile.TemporaryDirectory() as d:
             path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
             man = store.put_dir(path, "checkpoint", f"recover:{kind}")

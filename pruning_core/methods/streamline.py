@@ -136,8 +136,10 @@ def score(model: nn.Module, adapter: Adapter, stats: dict, settings) -> Scores:
 def n_from_ratio(
     ratio: float | None, total: int, per_layer: float, n_layers: int, override: int | None
 ) -> int:
-    """Layers to remove (net): `override` if given, else round(ratio · total / params per layer)
-    (the ratio is a fraction of *all* parameters, embeddings included, as the paper counts)."""
+    """Layers to remove (net): `override` if given, else round(ratio · total / params per layer),
+    `total` being the decoder-layer parameters: the ratio is the fraction of decoder-layer parameters
+    removed, as for every pruneflow method (the paper counts all parameters; its 25 % on Llama2-7B is
+    about 26 % of the decoder layers). Whole layers only: the realised fraction is reported."""
     limit = n_layers - 1
     if override is not None:
         n = int(override)
@@ -165,7 +167,13 @@ def _depth_budget(model: nn.Module, adapter: Adapter, ratio: float | None, n_lay
     layers = adapter.layers(model)
     total = count_params(model)
     per = [count_params(layer) for layer in layers]
-    return layers, total, per, n_from_ratio(ratio, total, sum(per) / len(layers), len(layers), n_layers)
+    return layers, total, per, n_from_ratio(ratio, sum(per), sum(per) / len(layers), len(layers), n_layers)
+
+
+def rounding_note(ratio: float | None, n: int, n_layers: int, removed: int, decoder: int) -> str:
+    """The line a depth method reports: its ratio rounded to whole layers, and what that realises."""
+    asked = "" if ratio is None else f"ratio {ratio:g} rounded to whole layers: "
+    return f"{asked}{n} of {n_layers} layers removed = {removed / decoder:.1%} of decoder-layer parameters"
 
 
 def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | None, settings) -> PrunePlan:
@@ -197,6 +205,7 @@ def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | No
             "block_cos": float(cos[start, start + m]),
             "layers_removed": n,
             "replacement": s.replacement,
+            "rounding": rounding_note(None if s.n_layers else ratio, n, L, total - after, sum(per)),
         },
     )
 
@@ -218,7 +227,8 @@ def select_shortgpt(
         target_ratio=ratio,
         params_before=total,
         params_after=total - sum(per[i] for i in drop),
-        notes={"removed_layers": drop, "layers_removed": n, "bi": [round(float(b), 6) for b in bi]},
+        notes={"removed_layers": drop, "layers_removed": n, "bi": [round(float(b), 6) for b in bi],
+               "rounding": rounding_note(None if s.n_layers else ratio, n, L, sum(per[i] for i in drop), sum(per))},
     )
 
 
@@ -549,42 +559,6 @@ def replacement_recover(
     return pruned_model, info
 
 
-def prune(
-    model: nn.Module,
-    adapter: Adapter,
-    calib_ids: torch.Tensor,
-    ratio: float | None,
-    settings: StreamlineSettings | dict | None,
-    device: torch.device | str = "cpu",
-) -> PrunePlan:
-    """The pipeline's prune step for LLM-Streamline (capture, score, select, and train the
-    replacement on the calibration blocks). The trained weights are written back into layer l* of
-    `model` (for `ffn`: its MLP and post-attention norm), so that surgery with the returned plan
-    builds the trained replacement. `steps: 0` (or replacement none/collapse) trains nothing."""
-    from ..capture import capture_stats
-    from ..surgery import apply_plan
-
-    s = settings if isinstance(settings, StreamlineSettings) else _recovery_settings(settings)
-    stats = capture_stats(
-        model, adapter, calib_ids, requests={"cosine"}, device=device, batch_size=s.batch_size
-    )
-    plan = select(model, adapter, score(model, adapter, stats, s), ratio, s)
-    if s.replacement in ("layer", "ffn") and s.steps > 0:
-        pruned = apply_plan(copy.deepcopy(model), plan)  # `model` itself stays the frozen teacher
-        info = train_replacement(model, pruned, plan, calib_ids, s, device=device)
-        new_idx, start, _, kind = replacement_of(plan)
-        trained, target = adapter.layers(pruned)[new_idx], adapter.layers(model)[start]
-        with torch.no_grad():
-            if kind == "layer":
-                target.load_state_dict(trained.state_dict())
-            else:
-                adapter.mlp(target).load_state_dict(trained.mlp.state_dict())
-                getattr(target, _ffn_norm_name(adapter)).load_state_dict(trained.norm.state_dict())
-        plan.notes["training"] = {k: v for k, v in info.items() if k != "lr_curve"}
-        del pruned
-    return plan
-
-
 def _recovery_settings(raw: dict | None) -> StreamlineSettings:
     from pydantic import ValidationError
 
@@ -616,8 +590,7 @@ register(
         targets=("layers",),
         needs=frozenset({"cosine"}),
         score=score,
-        select=select,
-        prune=prune,  # the pipeline trains the replacement inside the prune step (recovery: replacement)
+        select=select,  # the prune step is shared; `recovery: replacement` trains it (replacement_recover)
         default_recovery="replacement",
     )
 )
