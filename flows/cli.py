@@ -40,6 +40,7 @@ def _env(quiet: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ["PRUNEFLOW_CONSOLE"] = "1"  # step bars on stderr (flows/console.py), unless --quiet
     if quiet:
         os.environ["PRUNEFLOW_QUIET"] = "1"
         os.environ["PREFECT_LOGGING_LEVEL"] = "ERROR"
@@ -88,32 +89,51 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def _m(n) -> str:
+    return f"{n / 1e6:.1f} M" if isinstance(n, (int, float)) else "?"
+
+
+def load_hint(report: dict) -> str:
+    """How to load the checkpoint: stock transformers when every layer has the same shape."""
+    a = report.get("artifacts", {})
+    path = a.get("checkpoint_local") or a.get("checkpoint")
+    if report.get("uniform"):
+        return f"AutoModelForCausalLM.from_pretrained({str(path)!r})  (stock transformers)"
+    return f"pruning_core.load_pruned({str(path)!r})  (per-layer sizes: pruneflow's loader)"
+
+
 def summary(report: dict) -> str:
-    out = [f"run {report.get('name')}: {report['model']} / {report['method']} @ ratio {report['target_ratio']}"]
-    pb, pa = report.get("params_before"), report.get("params_after")
-    rows = [["params", pb, pa, (pa / pb if pb else None)]]
-    mb, ma, ret = report.get("metrics_before", {}), report.get("metrics_after", {}), report.get("retention", {})
+    """The end of a run on the console: what was removed, the figures, where everything is."""
     from pruning_core.evaluate import flatten_metrics  # canonical names, the ones retention uses
 
-    fb, fa = flatten_metrics(mb), flatten_metrics(ma)
-    for k in fa:
-        if k not in ("ppl_tokens",):
-            rows.append([k, fb.get(k), fa[k], ret.get(k)])
+    pb, pa = report.get("params_before"), report.get("params_after")
+    dec = report.get("removed_decoder_fraction")
+    head = (f"{report['model']} / {report['method']} @ ratio {report['target_ratio']:g}"
+            f" (recovery {report.get('recovery', 'none')}): {_m(pb)} -> {_m(pa)} parameters")
+    if isinstance(dec, (int, float)):
+        head += f", {100 * dec:.1f} % of decoder-layer parameters removed"
+    out = [head]
+    if report.get("rounding"):
+        out.append(f"  ({report['rounding']})")
+    fb, fa = flatten_metrics(report.get("metrics_before")), flatten_metrics(report.get("metrics_after"))
+    ret = report.get("retention", {})
+    rows = [[k, fb.get(k), fa[k], ret.get(k)] for k in fa
+            if k in ret or k.startswith("ppl")]
     if "average" in ret:
-        rows.append(["average retention (quality metrics)", None, None, ret["average"]])
-    out.append(table(["metric", "dense", "pruned", "retention (1 = dense; PPL inverted)"], rows))
-    if "ppl_protocol" in ma:
-        out.append(f"perplexity protocol: {ma['ppl_protocol']} ({ma.get('ppl_tokens')} predicted tokens)")
-    steps = report.get("cache", {})
-    out.append(table(["step", "cache", "seconds"], [[s, c, report.get("timings", {}).get(s)] for s, c in steps.items()]))
+        rows.append(["average retention", None, None, ret["average"]])
+    out.append(table(["metric", "dense", "pruned", "retention"], rows))
     a = report.get("artifacts", {})
-    out.append(f"checkpoint: {a.get('checkpoint_local') or a.get('checkpoint')}")
-    if a.get("checkpoint_local") and a.get("checkpoint_local") != a.get("checkpoint"):
-        out.append(f"  (store object: {a.get('checkpoint')})")
-    out.append(f"report:     {Path(a.get('run_dir', '.')) / 'report.json'}  (store: {a.get('report')})")
-    out.append(f"logs:       {a.get('log')}")
-    if report.get("tracking"):
-        out.append(f"tracking:   {json.dumps(report['tracking'], default=str)[:200]}")
+    ckpt = a.get("checkpoint_local") or a.get("checkpoint")
+    out.append(f"checkpoint: {ckpt}")
+    out.append(f"load it:    {load_hint(report)}")
+    out.append(f"report:     {Path(a.get('run_dir', '.')) / 'report.md'}  (report.json, plots/ beside it)")
+    out.append(f"log:        {a.get('log')}")
+    tr = report.get("tracking")
+    if isinstance(tr, dict) and tr.get("run_id"):
+        model = f"; model {tr['model_name']} v{tr['model_version']}" if tr.get("model_name") else ""
+        out.append(f"mlflow:     run {tr['run_id']} at {tr.get('uri')}{model}")
+    elif isinstance(tr, dict) and tr.get("status"):
+        out.append(f"mlflow:     {tr['status'][:150]}")
     return "\n".join(out)
 
 
@@ -144,9 +164,15 @@ def run(
     s = _build(spec, set_, **{"ratio": ratio, "params": params, "method.name": method, "model.ref": model,
                               "store.url": store, "device": device, "name": name})
     _preflight(s)
+    from .console import BARS
+
+    BARS.begin("prefect")  # Prefect's temporary server starts with the flow run (ends as the flow begins)
     from .compress import compress
 
-    report = compress(spec=s.model_dump(mode="json"))
+    try:
+        report = compress(spec=s.model_dump(mode="json"))
+    finally:
+        BARS.settle()
     typer.echo(json.dumps(report, indent=1, default=str) if as_json else summary(report))
 
 

@@ -147,6 +147,10 @@ def load_model_task(ctx: dict, ref: str, dtype: str = "float32", revision: str |
     return run_step("load", params, compute)
 
 
+def _decoder_params(model, adapter) -> int:
+    return sum(p.numel() for layer in adapter.layers(model) for p in layer.parameters())
+
+
 def _dir_bytes(path: str) -> int:
     p = Path(path)
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
@@ -302,22 +306,35 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
                 raise ConfigError("method.name", method, "a coupled method run with a calibration set")
             ids = load_calibration(calib, ctx)
             m.to(_device(ctx))
-            plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx))
+            bar, cb = _progress(method, len(adapter.layers(m)))
+            try:
+                plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx), progress=cb)
+            finally:
+                if bar is not None:
+                    bar.close()
             m.to("cpu")
         else:
             sc = _load_tensors(scores, ctx)
             plan = meth.select(m, adapter, sc, ratio, st)
-        before = count_params(m)
+        before, dec_before = count_params(m), _decoder_params(m, adapter)
         apply_plan(m, plan)
         after = count_params(m)
         plan.params_before, plan.params_after = before, after
         store = open_store(ctx.get("store"))
         with tempfile.TemporaryDirectory() as d:
             path = save_pruned(m, tok, plan, Path(d) / "checkpoint")
+            from pruning_core.checkpoint import is_uniform
+
+            uniform = bool(is_uniform(path))
             man = store.put_dir(path, "checkpoint", f"prune:{method}")
         del m
         return {**man, "params_before": before, "params_after": after, "target_ratio": ratio,
-                "removed_fraction": 1 - after / before if before else 0.0}
+                "removed_fraction": 1 - after / before if before else 0.0,
+                # `ratio` is a fraction of decoder-layer parameters: the realised figure, and how depth
+                # methods rounded it
+                "decoder_params_before": dec_before,
+                "removed_decoder_fraction": (before - after) / dec_before if dec_before else 0.0,
+                "rounding": (plan.notes or {}).get("rounding"), "uniform": uniform}
 
     return run_step("prune", params, compute)
 
@@ -377,7 +394,8 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         with tempfile.TemporaryDirectory() as d:
             path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
             man = store.put_dir(path, "checkpoint", f"recover:{kind}")
-        keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction")
+        keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction",
+                                           "decoder_params_before", "removed_decoder_fraction", "rounding", "uniform")
                 if k in checkpoint}
         return {**man, **keep, "recovery": _jsonable(info)}
 
@@ -436,16 +454,27 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
             "eval_tokens_per_s": ppl["tokens"] / dt if dt > 0 else None,
         }
         tasks = settings.get("tasks") or []
+        protocols: dict[str, str] = {"ppl": ppl["protocol"]}
+        samples_man = None
         if tasks:
             if importlib.util.find_spec("pruning_core.evaluate") is None:
                 raise ConfigError("evaluation.tasks", tasks, "[] (pruning_core.evaluate is not installed)")
             from pruning_core.evaluate import run_lm_eval
 
-            res = run_lm_eval(path, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev))
+            import contextlib
+            import io
+
+            with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own bars: the step's bar shows progress
+                res = run_lm_eval(path, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev))
             for t, ms in res["results"].items():
                 for k, v in ms.items():
                     if isinstance(v, (int, float)):
                         metrics[f"{t}.{k}"] = v
+            lim = settings.get("limit")
+            protocols.update({t: res.get("protocols", {}).get(t) or
+                              ("lm_eval_0shot" + (f"_first{lim}" if lim else "")) for t in res["results"]})
+            # per-item outputs: the stability figure (LLM-Streamline) compares dense and pruned ones
+            samples_man = store.put_json(res.get("samples", {}), "samples.json", "samples", f"evaluate:{label}")
         if settings.get("efficiency") and importlib.util.find_spec("pruning_core.efficiency") is not None:
             from pruning_core import efficiency
 
@@ -454,7 +483,8 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
                 if isinstance(v, (int, float)):
                     metrics[f"eff.{k}"] = v
         man = store.put_json(metrics, "metrics.json", "metrics", f"evaluate:{label}")
-        return {**man, "metrics": metrics}
+        return {**man, "metrics": metrics, "protocols": protocols,
+                **({"samples": samples_man} if samples_man else {})}
 
     return run_step("evaluate", params, compute)
 
