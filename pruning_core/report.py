@@ -117,7 +117,7 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
     ppl_keys = [k for k in (_ppl_key(f) for f in befores + afters) if k]
     ppl_key = max(set(ppl_keys), key=ppl_keys.count) if ppl_keys else None
     ppl_head = f"PPL ({ppl_key[4:]})" if ppl_key and ppl_key.startswith("ppl.") else "PPL"
-    headers = ["model", "method", "ratio", "recovery", "params", ppl_head,
+    headers = ["model", "method", "ratio", "recovery", "params", "removed (decoder)", ppl_head,
                *[c.replace("/", " ") for c in cols], "avg acc", "retention", "speed-up"]
     if any("stability" in r for r in reports):
         headers.append("stability")
@@ -129,12 +129,13 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
         model = str(r.get("model", "?"))
         if model not in dense_done and b:
             dense_done.add(model)
-            row = [model, "dense", 0.0, "–", _params_m(r.get("params_before")), b.get(ppl_key) if ppl_key else None,
+            row = [model, "dense", 0.0, "–", _params_m(r.get("params_before")), "–", b.get(ppl_key) if ppl_key else None,
                    *[b.get(c) for c in cols], _avg_acc(b, cols), 1.0, 1.0]
             rows.append(row + (["–"] if "stability" in headers else []))
         ret = retention(b, a) if b and a else {}
+        dec = r.get("removed_decoder_fraction")
         row = [model, str(r.get("method", "?")), r.get("target_ratio"), _recovery_name(r), _params_m(r.get("params_after")),
-               a.get(ppl_key) if ppl_key else None, *[a.get(c) for c in cols], _avg_acc(a, cols),
+               f"{100 * dec:.1f} %" if isinstance(dec, (int, float)) else "–", a.get(ppl_key) if ppl_key else None, *[a.get(c) for c in cols], _avg_acc(a, cols),
                ret.get("average"), _speedup(b, a)]
         if "stability" in headers:
             s = r.get("stability")

@@ -158,13 +158,12 @@ def test_report_figures_params_and_names(tmp_path):
     assert registered_model_name("/x/y/smollm2-135m/", "SlimGPT") == "smollm2-135m-slimgpt"
     assert TrackingSettings.from_spec({"tracking": "http://h:1"}).uri == "http://h:1"
     assert not TrackingSettings.from_spec({"tracking": {"enabled": False}}).enabled
-    from tasks.tracking import _full_sizes
+    from tasks.tracking import curve_metrics
 
-    (tmp_path / "dense").mkdir()
-    (tmp_path / "dense" / "config.json").write_text(json.dumps(
-        {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}))
-    assert _full_sizes({"spec": {"model": {"ref": str(tmp_path / "dense")}}}) == {"heads": 9, "kv_heads": 3, "ffn": 1536}
-    assert _full_sizes({"model": str(tmp_path / "absent")}) is None
+    cm = curve_metrics({**rep, "recovery_info": {"loss_curve": [3.0, "nan?", 2.0], "val_curve": [[0, 1.5], [2, 1.0]]}})
+    assert cm["recovery.loss"] == [(1, 3.0), (3, 2.0)] and cm["recovery.val_mse"] == [(0, 1.5), (2, 1.0)]
+    assert cm["layer.removed_fraction"] == [(0, 0.3), (1, 0.25)]
+    assert curve_metrics({"model": "m"}) == {}  # nothing the flow did not write
 
 
 # ------------------------------------------------------------------------------------ tracking a run
