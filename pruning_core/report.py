@@ -221,8 +221,10 @@ def render_markdown(report: dict, plots_dir: str | Path | None = None) -> str:
     md.append("\n" + _protocols_line(report, b, a))
     if report.get("timings"):
         md += ["", "## Steps", ""]
-        md.append(_table(["step", "seconds", "cache"], [[s, t, (report.get("cache") or {}).get(s, "–")]
-                                                        for s, t in report["timings"].items()]))
+        why = report.get("cache_why") or {}
+        md.append(_table(["step", "seconds", "cache", "why it was computed"],
+                         [[s, t, (report.get("cache") or {}).get(s, "–"), why.get(s, "")]
+                          for s, t in report["timings"].items()]))
     if plots_dir is not None:
         md += _figures(report, Path(plots_dir))
     return "\n".join(md) + "\n"

@@ -10,11 +10,9 @@ per worker. Retries only on network / storage errors (`retry_condition`).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,13 @@ from pruning_core.errors import ConfigError, StorageError
 
 from .common import (
     cache_key_fn_for,
-    code_version,
     define_step,
     load_model_cached,
     progress_enabled,
     retry_condition,
     run_step,
 )
+from .journal import scratch_dir
 from .store import open_store
 
 log = logging.getLogger("pruneflow.tasks")
@@ -70,7 +68,7 @@ def _save_tensors(tensors: dict, name: str, kind: str, producer: str, ctx: dict,
     from safetensors.torch import save_file
 
     store = open_store(ctx.get("store"))
-    with tempfile.TemporaryDirectory() as d:
+    with scratch_dir() as d:
         p = Path(d) / name
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(p),
                   metadata={k: str(v) for k, v in (meta or {}).items()})
@@ -119,13 +117,7 @@ def _abs(ref: str) -> str:
     return ref if ref in EMBEDDED else str(Path(os.path.expanduser(ref)).resolve())
 
 
-define_step("load", _load_keyparts, lambda p: code_version("pruning_core.models", _load_keyparts, load_model_task.fn))
-
-
-def model_valid(man: dict) -> bool:
-    from pruning_core.models import model_revision
-
-    return Path(man["uri"]).exists() and model_revision(man["uri"]) == man["fingerprint"]
+define_step("load", _load_keyparts, lambda p: [_load_keyparts, load_model_task], libraries=("gguf",))
 
 
 @_task("load")
@@ -177,7 +169,7 @@ def _calib_keyparts(p):
     return s, [p["model"]], p["model"]["sha256"]
 
 
-define_step("calibration", _calib_keyparts, lambda p: code_version("pruning_core.data", _calib_keyparts, calibration_task.fn))
+define_step("calibration", _calib_keyparts, lambda p: [_calib_keyparts, calibration_task])
 
 
 @_task("calibration")
@@ -209,7 +201,7 @@ def _capture_keyparts(p):
     return {"requests": sorted(p["requests"]), "batch_size": p["batch_size"]}, [p["model"], p["calib"]], p["model"]["sha256"]
 
 
-define_step("capture", _capture_keyparts, lambda p: code_version("pruning_core.capture", _capture_keyparts, capture_task.fn))
+define_step("capture", _capture_keyparts, lambda p: [_capture_keyparts, capture_task])
 
 
 @_task("capture", gpu=True)
@@ -249,9 +241,7 @@ def _score_keyparts(p):
     return {"method": p["method"], "settings": p["settings"]}, [p["model"], p["stats"]], p["model"]["sha256"]
 
 
-define_step("score", _score_keyparts,
-            lambda p: code_version(_score_module(p["method"]), "pruning_core.methods.base", _score_keyparts,
-                                   score_task.fn))
+define_step("score", _score_keyparts, lambda p: [_score_module(p["method"]), _score_keyparts, score_task])
 
 
 @_task("score", gpu=True)
@@ -279,9 +269,7 @@ def _prune_keyparts(p):
     return s, [p["model"], p.get("scores"), p.get("calib")], p["model"]["sha256"]
 
 
-define_step("prune", _prune_keyparts,
-            lambda p: code_version(_score_module(p["method"]), "pruning_core.surgery", "pruning_core.select",
-                                   "pruning_core.checkpoint", _prune_keyparts, prune_task.fn))
+define_step("prune", _prune_keyparts, lambda p: [_score_module(p["method"]), _prune_keyparts, prune_task])
 
 
 @_task("prune", gpu=True)
@@ -321,7 +309,7 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
         after = count_params(m)
         plan.params_before, plan.params_after = before, after
         store = open_store(ctx.get("store"))
-        with tempfile.TemporaryDirectory() as d:
+        with scratch_dir() as d:
             path = save_pruned(m, tok, plan, Path(d) / "checkpoint")
             from pruning_core.checkpoint import is_uniform
 
@@ -346,9 +334,7 @@ def _recover_keyparts(p):
     return {"kind": p["kind"], "settings": p["settings"]}, [p["checkpoint"], p.get("calib")], p["model_revision"]
 
 
-define_step("recover", _recover_keyparts,
-            lambda p: code_version("pruning_core.recover" if importlib.util.find_spec("pruning_core.recover") else
-                                   "pruning_core.checkpoint", _recover_keyparts, recover_task.fn))
+define_step("recover", _recover_keyparts, lambda p: [_recover_keyparts, recover_task], libraries=("peft",))
 
 
 @_task("recover", gpu=True)
@@ -362,8 +348,6 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
               "model_revision": model_revision, "calib": calib}
 
     def compute():
-        if importlib.util.find_spec("pruning_core.recover") is None:
-            raise ConfigError("recovery.kind", kind, "none (pruning_core.recover is not installed)")
         from pruning_core import recover as rec
         from pruning_core.checkpoint import load_pruned, save_pruned
         from pruning_core.data import load_text, tokenize_text
@@ -391,7 +375,7 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
             m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
         else:
             raise ConfigError("recovery.kind", kind, "lora or replacement (the recoveries run as their own step)")
-        with tempfile.TemporaryDirectory() as d:
+        with scratch_dir() as d:
             path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
             man = store.put_dir(path, "checkpoint", f"recover:{kind}")
         keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction",
@@ -417,15 +401,8 @@ def _eval_keyparts(p):
     return dict(p["settings"]), [p["target"]], p["model_revision"]
 
 
-def _eval_code(p):
-    mods = ["pruning_core.metrics", _eval_keyparts, evaluate_task.fn]
-    for name in ("pruning_core.evaluate", "pruning_core.efficiency"):
-        if importlib.util.find_spec(name) is not None:
-            mods.append(name)
-    return code_version(*mods)
-
-
-define_step("evaluate", _eval_keyparts, _eval_code)
+define_step("evaluate", _eval_keyparts, lambda p: [_eval_keyparts, evaluate_task],
+            libraries=("lm_eval", "datasets", "peft"))
 
 
 @_task("evaluate", gpu=True)
@@ -457,12 +434,10 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
         protocols: dict[str, str] = {"ppl": ppl["protocol"]}
         samples_man = None
         if tasks:
-            if importlib.util.find_spec("pruning_core.evaluate") is None:
-                raise ConfigError("evaluation.tasks", tasks, "[] (pruning_core.evaluate is not installed)")
-            from pruning_core.evaluate import run_lm_eval
-
             import contextlib
             import io
+
+            from pruning_core.evaluate import run_lm_eval
 
             with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own bars: the step's bar shows progress
                 res = run_lm_eval(path, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev))
@@ -475,7 +450,7 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
                               ("lm_eval_0shot" + (f"_first{lim}" if lim else "")) for t in res["results"]})
             # per-item outputs: the stability figure (LLM-Streamline) compares dense and pruned ones
             samples_man = store.put_json(res.get("samples", {}), "samples.json", "samples", f"evaluate:{label}")
-        if settings.get("efficiency") and importlib.util.find_spec("pruning_core.efficiency") is not None:
+        if settings.get("efficiency"):
             from pruning_core import efficiency
 
             eff = efficiency.measure(m, tok, device=dev)
