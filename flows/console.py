@@ -69,11 +69,11 @@ class StepBars:
             raise
         finally:
             ticker.close()
-            mark = "✓" if outcome["ok"] else "✗"
-            bar.bar_format = "{desc} {elapsed}"
-            bar.set_description_str(f"{mark} {name:<{self.width}} {outcome['status'] or ('' if outcome['ok'] else 'failed'):<8}",
-                                    refresh=False)
-            bar.refresh()
+            if outcome["ok"]:
+                bar.set_description_str(f"✓ {name:<{self.width}} {outcome['status']:<8}", refresh=False)
+                bar.refresh()
+            else:  # the error's one line says what went wrong; the failed step's bar is cleared
+                bar.leave = False
             bar.close()
 
 
