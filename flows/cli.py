@@ -118,7 +118,7 @@ def summary(report: dict) -> str:
     fb, fa = flatten_metrics(report.get("metrics_before")), flatten_metrics(report.get("metrics_after"))
     ret = report.get("retention", {})
     rows = [[k, fb.get(k), fa[k], ret.get(k)] for k in fa
-            if k in ret or k.startswith("ppl")]
+            if k in ret or k.startswith("ppl.")]
     if "average" in ret:
         rows.append(["average retention", None, None, ret["average"]])
     out.append(table(["metric", "dense", "pruned", "retention"], rows))
