@@ -31,10 +31,10 @@ from pruning_core.capture import capture_stats  # noqa: E402
 from pruning_core.data import calibration_set, eval_tokens  # noqa: E402
 from pruning_core.efficiency import _reset_rss_peak, _status_kb  # noqa: E402
 from pruning_core.methods import get_method  # noqa: E402
-from pruning_core.methods.slimgpt import solve_schedule  # noqa: E402
 from pruning_core.metrics import perplexity  # noqa: E402
 from pruning_core.models import load_model  # noqa: E402
 from pruning_core.plan import LayerPlan, PrunePlan  # noqa: E402
+from pruning_core.select import solve_schedule  # noqa: E402
 from pruning_core.surgery import apply_plan, count_params  # noqa: E402
 
 VARIANTS = {

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hfload
 from .adapters import adapter_for
 from .errors import DataError, StorageError
 from .plan import PrunePlan
-from .surgery import _layer_kind, sync_config
+from .replacements import layer_kind
+from .surgery import settle_biases, sync_config
 
 
 def _check_writable(path: Path) -> None:
@@ -41,12 +43,15 @@ def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str |
     """Write model (+ tokenizer, plan.json) to `path` atomically. Returns the path."""
     path = Path(path).expanduser()
     _check_writable(path)
-    sync_config(model)
+    stock = sync_config(model)
     if getattr(model.config, "architectures", None) is None:
         model.config.architectures = [type(model).__name__]
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        config = settle_biases(model) if stock else None
+        if config is not None and config is not model.config:  # e.g. Qwen2 + FLAP's biases, saved as Llama
+            config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
@@ -89,7 +94,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     device = torch.device(device) if not isinstance(device, torch.device) else device
     p = Path(str(path)).expanduser()
     if not p.exists():  # a hub id: stock loader only
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = hfload.from_pretrained(AutoModelForCausalLM, str(path), dtype=dtype, trust_remote_code=trust_remote_code)
         from transformers import AutoTokenizer
 
         return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -98,10 +103,10 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     layers_desc = getattr(config, "pruneflow_layers", None)
     if not layers_desc:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = hfload.from_pretrained(AutoModelForCausalLM, p, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(device).eval(), _load_tokenizer(p, trust_remote_code)
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model = hfload.from_config(AutoModelForCausalLM, config, dtype=dtype or torch.float32)
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     for i, desc in enumerate(layers_desc):
@@ -114,8 +119,9 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
                 adapter.prune_heads(model, layers[i], keep_q, list(range(desc["n_kv_heads"])))
             if desc["ffn"] != shape.ffn:
                 adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
+            adapter.add_bias(layers[i], desc.get("bias", ()))  # biases the architecture hard-codes away
         else:
-            layers[i] = _layer_kind(desc["kind"]).empty(config, desc)
+            layers[i] = layer_kind(desc["kind"]).empty(config, desc)
     adapter.renumber(model)
     from safetensors.torch import load_file
 

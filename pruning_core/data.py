@@ -12,7 +12,6 @@ Hugging Face dataset `hf:<name>[:<config>]` (only when the hub is reachable).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -146,7 +145,3 @@ def calibration_set(
 
 def eval_tokens(tokenizer, source: str = DEFAULT_SOURCE) -> torch.Tensor:
     return tokenize_text(tokenizer, load_text(source, "eval"))
-
-
-def digest_tensor(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()

@@ -12,10 +12,10 @@ from pruning_core.adapters import adapter_for
 from pruning_core.capture import capture_stats
 from pruning_core.errors import ConfigError
 from pruning_core.methods import get_method
-from pruning_core.methods.slimgpt import SlimGPTSettings, prune, schedule_ratios, solve_schedule
+from pruning_core.methods.slimgpt import SlimGPTSettings, prune
 from pruning_core.models import tiny_model
 from pruning_core.plan import LayerPlan, PrunePlan
-from pruning_core.select import layer_ratios
+from pruning_core.select import layer_ratios, schedule_ratios, solve_schedule
 from pruning_core.surgery import apply_plan, count_params
 
 
