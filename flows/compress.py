@@ -267,11 +267,9 @@ class _RunLog:
         quiet = os.environ.get("PRUNEFLOW_QUIET") in ("1", "true")
         pf.setLevel(logging.WARNING if quiet else logging.INFO)  # --quiet: warnings only
         if console_enabled():
-            import sys
+            from .console import WarningLine
 
-            self.console = logging.StreamHandler(sys.stderr)
-            self.console.setLevel(logging.WARNING)
-            self.console.setFormatter(logging.Formatter("warning: %(message)s"))
+            self.console = WarningLine()
             pf.addHandler(self.console)
         return self
 

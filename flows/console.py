@@ -12,6 +12,7 @@ and not `--quiet`; flows run from Python or by a Prefect worker keep their usual
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -92,3 +93,19 @@ class StepBars:
 
 
 BARS = StepBars()
+
+
+class WarningLine(logging.Handler):
+    """pruneflow's warnings on the console, one line each, printed above the bars (tqdm.write)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("warning: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(" ".join(self.format(record).split()), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
