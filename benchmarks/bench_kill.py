@@ -84,6 +84,7 @@ def _count(root: Path, env: dict, s3: dict | None, servers: list[int]) -> dict:
         "journals": len(list((home / "proc").glob("*.json"))),
         "servers alive": sum(_alive(p) for p in servers),
         "multipart open": "-",
+        "multipart started / aborted": "-",
     }
     if s3:
         import s3fs
@@ -91,6 +92,10 @@ def _count(root: Path, env: dict, s3: dict | None, servers: list[int]) -> dict:
         fs = s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
                                client_kwargs={"endpoint_url": s3["AWS_ENDPOINT_URL"]})
         out["multipart open"] = len(fs.call_s3("list_multipart_uploads", Bucket="kill").get("Uploads", []))
+        log = (root / "moto.log").read_text(errors="replace")
+        started = len(re.findall(r"POST /kill/\S+[?]uploads", log))
+        aborted = len(re.findall(r"DELETE /kill/\S+[?]uploadId=", log))
+        out["multipart started / aborted"] = f"{started} / {aborted}"
     code = ("from prefect.client.orchestration import get_client\n"
             "from prefect.client.schemas.sorting import FlowRunSort\nimport json, collections\n"
             "with get_client(sync_client=True) as c:\n"
