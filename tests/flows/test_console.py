@@ -12,8 +12,38 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _screen(text: str) -> list[str]:
-    """What a terminal shows: for every line, what its last carriage return left."""
-    return [ln.rsplit("\r", 1)[-1] for ln in text.split("\n") if ln.rsplit("\r", 1)[-1].strip()]
+    """What a terminal shows at the end: a tiny emulator of what tqdm writes (\\r, \\n, ESC[A cursor up,
+    characters overwriting in place), so that bars redrawn in place and nested bars cleared on close
+    leave what a person would see."""
+    rows: list[list[str]] = [[]]
+    r = c = 0
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if text.startswith("\x1b[A", i):
+            r, i = max(r - 1, 0), i + 3
+            continue
+        if ch == "\x1b":  # other escape sequences (none expected): skip to the final letter
+            j = i + 1
+            while j < len(text) and not text[j].isalpha():
+                j += 1
+            i = j + 1
+            continue
+        if ch == "\n":
+            r, c = r + 1, 0
+        elif ch == "\r":
+            c = 0
+        else:
+            while len(rows) <= r:
+                rows.append([])
+            row = rows[r]
+            row.extend(" " * (c + 1 - len(row)))
+            row[c] = ch
+            c += 1
+        while len(rows) <= r:
+            rows.append([])
+        i += 1
+    return [ln for ln in ("".join(row).rstrip() for row in rows) if ln.strip()]
 
 
 def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
