@@ -244,18 +244,19 @@ def unit_counts(model, adapter, gqa: str) -> list[dict]:
     return out
 
 
-def _removed(u: dict, r: float) -> tuple[int, int]:
-    """(head units, FFN channels) removed at ratio r; at least one of each kept."""
+def _removed(u: dict, r: float, head_scale: float = 1.0) -> tuple[int, int]:
+    """(head units, FFN channels) removed at ratio r (heads at r·head_scale); at least one of each kept."""
     n_units = u["per_group"] if u["per_group"] else u["units"]
-    kh = min(int(math.floor(n_units * r + 0.5)), n_units - 1)
+    kh = min(int(math.floor(n_units * r * head_scale + 0.5)), n_units - 1)
     kf = min(int(math.floor(u["ffn"] * r + 0.5)), u["ffn"] - 1)
     return max(kh, 0), max(kf, 0)
 
 
 def solve_schedule(model, adapter, target: float, schedule: str = "log_increase", r0_fraction: float = 0.25,
-                   gqa: str = "kv_group") -> dict:
+                   gqa: str = "kv_group", head_scale: float = 1.0) -> dict:
     """Per-layer ratios and removal counts whose realised parameter reduction over the decoder layers
     equals `target` after rounding (bisection on r_last, then the FFN absorbs the head residual).
+    `head_scale` removes heads at that multiple of each layer's ratio (0: FFN only).
     Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last, realised}."""
     check_ratio(target)
     units = unit_counts(model, adapter, gqa)
@@ -270,7 +271,7 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
             if u is None:
                 kh.append(0), kf.append(0)
                 continue
-            a, b = _removed(u, min(r, 1.0))
+            a, b = _removed(u, min(r, 1.0), head_scale)
             kh.append(a), kf.append(b)
             rem += a * u["unit_params"] + b * u["ch_params"]
         return rs, kh, kf, rem

@@ -52,7 +52,12 @@ class SlimGPTSettings(MethodSettings):
     compensate: bool = Field(True, description="OBS update of surviving columns (False: zero only, ablation)")
     schedule: Literal[SCHEDULE_NAMES] = Field("log_increase", description=", ".join(SCHEDULE_NAMES))
     r0_fraction: float = Field(0.25, ge=0.0, le=1.0, description="r_0 = r0_fraction · r_last (README: 1/4)")
-    gqa: Literal["kv_group", "per_group"] = Field("kv_group", description="kv_group or per_group")
+    gqa: Literal["kv_group", "per_group"] = Field("per_group", description=(
+        "per_group (query heads, the same number in every KV group; K/V kept) or kv_group (whole KV groups); "
+        "per_group wins out of domain (benchmarks/RESULTS.md, ood-slimgpt)"))
+    head_ratio_scale: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "heads are removed at this multiple of the layer's ratio (paper: 1; 0: FFN only); the ratios are "
+        "solved so the parameter budget holds either way"))
     stat_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of Hessians and updates")
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
 
@@ -78,7 +83,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     Returns the plan; `surgery.apply_plan(model, plan)` then removes the dead structures."""
     s = settings or SlimGPTSettings()
     ratio = check_ratio(ratio)
-    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa)
+    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale)
     sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
     dev = torch.device(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -33,7 +33,7 @@ class StreamlineSettings(MethodSettings):
     seq_len: int = Field(128, ge=2, description="block length when the training ids come as one 1-D stream")
     max_blocks: int | None = Field(None, ge=2, description="at most this many training blocks (None: all)")
     cache_targets: bool = Field(
-        False,
+        True,
         description="keep each fixed batch's (input, target) after its first on-the-fly computation "
         "(same values, one dense pass per batch instead of one per epoch; memory grows with the data)",
     )
