@@ -76,7 +76,7 @@ def test_unreachable_store_and_missing_credentials(tmp_path, pf_home, monkeypatc
 
 
 def test_plan_is_a_dry_run_with_per_layer_sizes(tiny_llama_dir, pf_home):
-    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5", "--json",
+    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5", "--json", "--method", "l2",
                               "--set", "method.settings.gqa=per_group"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -102,7 +102,8 @@ def test_plan_is_a_dry_run_with_per_layer_sizes(tiny_llama_dir, pf_home):
     plan = meth.select(model, adapter_for(model), meth.score(model, adapter_for(model), {}, st), 0.5, st)
     assert count_params(apply_plan(model, plan)) == t["params_after"]
     # human-readable table too
-    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5"])
+    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5", "--method", "l2", "--set",
+                              "method.settings.gqa=per_group"])
     assert res.exit_code == 0 and "FLOPs/token" in res.stdout
 
 
