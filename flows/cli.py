@@ -31,6 +31,14 @@ def _env(quiet: bool) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the console is pruneflow's own (step bars + summary); Prefect's, transformers' and the libraries'
+    # records go to the run's log file only (flows/compress.py _RunLog)
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow's own stderr handler: no INFO/WARNING lines
+    os.environ["PRUNEFLOW_CONSOLE"] = "1"  # step bars on stderr (flows/console.py), unless --quiet
     if quiet:
         os.environ["PRUNEFLOW_QUIET"] = "1"
         os.environ["PREFECT_LOGGING_LEVEL"] = "ERROR"
@@ -79,32 +87,51 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def _m(n) -> str:
+    return f"{n / 1e6:.1f} M" if isinstance(n, (int, float)) else "?"
+
+
+def load_hint(report: dict) -> str:
+    """How to load the checkpoint: stock transformers when every layer has the same shape."""
+    a = report.get("artifacts", {})
+    path = a.get("checkpoint_local") or a.get("checkpoint")
+    if report.get("uniform"):
+        return f"AutoModelForCausalLM.from_pretrained({str(path)!r})  (stock transformers)"
+    return f"pruning_core.load_pruned({str(path)!r})  (per-layer sizes: pruneflow's loader)"
+
+
 def summary(report: dict) -> str:
-    out = [f"run {report.get('name')}: {report['model']} / {report['method']} @ ratio {report['target_ratio']}"]
-    pb, pa = report.get("params_before"), report.get("params_after")
-    rows = [["params", pb, pa, (pa / pb if pb else None)]]
-    mb, ma, ret = report.get("metrics_before", {}), report.get("metrics_after", {}), report.get("retention", {})
+    """The end of a run on the console: what was removed, the figures, where everything is."""
     from pruning_core.evaluate import flatten_metrics  # canonical names, the ones retention uses
 
-    fb, fa = flatten_metrics(mb), flatten_metrics(ma)
-    for k in fa:
-        if k not in ("ppl_tokens",):
-            rows.append([k, fb.get(k), fa[k], ret.get(k)])
+    pb, pa = report.get("params_before"), report.get("params_after")
+    dec = report.get("removed_decoder_fraction")
+    head = (f"{report['model']} / {report['method']} @ ratio {report['target_ratio']:g}"
+            f" (recovery {report.get('recovery', 'none')}): {_m(pb)} -> {_m(pa)} parameters")
+    if isinstance(dec, (int, float)):
+        head += f", {100 * dec:.1f} % of decoder-layer parameters removed"
+    out = [head]
+    if report.get("rounding"):
+        out.append(f"  ({report['rounding']})")
+    fb, fa = flatten_metrics(report.get("metrics_before")), flatten_metrics(report.get("metrics_after"))
+    ret = report.get("retention", {})
+    rows = [[k, fb.get(k), fa[k], ret.get(k)] for k in fa
+            if k in ret or k.startswith("ppl.")]
     if "average" in ret:
-        rows.append(["average retention (quality metrics)", None, None, ret["average"]])
-    out.append(table(["metric", "dense", "pruned", "retention (1 = dense; PPL inverted)"], rows))
-    if "ppl_protocol" in ma:
-        out.append(f"perplexity protocol: {ma['ppl_protocol']} ({ma.get('ppl_tokens')} predicted tokens)")
-    steps = report.get("cache", {})
-    out.append(table(["step", "cache", "seconds"], [[s, c, report.get("timings", {}).get(s)] for s, c in steps.items()]))
+        rows.append(["average retention", None, None, ret["average"]])
+    out.append(table(["metric", "dense", "pruned", "retention"], rows))
     a = report.get("artifacts", {})
-    out.append(f"checkpoint: {a.get('checkpoint_local') or a.get('checkpoint')}")
-    if a.get("checkpoint_local") and a.get("checkpoint_local") != a.get("checkpoint"):
-        out.append(f"  (store object: {a.get('checkpoint')})")
-    out.append(f"report:     {Path(a.get('run_dir', '.')) / 'report.json'}  (store: {a.get('report')})")
-    out.append(f"logs:       {a.get('log')}")
-    if report.get("tracking"):
-        out.append(f"tracking:   {json.dumps(report['tracking'], default=str)[:200]}")
+    ckpt = a.get("checkpoint_local") or a.get("checkpoint")
+    out.append(f"checkpoint: {ckpt}")
+    out.append(f"load it:    {load_hint(report)}")
+    out.append(f"report:     {Path(a.get('run_dir', '.')) / 'report.md'}  (report.json, plots/ beside it)")
+    out.append(f"log:        {a.get('log')}")
+    tr = report.get("tracking")
+    if isinstance(tr, dict) and tr.get("run_id"):
+        model = f"; model {tr['model_name']} v{tr['model_version']}" if tr.get("model_name") else ""
+        out.append(f"mlflow:     run {tr['run_id']} at {tr.get('uri')}{model}")
+    elif isinstance(tr, dict) and tr.get("status"):
+        out.append(f"mlflow:     {tr['status'][:150]}")
     return "\n".join(out)
 
 
@@ -112,6 +139,7 @@ def summary(report: dict) -> str:
 SpecArg = typer.Argument(None, help="run spec (YAML); default: the embedded default spec")
 SetOpt = typer.Option([], "--set", "-s", help="override a field: --set method.name=l2 (repeatable)")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output; only the result")
+RATIO_HELP = "fraction of decoder-layer parameters to remove, in [0, 1) (every method; depth methods round)"
 
 
 @app.command()
@@ -119,7 +147,8 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress output; only t
 def run(
     spec: Path | None = SpecArg,
     set_: list[str] = SetOpt,
-    ratio: float | None = typer.Option(None, "--ratio", help="target ratio"),
+    ratio: float | None = typer.Option(None, "--ratio", help=RATIO_HELP),
+    params: str | None = typer.Option(None, "--params", help="alternative target: parameters left (100M, 1.2B)"),
     method: str | None = typer.Option(None, "--method", help="method name"),
     model: str | None = typer.Option(None, "--model", help="model ref (folder, hub id or smollm2-135m)"),
     store: str | None = typer.Option(None, "--store", help="artifact store: folder or s3://bucket/prefix"),
@@ -130,15 +159,29 @@ def run(
 ):
     """Compress one model with one method (a `compress` flow run) and print the summary."""
     _env(quiet)
-    s = _build(spec, set_, **{"ratio": ratio, "method.name": method, "model.ref": model, "store.url": store,
-                              "device": device, "name": name})
-    from tasks.store import open_store
+    s = _build(spec, set_, **{"ratio": ratio, "params": params, "method.name": method, "model.ref": model,
+                              "store.url": store, "device": device, "name": name})
+    _preflight(s)
+    from .console import BARS
 
-    open_store(s.store.url).check()  # fail fast, before any flow starts
+    BARS.begin("prefect")  # Prefect's temporary server starts with the flow run (ends as the flow begins)
     from .compress import compress
 
-    report = compress(spec=s.model_dump(mode="json"))
+    try:
+        report = compress(spec=s.model_dump(mode="json"))
+    finally:
+        BARS.settle()
     typer.echo(json.dumps(report, indent=1, default=str) if as_json else summary(report))
+
+
+def _preflight(s, data: bool = True) -> None:
+    """Every error knowable before computing, before Prefect is imported (flows/preflight.py)."""
+    from tasks.store import open_store
+
+    from .preflight import preflight
+
+    preflight(s, data=data)
+    open_store(s.store.url).check()
 
 
 @app.command()
@@ -166,9 +209,7 @@ def sweep(
     if task_runner not in RUNNERS:
         fail(f"--task-runner: got {task_runner!r}; accepted: {', '.join(RUNNERS)}")
     check_sweep(s, ms, rs)
-    from tasks.store import open_store
-
-    open_store(s.store.url).check()
+    _preflight(s)
     result = run_sweep(s.model_dump(mode="json"), ms, rs, task_runner)
     if as_json:
         typer.echo(json.dumps(result, indent=1, default=str))
@@ -187,16 +228,23 @@ def sweep(
 def plan(
     spec: Path | None = SpecArg,
     set_: list[str] = SetOpt,
-    ratio: float | None = typer.Option(None, "--ratio"),
+    ratio: float | None = typer.Option(None, "--ratio", help=RATIO_HELP),
+    params: str | None = typer.Option(None, "--params", help="alternative target: parameters left (100M, 1.2B)"),
     method: str | None = typer.Option(None, "--method"),
     model: str | None = typer.Option(None, "--model"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda"),
     context: int = typer.Option(0, "--context", help="context length for attention FLOPs (0: weights only)"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = QuietOpt,
 ):
-    """Dry run: parameters and FLOPs per token, before and after, per layer — no weights touched."""
+    """Dry run: parameters and FLOPs per token, before and after, per layer — no weights touched.
+    Runs the same pre-flight checks as `run`."""
     _env(quiet)
-    s = _build(spec, set_, **{"ratio": ratio, "method.name": method, "model.ref": model})
+    s = _build(spec, set_, **{"ratio": ratio, "params": params, "method.name": method, "model.ref": model,
+                              "device": device})
+    from .preflight import preflight
+
+    preflight(s)
     from .dryrun import dry_run
 
     res = dry_run(s, context=context)
@@ -419,12 +467,37 @@ def rollback(
                + (f"; retired: {', '.join('v' + v for v in res['retired'])}" if res["retired"] else ""))
 
 
+def _usage_line(e) -> str:
+    """A usage error (bad option value, unknown option, missing argument) as one line."""
+    param = getattr(e, "param", None)
+    msg = " ".join(str(getattr(e, "message", e)).split()).rstrip(".")
+    opt = (getattr(param, "opts", None) or [getattr(param, "name", "?")])[0] if param is not None else None
+    if type(e).__name__ == "MissingParameter" and opt:
+        return f"{opt}: missing; accepted: a value (it is required)"
+    if isinstance(e, typer.BadParameter) and opt:
+        return f"{opt}: {msg}"
+    return " ".join(e.format_message().split()).rstrip(".")
+
+
 def main() -> None:
     try:
-        app()
+        rv = app(standalone_mode=False)
     except PruneflowError as e:  # raised outside a command body (e.g. while parsing)
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except typer.TyperException as e:  # typer's (vendored click's) usage errors: one line, not a box
+        if type(e).__name__ == "NoArgsIsHelpError":
+            ctx = getattr(e, "ctx", None)
+            typer.echo(ctx.get_help() if ctx is not None else str(e))
+            sys.exit(0)
+        if not hasattr(e, "format_message"):
+            raise
+        typer.echo(f"error: {_usage_line(e)} (see --help)", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

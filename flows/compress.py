@@ -24,6 +24,8 @@ from tasks import cleanup, steps
 from tasks.cachekey import format_reason
 from tasks.store import default_store_url, open_store, pruneflow_home
 
+from .console import BARS
+from .console import enabled as console_enabled
 from .spec import RunSpec, validate
 
 log = logging.getLogger("pruneflow.flow")
@@ -40,11 +42,10 @@ class StepLog:
         self.on_step = on_step
 
     def __call__(self, name: str, task, **kw) -> dict:
-        t0 = time.perf_counter()
-        state = task(ctx=self.ctx, **kw, return_state=True)
-        man = state.result()  # raises the task's exception on failure
-        dt = time.perf_counter() - t0
-        hit = state.name == "Cached" or bool(man.get("hit"))
+        with BARS.step(name) as done:  # the console's bar for this step (flows/console.py)
+            man, state, dt = self._run(task, **kw)
+            hit = state.name == "Cached" or bool(man.get("hit"))
+            done("cached" if hit else "")
         self.timings[name] = round(dt, 3)
         self.cache[name] = "hit" if hit else "miss"
         if not hit and man.get("why"):
@@ -54,6 +55,12 @@ class StepLog:
         if self.on_step:
             self.on_step(name, self.cache[name], dt)
         return man
+
+    def _run(self, task, **kw):
+        t0 = time.perf_counter()
+        state = task(ctx=self.ctx, **kw, return_state=True)
+        man = state.result()  # raises the task's exception on failure
+        return man, state, time.perf_counter() - t0
 
     def skip(self, name: str) -> None:
         self.timings[name] = 0.0
@@ -108,16 +115,24 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     coupled = get_method(method).coupled
     ckpt = sl("prune", steps.prune_task, model=model, method=method, settings=settings, ratio=ratio,
               scores=scores, calib=calib if coupled else None)
-    r = spec.recovery
-    if r.kind == "lora":
-        ckpt = sl("recover", steps.recover_task, checkpoint=ckpt, kind=r.kind, settings=r.settings,
-                  model_revision=model["sha256"], train_source=spec.calibration.source,
-                  seq_len=spec.calibration.seq_len, calib=calib)
-    else:  # none, or replacement: trained inside the method's own prune step (LLM-Streamline)
+    if spec.recovery.kind in ("lora", "replacement"):
+        ckpt = sl("recover", steps.recover_task, **recover_args(spec, model, calib, settings), checkpoint=ckpt)
+    else:  # none: the prune step's checkpoint as it is (an LLM-Streamline replacement stays untrained)
         sl.skip("recover")
     after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
                model_revision=model["sha256"], label="pruned")
     return ckpt, after
+
+
+def recover_args(spec: RunSpec, model: dict, calib: dict, method_settings: dict) -> dict:
+    """The recover step's inputs: LoRA takes `recovery.settings` and the training text; the
+    replacement (LLM-Streamline) takes the method's settings, the calibration blocks and the dense model."""
+    r = spec.recovery
+    args = {"kind": r.kind, "model_revision": model["sha256"], "train_source": spec.calibration.source,
+            "seq_len": spec.calibration.seq_len, "calib": calib}
+    if r.kind == "replacement":
+        return {**args, "settings": method_settings, "model": model}
+    return {**args, "settings": r.settings}
 
 
 def versions() -> dict:
@@ -139,8 +154,63 @@ def _metrics_view(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in ("params",)}
 
 
+def plan_view(store_url: str, ckpt: dict) -> dict:
+    """What the report shows of the plan: per layer kept/removed, kept head / KV head / FFN counts,
+    the replacement, the realised fraction of its parameters removed; the unpruned sizes; the notes."""
+    from pruning_core.plan import PrunePlan
+
+    try:
+        folder = open_store(store_url).local_path(ckpt)
+        plan = PrunePlan.load(Path(folder) / "plan.json")
+        cfg = json.loads((Path(folder) / "plan.json").parent.joinpath("config.json").read_text())
+    except (OSError, ValueError, PruneflowError) as e:
+        log.warning("plan.json of the checkpoint not readable for the report: %s", e)
+        return {}
+    ratios = plan.per_layer_ratio or []
+    layers = []
+    for i, lp in enumerate(plan.layers):
+        layers.append({"index": lp.index, "keep": lp.keep,
+                       "heads": None if lp.heads is None else len(lp.heads),
+                       "kv_heads": None if lp.kv_heads is None else len(lp.kv_heads),
+                       "ffn": None if lp.ffn is None else len(lp.ffn),
+                       "replacement": (lp.replacement or {}).get("kind"),
+                       "ratio": ratios[i] if i < len(ratios) else (0.0 if lp.keep else 1.0)})
+    full = {"heads": cfg.get("num_attention_heads"), "kv_heads": cfg.get("num_key_value_heads")
+            or cfg.get("num_attention_heads"), "ffn": cfg.get("intermediate_size") or cfg.get("ffn_dim")}
+    notes = {k: v for k, v in (plan.notes or {}).items() if k != "training"}
+    return {"layers": layers, "full_sizes": {k: v for k, v in full.items() if v}, "plan_notes": notes}
+
+
+def _stability(store_url: str, dense: dict, after: dict) -> float | None:
+    """LLM-Streamline's stability over the lm-eval items both evaluations answered (None without lm-eval)."""
+    if not (dense.get("samples") and after.get("samples")):
+        return None
+    from pruning_core.evaluate import stability
+
+    store = open_store(store_url)
+    try:
+        d = json.loads(Path(store.local_path(dense["samples"])).read_text())
+        a = json.loads(Path(store.local_path(after["samples"])).read_text())
+        return stability(d, a)
+    except (OSError, ValueError, PruneflowError) as e:
+        log.warning("stability not computed: %s", e)
+        return None
+
+
 def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dict, run_dir: str) -> dict:
     mb, ma = _metrics_view(dense["metrics"]), _metrics_view(after["metrics"])
+    rec = ckpt.get("recovery") if isinstance(ckpt.get("recovery"), dict) else None
+    extra = {
+        "decoder_params_before": ckpt.get("decoder_params_before"),
+        "removed_decoder_fraction": ckpt.get("removed_decoder_fraction"),
+        "rounding": ckpt.get("rounding"),
+        "uniform": ckpt.get("uniform"),
+        "protocols": {**dense.get("protocols", {}), **after.get("protocols", {})},
+        "stability": _stability(sl.ctx["store"], dense, after),
+        "recovery_info": ({**{("module" if k == "kind" else k): v for k, v in rec.items() if k != "lr_curve"},
+                           "kind": spec.recovery.kind} if rec else None),
+        **plan_view(sl.ctx["store"], ckpt),
+    }
     return {
         "name": spec.run_name(),
         "model": spec.model.ref,
@@ -163,6 +233,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "store": sl.ctx["store"],
         "versions": versions(),
         "spec": spec.model_dump(mode="json"),
+        **{k: v for k, v in extra.items() if v is not None},
     }
 
 
@@ -171,11 +242,14 @@ def run_dir_for(spec: RunSpec) -> Path:
 
 
 class _RunLog:
-    """Mirror pruneflow and Prefect log records into `<run_dir>/pruneflow.log` for this run."""
+    """Every log record of this run (pruneflow, Prefect, libraries, Python warnings) into
+    `<run_dir>/pruneflow.log`. On the command line's console (flows/console.py) only pruneflow's
+    warnings are shown, one line each; the rest stays in the file."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "pruneflow.log"
         self.handler: logging.Handler | None = None
+        self.console: logging.Handler | None = None
 
     def __enter__(self):
         try:
@@ -185,20 +259,29 @@ class _RunLog:
             return self
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.handler.setLevel(logging.INFO)
-        for name in ("pruneflow", "prefect"):
-            logging.getLogger(name).addHandler(self.handler)
+        logging.getLogger().addHandler(self.handler)  # the root: every logger that propagates
+        logging.getLogger("prefect.extra").addHandler(self.handler)  # Prefect's non-propagating one
+        self._warnings = logging.captureWarnings(True)
         pf = logging.getLogger("pruneflow")
         self._saved = (pf.level, pf.propagate)
         quiet = os.environ.get("PRUNEFLOW_QUIET") in ("1", "true")
         pf.setLevel(logging.WARNING if quiet else logging.INFO)  # --quiet: warnings only
+        if console_enabled():
+            from .console import WarningLine
+
+            self.console = WarningLine()
+            pf.addHandler(self.console)
         return self
 
     def __exit__(self, *exc):
         if self.handler is not None:
-            for name in ("pruneflow", "prefect"):
-                logging.getLogger(name).removeHandler(self.handler)
+            logging.getLogger().removeHandler(self.handler)
+            logging.getLogger("prefect.extra").removeHandler(self.handler)
+            logging.captureWarnings(False)
             pf = logging.getLogger("pruneflow")
             pf.setLevel(self._saved[0])
+            if self.console is not None:
+                pf.removeHandler(self.console)
             self.handler.close()
 
 
@@ -236,7 +319,11 @@ def track(spec: RunSpec, report: dict, run_dir: str) -> dict | None:
       on_completion=[cleanup.flow_ended], on_failure=[cleanup.flow_ended], on_cancellation=[cleanup.flow_ended])
 def compress(spec: dict, run_dir: str | None = None) -> dict:
     """Compress one model with one method at one ratio; returns the run report (also report.json)."""
+    BARS.settle()  # the command line's "prefect" bar: the flow run has started
     s = validate(spec)
+    from .preflight import preflight
+
+    preflight(s)  # the same checks as the command line's (a deployment's run has not been through them)
     ctx = ctx_for(s)
     open_store(ctx["store"]).check()
     cleanup.begin_flow(ctx["store"])  # reclaim what killed runs left; journal this one
@@ -259,9 +346,15 @@ def compress(spec: dict, run_dir: str | None = None) -> dict:
             report["artifacts"]["servable_local"] = _link_checkpoint(rd, served, ctx["store"],
                                                                      f"servable-{s.export.format}")
             report["servable"] = {"format": s.export.format, "layout": served.get("layout")}
-        rman = steps.report_task(ctx=ctx, report=report, run_dir=str(rd))
+        with BARS.step("report"):
+            rman = steps.report_task(ctx=ctx, report=report, run_dir=str(rd))
         report["artifacts"]["report"] = rman["uri"]
-        tr = track(s, report, str(rd))
+        if s.tracking.enabled:
+            with BARS.step("mlflow") as done:
+                tr = track(s, report, str(rd))
+                done("" if not tr or tr.get("status", "ok") == "ok" else "failed")
+        else:
+            tr = None
         if tr is not None:
             report["tracking"] = tr
             tmp = rd / ".report.json.tmp"

@@ -3,7 +3,10 @@
     model:        {ref, dtype, revision, trust_remote_code}
     calibration:  {source, n_samples, seq_len, seed}
     method:       {name, settings}        settings validated by the method's own settings model
-    ratio:        target fraction of heads / FFN channels removed, in [0, 1)
+    ratio:        target fraction of decoder-layer parameters removed, in [0, 1) — the same meaning for
+                  every method; each converts it to its own units (heads, channels, whole layers) and
+                  the report gives the realised figure
+    params:       alternative target: parameters left (100M, 1.2B or an integer); sets `ratio`
     schedule:     per-layer ratio schedule (None: the method's default, usually uniform)
     servable:     none|vllm: plan for vLLM (the same query-head count in every layer; FFN widths free);
                   copied into method.settings.servable. Default: vllm when export is vllm, else none
@@ -92,6 +95,7 @@ class RunSpec(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     method: MethodSpec = Field(default_factory=MethodSpec)
     ratio: float = Field(0.2, ge=0.0, lt=1.0)
+    params: int | None = Field(None, ge=1)  # alternative target: parameters left (sets `ratio`, see preflight)
     schedule: str | None = None
     servable: Literal["none", "vllm"] | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
@@ -111,6 +115,11 @@ class RunSpec(_Strict):
     @classmethod
     def _export_str(cls, v):
         return {"format": v} if isinstance(v, str) or v is None else v
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params(cls, v):
+        return parse_count(v, "params") if v is not None else None
 
     @field_validator("device")
     @classmethod
@@ -148,6 +157,9 @@ class RunSpec(_Strict):
             if "replacement" not in m.settings.model_fields:
                 raise ConfigError("recovery.kind", "replacement",
                                   f"none or lora for {m.name!r} (replacement layers are trained by llm-streamline)")
+            if self.method.settings.get("replacement") not in ("layer", "ffn"):
+                raise ConfigError("recovery.kind", "replacement", "none or lora with method.settings.replacement "
+                                  f"{self.method.settings.get('replacement')!r} (only layer and ffn are trained)")
             if self.recovery.settings:
                 raise ConfigError("recovery.settings", self.recovery.settings,
                                   "{} for replacement (set it in method.settings)")
@@ -170,6 +182,26 @@ DEFAULT_SPEC: dict[str, Any] = {
     # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)
     "evaluation": {"ppl_seq_len": 256, "ppl_windows": 16, "tasks": ["pydoc_next_sentence"], "limit": 50},
 }
+
+
+_SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(v: Any, field: str = "params") -> int:
+    """100M, 1.2B, 350k or a plain integer -> an integer count (ConfigError otherwise)."""
+    if isinstance(v, bool):
+        raise ConfigError(field, v, "a parameter count such as 100M, 1.2B or 100000000")
+    if isinstance(v, (int, float)) and v >= 1:
+        return int(v)
+    text = str(v).strip().lower().replace("_", "").replace(",", "")
+    mult = _SUFFIX.get(text[-1:], 1) if text else 1
+    try:
+        n = float(text[:-1] if mult != 1 else text) * mult
+    except ValueError:
+        raise ConfigError(field, v, "a parameter count such as 100M, 1.2B or 100000000") from None
+    if not n >= 1:
+        raise ConfigError(field, v, "a parameter count >= 1, such as 100M")
+    return int(round(n))
 
 
 def _loc(err: dict) -> str:
@@ -248,15 +280,39 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _merge(base: Any, top: Any) -> Any:
+    """`top` over `base`, mapping by mapping; anything else (scalars, lists) in `top` replaces."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        out = dict(base)
+        for k, v in top.items():
+            out[k] = _merge(base.get(k), v) if k in base else v
+        return out
+    return top
+
+
+def with_defaults(user: dict[str, Any]) -> dict[str, Any]:
+    """The one rule for defaults: DEFAULT_SPEC under what the user gave (file, `--set`, options),
+    merged field by field — so no file, an empty file and a file all start from the same defaults.
+    `method.settings` of the default method apply only while the method *is* the default one: a
+    method's settings never come from another method's defaults (its own settings model fills them)."""
+    raw = _merge(copy.deepcopy(DEFAULT_SPEC), user)
+    default_method = DEFAULT_SPEC.get("method", {})
+    if isinstance(raw.get("method"), dict) and raw["method"].get("name") != default_method.get("name"):
+        um = user.get("method") if isinstance(user.get("method"), dict) else {}
+        raw["method"] = {**raw["method"], "settings": copy.deepcopy(um.get("settings", {}))}
+    return raw
+
+
 def build_spec(path: str | Path | None = None, overrides: list[str] | None = None, **direct: Any) -> RunSpec:
-    """The spec from the default (no path) or a YAML file, then `--set a.b=v` overrides, then direct ones."""
-    raw = copy.deepcopy(DEFAULT_SPEC) if path is None else load_yaml(path)
+    """The spec: DEFAULT_SPEC, under the YAML file (if any), `--set a.b=v` overrides, then direct ones
+    (see `with_defaults` for the one rule)."""
+    user = {} if path is None else load_yaml(path)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError("--set", item, "key=value with a dotted key, e.g. method.name=l2")
         k, v = item.split("=", 1)
-        set_dotted(raw, k.strip(), parse_value(v))
+        set_dotted(user, k.strip(), parse_value(v))
     for k, v in direct.items():
         if v is not None:
-            set_dotted(raw, k, v)
-    return validate(raw)
+            set_dotted(user, k, v)
+    return validate(with_defaults(user))

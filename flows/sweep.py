@@ -23,7 +23,16 @@ from pruning_core.errors import ConfigError
 from tasks import cleanup, steps
 from tasks.store import open_store, pruneflow_home
 
-from .compress import STEP_ORDER, StepLog, capture_requests, ctx_for, eval_settings, prepare, versions
+from .compress import (
+    STEP_ORDER,
+    StepLog,
+    capture_requests,
+    ctx_for,
+    eval_settings,
+    prepare,
+    recover_args,
+    versions,
+)
 from .spec import RunSpec, validate
 
 RUNNERS = ("sequential", "threads", "dask")
@@ -85,11 +94,8 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
             ck = steps.prune_task.submit(ctx=ctx, model=model, method=method, settings=settings, ratio=r,
                                          scores=scores_f, calib=calib if meth.coupled else None)
             branches.append(("prune", method, r, ck))
-            if s.recovery.kind == "lora":
-                ck = steps.recover_task.submit(ctx=ctx, checkpoint=ck, kind=s.recovery.kind,
-                                               settings=s.recovery.settings, model_revision=model["sha256"],
-                                               train_source=s.calibration.source, seq_len=s.calibration.seq_len,
-                                               calib=calib)
+            if s.recovery.kind in ("lora", "replacement"):
+                ck = steps.recover_task.submit(ctx=ctx, checkpoint=ck, **recover_args(s, model, calib, settings))
                 branches.append(("recover", method, r, ck))
             evf = steps.evaluate_task.submit(ctx=ctx, target=ck, settings=ev, model_revision=model["sha256"],
                                              label="pruned")

@@ -8,6 +8,7 @@ safe to call from worker threads and never open a window.
 - :func:`plot_scores_per_layer` importance-score distribution per layer (``heads.{i}`` / ``ffn.{i}`` vectors)
 - :func:`plot_sweep`            perplexity and accuracy versus pruning ratio, one line per method
 - :func:`plot_loss_curves`      recovery training loss curves
+- :func:`plot_layer_ratios`     realised fraction of each layer's parameters removed, with the target
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from matplotlib.figure import Figure
 from .errors import DataError
 from .util import finite_float as _num
 
-__all__ = ["plot_kept_per_layer", "plot_scores_per_layer", "plot_sweep", "plot_loss_curves"]
+__all__ = ["plot_kept_per_layer", "plot_layer_ratios", "plot_scores_per_layer", "plot_sweep", "plot_loss_curves"]
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -39,10 +40,11 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def _count(kept: Sequence[int] | None, full: int | None) -> float:
+def _count(kept: Sequence[int] | int | None, full: int | None) -> float:
+    """A kept list's length, or a kept count as it is (the run report's compact per-layer view)."""
     if kept is None:
         return float("nan") if full is None else float(full)
-    return float(len(kept))
+    return float(kept) if isinstance(kept, int) else float(len(kept))
 
 
 def plot_kept_per_layer(plan: Mapping[str, Any], path: str | os.PathLike,
@@ -65,7 +67,7 @@ def plot_kept_per_layer(plan: Mapping[str, Any], path: str | os.PathLike,
     if not as_fraction:  # counts; a layer left at None ("all kept") is drawn at a lower bound of the full size
         for k in used:
             if k not in full:
-                seen = [max(lp[k]) + 1 for lp in layers if lp.get(k)]
+                seen = [lp[k] if isinstance(lp[k], int) else max(lp[k]) + 1 for lp in layers if lp.get(k)]
                 full[k] = max(seen) if seen else 0
     kinds = [(k, label) for k, label in kinds if k in used]
     fig = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.6))
@@ -91,6 +93,26 @@ def plot_kept_per_layer(plan: Mapping[str, Any], path: str | os.PathLike,
         ax.set_ylim(0, 1.1)
     ax.set_title(title or f"{plan.get('method', '?')}: kept structure per layer")
     ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_layer_ratios(ratios: Sequence[float], path: str | os.PathLike, target: float | None = None,
+                      title: str | None = None) -> Path:
+    """Bar chart of the fraction of each decoder layer's parameters removed (the plan's
+    ``per_layer_ratio``), with the run's target as a line."""
+    vals = [float(r) for r in ratios]
+    if not vals:
+        raise DataError("plan.per_layer_ratio", list(ratios), "a non-empty list of per-layer fractions")
+    fig = Figure(figsize=(max(6.0, 0.22 * len(vals) + 2), 3.0))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(vals)), vals, width=0.8)
+    if target is not None:
+        ax.axhline(float(target), color="C3", linestyle="--", linewidth=1, label=f"target {float(target):g}")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("parameters removed")
+    ax.set_ylim(0, max(1e-9, max(vals + [float(target or 0)])) * 1.15)
+    ax.set_title(title or "removed fraction of each layer's parameters")
     return _save(fig, path)
 
 

@@ -151,3 +151,20 @@ def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings:
         raise RuntimeError("LoRA merge changed the model's tensors: " + str(set(shapes_after) ^ set(shapes_before))[:200])
     return merged, {"loss_curve": curve, "seconds": seconds, "trainable_params": n_trainable,
                     "targets": sorted(set(targets)), "settings": s.model_dump()}
+
+
+def replacement_recover(pruned_model: nn.Module, dense_model: nn.Module, plan, train_ids: torch.Tensor,
+                        settings: dict | None = None, device: torch.device | str = "cpu",
+                        progress=None) -> tuple[nn.Module, dict]:
+    """LLM-Streamline's recovery: train the replacement module of `pruned_model` (in place) to map the
+    removed block's input to its output in the frozen `dense_model`, on `train_ids` [N, T] blocks,
+    with the method's settings (`plan.settings` when `settings` is None). Returns (model, info with
+    `loss_curve`, `val_curve`, `val_mse_before` / `val_mse_after`)."""
+    from .methods.streamline import StreamlineSettings, train_replacement
+
+    s = StreamlineSettings(**(settings if settings is not None else plan.settings))
+    if s.max_blocks is not None:
+        train_ids = train_ids[: s.max_blocks]
+    info = train_replacement(dense_model, pruned_model, plan, train_ids, s, device=device, progress=progress)
+    pruned_model.to("cpu")
+    return pruned_model, info

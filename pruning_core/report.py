@@ -117,7 +117,7 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
     ppl_keys = [k for k in (_ppl_key(f) for f in befores + afters) if k]
     ppl_key = max(set(ppl_keys), key=ppl_keys.count) if ppl_keys else None
     ppl_head = f"PPL ({ppl_key[4:]})" if ppl_key and ppl_key.startswith("ppl.") else "PPL"
-    headers = ["model", "method", "ratio", "recovery", "params", ppl_head,
+    headers = ["model", "method", "ratio", "recovery", "params", "removed (decoder)", ppl_head,
                *[c.replace("/", " ") for c in cols], "avg acc", "retention", "speed-up"]
     if any("stability" in r for r in reports):
         headers.append("stability")
@@ -129,12 +129,13 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
         model = str(r.get("model", "?"))
         if model not in dense_done and b:
             dense_done.add(model)
-            row = [model, "dense", 0.0, "–", _params_m(r.get("params_before")), b.get(ppl_key) if ppl_key else None,
+            row = [model, "dense", 0.0, "–", _params_m(r.get("params_before")), "–", b.get(ppl_key) if ppl_key else None,
                    *[b.get(c) for c in cols], _avg_acc(b, cols), 1.0, 1.0]
             rows.append(row + (["–"] if "stability" in headers else []))
         ret = retention(b, a) if b and a else {}
+        dec = r.get("removed_decoder_fraction")
         row = [model, str(r.get("method", "?")), r.get("target_ratio"), _recovery_name(r), _params_m(r.get("params_after")),
-               a.get(ppl_key) if ppl_key else None, *[a.get(c) for c in cols], _avg_acc(a, cols),
+               f"{100 * dec:.1f} %" if isinstance(dec, (int, float)) else "–", a.get(ppl_key) if ppl_key else None, *[a.get(c) for c in cols], _avg_acc(a, cols),
                ret.get("average"), _speedup(b, a)]
         if "stability" in headers:
             s = r.get("stability")
@@ -205,6 +206,9 @@ def render_markdown(report: dict, plots_dir: str | Path | None = None) -> str:
         ["params before", pb], ["params after", pa],
         ["removed", f"{100 * report['removed_fraction']:.1f} %" if isinstance(report.get("removed_fraction"), (int, float))
          else "–"],
+        ["removed of decoder-layer params", f"{100 * report['removed_decoder_fraction']:.1f} %"
+         if isinstance(report.get("removed_decoder_fraction"), (int, float)) else "–"],
+        *([["rounding", str(report["rounding"])]] if report.get("rounding") else []),
     ]))
     md += ["", "## Metrics", ""]
     keys = sorted(set(b) | set(a), key=lambda k: (not k.startswith("ppl"), "/" not in k, k))
@@ -214,31 +218,94 @@ def render_markdown(report: dict, plots_dir: str | Path | None = None) -> str:
         md.append(f"\nAverage retention (quality metrics): **{ret['average']:.3f}**")
     if isinstance(report.get("stability"), (int, float)):
         md.append(f"\nStability (LLM-Streamline): **{100 * report['stability']:.1f} %**")
-    md.append("\nProtocols: `ppl.fixed_window_256` = non-overlapping 256-token windows of the evaluation text "
-              "(SparseGPT/Wanda); `*/word_perplexity` = lm-eval rolling log-likelihood (word perplexity); "
-              "`*/acc`, `*/acc_norm` = lm-eval multiple-choice accuracy (length-normalised for acc_norm).")
+    md.append("\n" + _protocols_line(report, b, a))
     if report.get("timings"):
         md += ["", "## Steps", ""]
-        md.append(_table(["step", "seconds", "cache"], [[s, t, (report.get("cache") or {}).get(s, "–")]
-                                                        for s, t in report["timings"].items()]))
+        why = report.get("cache_why") or {}
+        md.append(_table(["step", "seconds", "cache", "why it was computed"],
+                         [[s, t, (report.get("cache") or {}).get(s, "–"), why.get(s, "")]
+                          for s, t in report["timings"].items()]))
     if plots_dir is not None:
-        pdir = Path(plots_dir)
-        pdir.mkdir(parents=True, exist_ok=True)
-        from . import plots
-
-        curve = _loss_curve(report)
-        if curve:
-            p = plots.plot_loss_curves(curve, pdir / "recovery_loss.png", title="recovery loss")
-            md += ["", "## Recovery", "", f"Loss {curve[0]:.3f} → {curve[-1]:.3f} over {len(curve)} steps.", "",
-                   f"![recovery loss]({p.relative_to(pdir.parent) if pdir.parent in p.parents else p})"]
-        plan = report.get("plan")
-        if isinstance(plan, dict):
-            try:
-                p = plots.plot_kept_per_layer(plan, pdir / "kept_per_layer.png")
-                md += ["", "## What was kept", "", f"![kept per layer]({p.relative_to(pdir.parent)})"]
-            except Exception:  # a plan the plot does not understand: the table above still tells
-                pass
+        md += _figures(report, Path(plots_dir))
     return "\n".join(md) + "\n"
+
+
+def _protocols_line(report: dict, b: dict, a: dict) -> str:
+    """The protocols this run used, by name (`report["protocols"]` from the evaluate steps)."""
+    prot = dict(report.get("protocols") or {})
+    keys = set(b) | set(a)
+    parts = []
+    for k in sorted(x for x in keys if x.startswith("ppl.")):
+        name = k[4:]
+        seq = name.rsplit("_", 1)[-1]
+        desc = (f"non-overlapping {seq}-token windows of the evaluation text (SparseGPT/Wanda protocol)"
+                if name.startswith("fixed_window_") else "see the evaluate step")
+        parts.append(f"`{k}` = {desc}")
+    for t, p in sorted((t, p) for t, p in prot.items() if t != "ppl"):
+        parts.append(f"`{t}/*` = lm-eval, protocol `{p}`")
+    return "Protocols: " + ("; ".join(parts) if parts else "–") + "."
+
+
+def _figures(report: dict, pdir: Path) -> list[str]:
+    """The run's plots (loss curve of the recovery, kept structure per layer, per-layer ratios) and
+    their sections; a plot that fails is named in the report (and logged), never silently dropped."""
+    import logging
+
+    from . import plots
+
+    pdir.mkdir(parents=True, exist_ok=True)
+    md: list[str] = []
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(pdir.parent)) if pdir.parent in p.parents else str(p)
+
+    def draw(fn, *args, **kw) -> Path | None:
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - the report is written; the failure is shown in it
+            logging.getLogger("pruneflow.report").warning("plot %s not drawn: %s", fn.__name__, e)
+            md.append(f"\n(plot `{fn.__name__}` not drawn: {type(e).__name__}: {e})")
+            return None
+
+    curve = _loss_curve(report)
+    info = report.get("recovery_info") or {}
+    if curve:
+        kind = info.get("kind") or _recovery_name(report)
+        what = "replacement (MSE to the removed block's output)" if kind == "replacement" else "LoRA (LM loss)"
+        md += ["", "## Recovery", "", f"{what}: training loss {curve[0]:.4g} → {curve[-1]:.4g} over {len(curve)} steps."]
+        if isinstance(info.get("val_mse_before"), (int, float)):
+            md.append(f"Validation MSE {info['val_mse_before']:.4g} → {info['val_mse_after']:.4g} "
+                      f"(best step {info.get('best_step')}).")
+        p = draw(plots.plot_loss_curves, curve, pdir / "recovery_loss.png", title=f"recovery loss ({kind})")
+        if p:
+            md += ["", f"![recovery loss]({rel(p)})"]
+    layers = report.get("layers")
+    if isinstance(layers, list) and layers:
+        md += ["", "## What was kept", ""]
+        p = draw(plots.plot_kept_per_layer, {"layers": layers, "method": report.get("method")},
+                 pdir / "kept_per_layer.png", full=report.get("full_sizes"))
+        if p:
+            md.append(f"![kept per layer]({rel(p)})")
+        ratios = [lp.get("ratio") for lp in layers]
+        if all(isinstance(r, (int, float)) for r in ratios):
+            p = draw(plots.plot_layer_ratios, ratios, pdir / "layer_ratios.png", target=report.get("target_ratio"))
+            if p:
+                md += ["", f"![per-layer ratios]({rel(p)})"]
+        full = report.get("full_sizes") or {}
+        md += ["", _table(["layer", "kept", f"q heads /{full.get('heads', '?')}", f"KV heads /{full.get('kv_heads', '?')}",
+                           f"FFN /{full.get('ffn', '?')}", "replacement", "params removed"],
+                          [[str(lp.get("index")), "yes" if lp.get("keep", True) else "no",
+                            _kept(lp.get("heads"), full.get("heads"), lp), _kept(lp.get("kv_heads"), full.get("kv_heads"), lp),
+                            _kept(lp.get("ffn"), full.get("ffn"), lp), lp.get("replacement") or "–",
+                            f"{100 * lp['ratio']:.1f} %" if isinstance(lp.get("ratio"), (int, float)) else "–"]
+                           for lp in layers])]
+    return md
+
+
+def _kept(n, full, lp) -> str:
+    if not lp.get("keep", True):
+        return "0"
+    return str(n if n is not None else (full if full is not None else "all"))
 
 
 def write_report(report: dict, folder: str | Path) -> dict[str, Path]:

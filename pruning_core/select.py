@@ -1,5 +1,13 @@
 """From scores and a ratio to a PrunePlan: per-layer ratio schedules (uniform, log / linear increase
-/ decrease), the parameter-budget solver SlimGPT and FLAP share, and lowest-score removal."""
+/ decrease), the parameter-budget solver SlimGPT and FLAP share, and lowest-score removal.
+
+`ratio` means one thing for every method: the fraction of **decoder-layer parameters** removed
+(embeddings, final norm and LM head are never pruned). Each method converts it to its own units;
+for heads and FFN channels `removal_counts` does it per layer: whole heads (or KV groups) are
+rounded from the layer's ratio, then the FFN channels absorb the head rounding so that the layer
+loses its share of parameters; a heads-only or FFN-only method removes as many of its units as
+hold that share. The plan records the realised per-layer fractions (`per_layer_ratio`).
+"""
 
 from __future__ import annotations
 
@@ -49,17 +57,19 @@ def n_remove(n: int, r: float, field: str, layer: int, unit: str) -> int:
     return k
 
 
-def keep_heads(score: torch.Tensor, n_q: int, n_kv: int, r: float, gqa: str, layer: int) -> tuple[list[int], list[int]]:
-    """Kept (query heads, KV heads) from per-query-head scores (lowest removed)."""
+def keep_heads(score: torch.Tensor, n_q: int, n_kv: int, r: float, gqa: str, layer: int,
+               k: int | None = None) -> tuple[list[int], list[int]]:
+    """Kept (query heads, KV heads) from per-query-head scores (lowest removed): round(n * r) units,
+    or exactly `k` units (KV groups, or query heads per group) when given."""
     rep = n_q // n_kv
     if gqa == "kv_group":
         g = score.double().view(n_kv, rep).sum(1)
-        k = n_remove(n_kv, r, "ratio", layer, "KV group")
+        k = n_remove(n_kv, r, "ratio", layer, "KV group") if k is None else k
         drop = set(torch.argsort(g, stable=True)[:k].tolist())
         kv = [i for i in range(n_kv) if i not in drop]
         return [g_ * rep + j for g_ in kv for j in range(rep)], kv
     if gqa == "per_group":
-        k = n_remove(rep, r, "ratio", layer, "query head per KV group")
+        k = n_remove(rep, r, "ratio", layer, "query head per KV group") if k is None else k
         keep_q = []
         for g_ in range(n_kv):
             s = score[g_ * rep:(g_ + 1) * rep].double()
@@ -69,11 +79,58 @@ def keep_heads(score: torch.Tensor, n_q: int, n_kv: int, r: float, gqa: str, lay
     raise ConfigError("method.settings.gqa", gqa, "kv_group or per_group")
 
 
-def keep_channels(score: torch.Tensor, r: float, layer: int) -> list[int]:
+def keep_channels(score: torch.Tensor, r: float, layer: int, k: int | None = None) -> list[int]:
     n = score.numel()
-    k = n_remove(n, r, "ratio", layer, "FFN channel")
+    k = n_remove(n, r, "ratio", layer, "FFN channel") if k is None else k
     drop = set(torch.argsort(score.double(), stable=True)[:k].tolist())
     return [i for i in range(n) if i not in drop]
+
+
+def unit_sizes(model: nn.Module, adapter: Adapter, gqa: str = "kv_group") -> list[dict]:
+    """Per decoder layer: its parameters, its head units (KV groups, or query heads per group for
+    `per_group`) and the parameters one unit holds, its FFN channels and the parameters of one."""
+    out = []
+    for layer in adapter.layers(model):
+        s = adapter.layer_shape(model, layer)
+        hidden = adapter.proj(layer, adapter.o).out_features
+        rep = max(s.n_heads // max(s.n_kv_heads, 1), 1)
+        per_head = 2 * s.head_dim * hidden  # q rows + o columns
+        if gqa == "per_group" and rep > 1:  # one query head in every group
+            n_units, unit_params, unit = rep, s.n_kv_heads * per_head, "query head per KV group"
+        else:  # a KV group: its query heads + k and v rows
+            n_units, unit_params, unit = s.n_kv_heads, rep * per_head + 2 * s.head_dim * hidden, "KV group"
+        out.append(dict(total=sum(p.numel() for p in layer.parameters()), n_units=n_units, unit_params=unit_params,
+                        unit=unit, ffn=s.ffn, ch_params=(len(adapter.mlp_in) + 1) * hidden))
+    return out
+
+
+def _too_many(r: float, k: int, n: int, unit: str, layer: int, share: float) -> ConfigError:
+    return ConfigError("ratio", r, f"a ratio that keeps at least one {unit} in layer {layer} (it has {n}, {k} would go; "
+                                   f"accepted: ratio < {(n - 0.5) * share:.3f})")
+
+
+def removal_counts(sizes: list[dict], per_layer: list[float], targets: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(head units, FFN channels) to remove in every layer so that layer i loses the fraction
+    per_layer[i] of its parameters: heads rounded from the ratio, then the FFN absorbs the rest."""
+    out = []
+    for i, (u, r) in enumerate(zip(sizes, per_layer)):
+        goal = r * u["total"]
+        kh = kf = 0
+        if r > 0 and "heads" in targets:
+            kh = int(math.floor((u["n_units"] * r if "ffn" in targets else goal / u["unit_params"]) + 0.5))
+            if kh >= u["n_units"]:
+                raise _too_many(r, kh, u["n_units"], u["unit"], i,
+                                1.0 / u["n_units"] if "ffn" in targets else u["unit_params"] / u["total"])
+        if r > 0 and "ffn" in targets:
+            kf = int(math.floor((goal - kh * u["unit_params"]) / u["ch_params"] + 0.5))
+            if kf >= u["ffn"]:
+                if "heads" in targets:  # the heads leave too much to the FFN: saturate it
+                    kf = u["ffn"] - 1
+                else:
+                    raise _too_many(r, kf, u["ffn"], "FFN channel", i, u["ch_params"] / u["total"])
+            kf = max(kf, 0)
+        out.append((kh, kf))
+    return out
 
 
 def plan_from_scores(
@@ -88,27 +145,54 @@ def plan_from_scores(
     settings: dict | None = None,
     uniform_heads: bool = False,
 ) -> PrunePlan:
-    """Remove the lowest-scoring units in every layer: round(n * r_i) of them. `uniform_heads`
-    (the `servable: vllm` constraint): heads at the target ratio in every layer, FFN at r_i."""
+    """Remove the lowest-scoring units in every layer; layer i loses the fraction per_layer[i]
+    (default: `ratio`) of its parameters (`removal_counts`). `uniform_heads` (the `servable: vllm`
+    constraint): every layer loses the head units the target ratio gives, the FFN absorbs the rest."""
     check_ratio(ratio)
     shapes = adapter.shapes(model)
     ratios = per_layer if per_layer is not None else [ratio] * len(shapes)
-    lps = []
+    sizes = unit_sizes(model, adapter, gqa)
+    scored = tuple(t for t in targets if t in ("heads", "ffn") and any(k.startswith(f"{t}.") for k in scores))
+    counts = removal_counts(sizes, ratios, scored)
+    if uniform_heads and "heads" in scored and "ffn" in scored:
+        kh_u = [c[0] for c in removal_counts(sizes, [ratio] * len(shapes), scored)]
+        counts = [(kh, max(0, min(u["ffn"] - 1, int(math.floor((r * u["total"] - kh * u["unit_params"])
+                                                                   / u["ch_params"] + 0.5)))))
+                  for kh, u, r in zip(kh_u, sizes, ratios)]
+    lps, realised = [], []
     for i, s in enumerate(shapes):
         lp = LayerPlan(i)
-        r = ratios[i]
-        rh = ratio if uniform_heads else r
-        if "heads" in targets and f"heads.{i}" in scores and rh > 0:
-            lp.heads, lp.kv_heads = keep_heads(scores[f"heads.{i}"], s.n_heads, s.n_kv_heads, rh, gqa, i)
-        if "ffn" in targets and f"ffn.{i}" in scores and r > 0:
-            lp.ffn = keep_channels(scores[f"ffn.{i}"], r, i)
+        kh, kf = counts[i]
+        if "heads" in targets and f"heads.{i}" in scores and kh > 0:
+            lp.heads, lp.kv_heads = keep_heads(scores[f"heads.{i}"], s.n_heads, s.n_kv_heads, ratios[i], gqa, i, k=kh)
+        else:
+            kh = 0
+        if "ffn" in targets and f"ffn.{i}" in scores and kf > 0:
+            lp.ffn = keep_channels(scores[f"ffn.{i}"], ratios[i], i, k=kf)
+        else:
+            kf = 0
+        u = sizes[i]
+        realised.append((kh * u["unit_params"] + kf * u["ch_params"]) / u["total"] if u["total"] else 0.0)
         lps.append(lp)
     plan = PrunePlan(method=method, settings=settings or {}, layers=lps, target_ratio=ratio,
-                     per_layer_ratio=list(ratios))
+                     per_layer_ratio=realised)
     from .metrics import plan_params
 
     plan.params_before, plan.params_after = plan_params(model, plan)
     return plan
+
+
+def ffn_unit_ratio(model: nn.Module, adapter: Adapter, ratio: float) -> float:
+    """The fraction of FFN channels whose removal takes away `ratio` of the decoder-layer parameters
+    (FFN-only methods with a global allocation)."""
+    sizes = unit_sizes(model, adapter)
+    total = sum(u["total"] for u in sizes)
+    ffn = sum(u["ffn"] * u["ch_params"] for u in sizes)
+    r = ratio * total / ffn if ffn else 0.0
+    if r >= 1.0:
+        raise ConfigError("ratio", ratio, f"a ratio < {ffn / total:.3f} (the FFN holds that share of the "
+                                          "decoder-layer parameters; removing more would empty it)")
+    return r
 
 
 # -- per-layer ratio schedules and the parameter-budget solver (SlimGPT §3.4; FLAP's UL-UM counts) --

@@ -81,15 +81,21 @@ def _load_tensors(man: dict, ctx: dict) -> dict:
     return load_file(str(open_store(ctx.get("store")).local_path(man)))
 
 
-def _progress(desc: str, total: int):
+def _progress(desc: str, total: int, unit: str = "layer"):
+    """A transient tqdm bar under the step's own bar and its callback `cb(done, total, *extra)`
+    (a float extra, e.g. a training loss, is shown beside it)."""
     if not progress_enabled():
         return None, lambda *a: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
+    bar = tqdm(total=total, desc=f"  {desc}", unit=unit, leave=False, dynamic_ncols=True)
 
-    def cb(done, _total):
+    def cb(done, total_=None, *extra):
+        if total_ and bar.total != total_:
+            bar.total = total_
         bar.n = done
+        if extra and isinstance(extra[0], float):
+            bar.set_postfix_str(f"loss {extra[0]:.4g}", refresh=False)
         bar.refresh()
 
     return bar, cb
@@ -131,6 +137,10 @@ def load_model_task(ctx: dict, ref: str, dtype: str = "float32", revision: str |
                 "trust_remote_code": trust_remote_code}
 
     return run_step("load", params, compute)
+
+
+def _decoder_params(model, adapter) -> int:
+    return sum(p.numel() for layer in adapter.layers(model) for p in layer.parameters())
 
 
 def _dir_bytes(path: str) -> int:
@@ -284,22 +294,35 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
                 raise ConfigError("method.name", method, "a coupled method run with a calibration set")
             ids = load_calibration(calib, ctx)
             m.to(_device(ctx))
-            plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx))
+            bar, cb = _progress(method, len(adapter.layers(m)))
+            try:
+                plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx), progress=cb)
+            finally:
+                if bar is not None:
+                    bar.close()
             m.to("cpu")
         else:
             sc = _load_tensors(scores, ctx)
             plan = meth.select(m, adapter, sc, ratio, st)
-        before = count_params(m)
+        before, dec_before = count_params(m), _decoder_params(m, adapter)
         apply_plan(m, plan)
         after = count_params(m)
         plan.params_before, plan.params_after = before, after
         store = open_store(ctx.get("store"))
         with scratch_dir() as d:
             path = save_pruned(m, tok, plan, Path(d) / "checkpoint")
+            from pruning_core.checkpoint import is_uniform
+
+            uniform = bool(is_uniform(path))
             man = store.put_dir(path, "checkpoint", f"prune:{method}")
         del m
         return {**man, "params_before": before, "params_after": after, "target_ratio": ratio,
-                "removed_fraction": 1 - after / before if before else 0.0}
+                "removed_fraction": 1 - after / before if before else 0.0,
+                # `ratio` is a fraction of decoder-layer parameters: the realised figure, and how depth
+                # methods rounded it
+                "decoder_params_before": dec_before,
+                "removed_decoder_fraction": (before - after) / dec_before if dec_before else 0.0,
+                "rounding": (plan.notes or {}).get("rounding"), "uniform": uniform}
 
     return run_step("prune", params, compute)
 
@@ -342,7 +365,11 @@ define_step("recover", _recover_keyparts, lambda p: [_recover_keyparts, recover_
 
 @_task("recover", gpu=True)
 def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_revision: str,
-                 train_source: str = "pydoc", seq_len: int = 256, calib: dict | None = None) -> dict:
+                 train_source: str = "pydoc", seq_len: int = 256, calib: dict | None = None,
+                 model: dict | None = None) -> dict:
+    """`lora`: LoRA on the training text, merged. `replacement` (LLM-Streamline): the replacement of
+    the removed block is trained on the calibration blocks against the dense model (`model`), with
+    the method's settings; the prune step before it is the same as for `recovery: none`."""
     params = {"ctx": ctx, "checkpoint": checkpoint, "kind": kind, "settings": settings,
               "model_revision": model_revision, "calib": calib}
 
@@ -355,15 +382,30 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         store = open_store(ctx.get("store"))
         src = store.local_path(checkpoint)
         m, tok = load_pruned(src, device=_device(ctx))
-        if kind != "lora":
-            raise ConfigError("recovery.kind", kind, "lora (the only recovery run as its own step)")
-        train_ids = tokenize_text(tok, load_text(train_source, "train"))
-        m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
+        if kind == "replacement":
+            if model is None or calib is None or plan is None:
+                raise ConfigError("recovery.kind", kind, "lora or none (replacement needs the dense model, the "
+                                  "calibration set and the checkpoint's plan)")
+            dense, _ = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+            bar, cb = _progress("recover", 1, unit="step")
+            try:
+                m, info = rec.replacement_recover(m, dense, plan, load_calibration(calib, ctx), settings,
+                                                  device=_device(ctx), progress=cb)
+            finally:
+                if bar is not None:
+                    bar.close()
+                dense.to("cpu")
+        elif kind == "lora":
+            train_ids = tokenize_text(tok, load_text(train_source, "train"))
+            m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
+        else:
+            raise ConfigError("recovery.kind", kind, "lora or replacement (the recoveries run as their own step)")
         with scratch_dir() as d:
             path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
             man = store.put_dir(path, "checkpoint", f"recover:{kind}")
-        keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction")
+        keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction",
+                                           "decoder_params_before", "removed_decoder_fraction", "rounding", "uniform")
                 if k in checkpoint}
         return {**man, **keep, "recovery": _jsonable(info)}
 
@@ -415,14 +457,25 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
             "eval_tokens_per_s": ppl["tokens"] / dt if dt > 0 else None,
         }
         tasks = settings.get("tasks") or []
+        protocols: dict[str, str] = {"ppl": ppl["protocol"]}
+        samples_man = None
         if tasks:
+            import contextlib
+            import io
+
             from pruning_core.evaluate import run_lm_eval
 
-            res = run_lm_eval(path, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev))
+            with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own bars: the step's bar shows progress
+                res = run_lm_eval(path, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev))
             for t, ms in res["results"].items():
                 for k, v in ms.items():
                     if isinstance(v, (int, float)):
                         metrics[f"{t}.{k}"] = v
+            lim = settings.get("limit")
+            protocols.update({t: res.get("protocols", {}).get(t) or
+                              ("lm_eval_0shot" + (f"_first{lim}" if lim else "")) for t in res["results"]})
+            # per-item outputs: the stability figure (LLM-Streamline) compares dense and pruned ones
+            samples_man = store.put_json(res.get("samples", {}), "samples.json", "samples", f"evaluate:{label}")
         if settings.get("efficiency"):
             from pruning_core import efficiency
 
@@ -431,7 +484,8 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
                 if isinstance(v, (int, float)):
                     metrics[f"eff.{k}"] = v
         man = store.put_json(metrics, "metrics.json", "metrics", f"evaluate:{label}")
-        return {**man, "metrics": metrics}
+        return {**man, "metrics": metrics, "protocols": protocols,
+                **({"samples": samples_man} if samples_man else {})}
 
     return run_step("evaluate", params, compute)
 

@@ -8,7 +8,9 @@ Called once at the end of the compress flow, after the checkpoint and ``report.j
 - **Where**: ``spec["tracking"]["uri"]`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///$PRUNEFLOW_HOME/mlflow.db``
   (experiment created with artifacts under ``$PRUNEFLOW_HOME/mlartifacts``). Any remote server works the same.
 - **Parent run**: params = the flattened spec; metrics = report figures with sanitised names
-  (``acc,none`` -> ``acc``); artifacts ``report.json``, ``plan.json``, the lm-eval JSON, PNG plots; tags
+  (``acc,none`` -> ``acc``), the recovery loss / validation curves and per-layer ratios as metric histories;
+  artifacts ``report.json``, ``report.md``, ``plan.json``, the lm-eval JSON and the plots the flow drew
+  (``<run_dir>/plots``, the ones report.md shows); only MLflow's public API; tags
   = Prefect flow-run id, code revision, ``pruneflow.cache.<step>`` = hit|miss.
 - **Child run per step**: its settings, ``seconds``, tags ``pruneflow.cache`` and ``pruneflow.cache_key``.
   A cached step's child carries ``pruneflow.producer_run_id``: the child run that computed it (the index
@@ -166,18 +168,18 @@ def probe(uri: str, timeout_s: float = 5.0) -> None:
 def using_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (needed by ``log_model``) at ``uri`` for the block, then restore exactly
     what was there (``set_tracking_uri`` also writes the ``MLFLOW_TRACKING_URI`` env var)."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-
-    prev_t = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    # set_tracking_uri / set_registry_uri mirror what they set into these variables, so the variables are
+    # the whole previous state: restore them and clear the explicit URIs (restoring an URI that came from
+    # the environment as an explicit one would outlive the variable: a later run then talks to a server
+    # that is gone)
     prev_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    prev_r = getattr(registry_utils, "_registry_uri", None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(prev_t)
-        registry_utils._registry_uri = prev_r
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
         for k, v in prev_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -225,7 +227,8 @@ def spec_params(spec: Mapping[str, Any]) -> dict[str, str]:
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """Every numeric figure of the report, with MLflow-safe names (``after.lm_eval.task.acc``...)."""
     m: dict[str, float] = {}
-    for key in ("params_before", "params_after", "removed_fraction", "target_ratio"):
+    for key in ("params_before", "params_after", "removed_fraction", "target_ratio", "removed_decoder_fraction",
+                "decoder_params_before", "stability"):
         if _num(report.get(key)) is not None:
             m[key] = _num(report.get(key))
     for section, prefix in (("metrics_before", "before"), ("metrics_after", "after"), ("retention", "retention")):
@@ -473,62 +476,26 @@ def log_checkpoint_model(checkpoint: str | Path, name: str | None, max_new_token
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def _plots(report: Mapping[str, Any], arts: Mapping[str, str], tmp: Path) -> list[Path]:
-    from pruning_core import plots
-
-    made: list[Path] = []
-
-    def attempt(fn, *a, **kw):
-        try:
-            made.append(fn(*a, **kw))
-        except Exception as e:  # a plot is never worth failing the tracking
-            log.warning("plot %s skipped: %s", fn.__name__, e)
-
-    plan_ref = arts.get("plan")
-    plan_file = _local_copy(plan_ref, tmp) if plan_ref else None
-    if plan_file and plan_file.is_file():
-        plan = json.loads(plan_file.read_text())
-        attempt(plots.plot_kept_per_layer, plan, tmp / "plots" / "kept_per_layer.png",
-                full=report.get("full_sizes") or _full_sizes(report))
-    scores = report.get("scores_summary")
-    ref = arts.get("scores") or arts.get("score") or ""
-    if not scores and ref.endswith((".json", ".safetensors")):
-        f = _local_copy(ref, tmp)
-        if f and f.suffix == ".json":
-            scores = json.loads(f.read_text())
-        elif f:
-            from safetensors.torch import load_file
-
-            scores = {k: v.float().flatten() for k, v in load_file(str(f)).items() if re.fullmatch(r"\w+\.\d+", k)}
-    if isinstance(scores, Mapping) and scores:
-        attempt(plots.plot_scores_per_layer, scores, tmp / "plots" / "scores_per_layer.png")
-    losses = None
-    for c in (report.get("recovery_info"), report.get("recovery"), (report.get("steps") or {}).get("recover"),
-              report):
-        if isinstance(c, Mapping) and isinstance(c.get("recovery"), Mapping):
-            c = c["recovery"]
-        if isinstance(c, Mapping) and (c.get("loss_curve") or c.get("losses")):
-            losses = c.get("loss_curve") or c.get("losses")
-            break
-    if losses:
-        attempt(plots.plot_loss_curves, losses, tmp / "plots" / "recovery_loss.png")
-    return made
+def _plots(run_dir: Path) -> list[Path]:
+    """The run's plots, as the flow drew them for report.md (``<run_dir>/plots/*.png``): the recovery
+    loss curve, kept structure per layer, per-layer ratios. Nothing is redrawn or guessed here."""
+    return sorted((run_dir / "plots").glob("*.png"))
 
 
-def _full_sizes(report: Mapping[str, Any]) -> dict[str, int] | None:
-    """Unpruned head / KV head / FFN sizes from the dense model's config.json (no model load, no conversion)."""
-    spec_model = ((report.get("spec") or {}).get("model") or {}) if isinstance(report.get("spec"), Mapping) else {}
-    ref = str(spec_model.get("ref") or report.get("model") or "")
-    for cand in (Path(ref).expanduser(), pruneflow_home() / "models" / ref):
-        try:
-            cfg = json.loads((cand / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        heads = cfg.get("num_attention_heads")
-        ffn = cfg.get("intermediate_size") or cfg.get("ffn_dim")
-        if heads and ffn:
-            return {"heads": int(heads), "kv_heads": int(cfg.get("num_key_value_heads") or heads), "ffn": int(ffn)}
-    return None
+def curve_metrics(report: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Series the report holds, as MLflow metric histories ``{name: [(step, value)]}``: the recovery
+    training loss (LoRA or the Streamline replacement), its validation MSE, the per-layer ratios."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    info = report.get("recovery_info") or {}
+    if isinstance(info, Mapping):
+        loss = [(i + 1, _num(v)) for i, v in enumerate(info.get("loss_curve") or [])]
+        out["recovery.loss"] = [(i, v) for i, v in loss if v is not None]
+        val = [(int(st), _num(v)) for st, v in (info.get("val_curve") or [])]
+        out["recovery.val_mse"] = [(i, v) for i, v in val if v is not None]
+    layers = report.get("layers") or []
+    out["layer.removed_fraction"] = [(int(lp.get("index", i)), _num(lp.get("ratio"))) for i, lp in enumerate(layers)
+                                     if _num(lp.get("ratio")) is not None]
+    return {k: v for k, v in out.items() if v}
 
 
 # ----------------------------------------------------------------------------------------- the entry
@@ -606,13 +573,13 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
                 lm = lm_eval_results(report)
                 if lm:
                     mlflow.log_dict(lm, "lm_eval_results.json")
+            run_id = parent.info.run_id
+            for name, series in curve_metrics(report).items():
+                for step, value in series:
+                    client.log_metric(run_id, name, value, step=step)
             if settings.plots:
-                made = _plots(report, arts, tmp)
-                for p in made:
+                for p in _plots(run_dir):
                     mlflow.log_artifact(str(p), artifact_path="plots")
-                for p in sorted((run_dir / "plots").glob("*.png")):  # the human report's own plots
-                    if p.name not in {m.name for m in made}:
-                        mlflow.log_artifact(str(p), artifact_path="plots")
             if (run_dir / "report.md").is_file():
                 mlflow.log_artifact(str(run_dir / "report.md"))
             for name, st in steps.items():

@@ -35,7 +35,9 @@ Defaults and why (measured on smollm2-135m, `benchmarks/RESULTS.md`, section llm
 * pipeline: "chained" joins the FFNs into one deep graph up_0 -> down_0 -> up_1 -> ..., the
   residual stream being an identity link (attention and norms ignored, as in the paper);
   "isolated" scores each FFN as its own 2-layer graph with the FFN input norm as prior.
-* allocation "local" removes round(n * ratio) lowest channels in every layer (the paper's
+* `ratio` is the fraction of decoder-layer parameters removed (as for every method): it becomes the
+  channel fraction ratio x (layer parameters / FFN parameters), about 1.33 x ratio on Llama shapes.
+* allocation "local" removes that fraction of channels (rounded) in every layer (the paper's
   "uniform"). "global" ranks all layers together; because every layer's scores sum to 1, a wide
   layer's scores are smaller (mean 1/n) and the upstream global pruner over-prunes wide layers. We
   correct that bias by comparing n_l * score (each layer's scores then have mean 1), and keep at
@@ -58,7 +60,7 @@ from pydantic import Field
 from ..errors import DataError
 from ..metrics import plan_params
 from ..plan import LayerPlan, PrunePlan
-from ..select import check_ratio, plan_from_scores
+from ..select import check_ratio, ffn_unit_ratio, plan_from_scores, unit_sizes
 from .base import Method, MethodSettings, register
 
 _CHUNK_ELEMS = 1 << 22  # rows of W are read in chunks of at most ~4M elements (32 MB in fp64)
@@ -264,11 +266,13 @@ def select_ffn(model, adapter, scores: dict, ratio: float, settings, method: str
             model, adapter, scores, r, targets=("ffn",), method=method, settings=settings.model_dump()
         )
     else:
-        keeps = dict(zip(idx, keep_global([scores[f"ffn.{i}"] for i in idx], r)))
+        keeps = dict(zip(idx, keep_global([scores[f"ffn.{i}"] for i in idx], ffn_unit_ratio(model, adapter, r))))
         lps = [LayerPlan(i, ffn=keeps.get(i)) for i in range(len(adapter.layers(model)))]
         plan = PrunePlan(method=method, settings=settings.model_dump(), layers=lps, target_ratio=r)
+        sizes = unit_sizes(model, adapter)  # realised fraction of each layer's parameters
         plan.per_layer_ratio = [
-            0.0 if i not in keeps else 1 - len(keeps[i]) / scores[f"ffn.{i}"].numel() for i in range(len(lps))
+            0.0 if i not in keeps else (scores[f"ffn.{i}"].numel() - len(keeps[i])) * sizes[i]["ch_params"]
+            / sizes[i]["total"] for i in range(len(lps))
         ]
         plan.params_before, plan.params_after = plan_params(model, plan)
     plan.notes.update({"unit": "ffn channel", "allocation": settings.allocation})

@@ -82,8 +82,11 @@ def test_plan_is_a_dry_run_with_per_layer_sizes(tiny_llama_dir, pf_home):
     out = json.loads(res.stdout)
     assert len(out["layers"]) == 2
     for row in out["layers"]:
+        # ratio 0.5 = half of each decoder layer's parameters: one query head per KV group (4096 params),
+        # the FFN absorbs the rest: 59 channels of 192 params -> 4096 + 11328 = 15424 = 30848 / 2
         assert (row["heads"], row["heads_after"], row["kv_heads_after"]) == (4, 2, 2)
-        assert (row["ffn"], row["ffn_after"]) == (96, 48)
+        assert (row["ffn"], row["ffn_after"]) == (96, 96 - 59)
+        assert row["params"] - row["params_after"] == row["params"] // 2
         assert row["params_after"] < row["params"] and row["flops_after"] < row["flops"]
     t = out["total"]
     assert t["params_after"] == out["plan_params"][1] and t["params"] == out["plan_params"][0]
@@ -99,7 +102,8 @@ def test_plan_is_a_dry_run_with_per_layer_sizes(tiny_llama_dir, pf_home):
     plan = meth.select(model, adapter_for(model), meth.score(model, adapter_for(model), {}, st), 0.5, st)
     assert count_params(apply_plan(model, plan)) == t["params_after"]
     # human-readable table too
-    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5"])
+    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5", "--method", "l2", "--set",
+                              "method.settings.gqa=per_group"])
     assert res.exit_code == 0 and "FLOPs/token" in res.stdout
 
 

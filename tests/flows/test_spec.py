@@ -45,3 +45,33 @@ def test_recovery_settings_are_validated():
         validate({"method": {"name": "wanda"}, "recovery": {"kind": "replacement"}})
     with pytest.raises(ConfigError, match="recovery.kind"):
         validate({"recovery": {"kind": "distill"}})
+
+
+def test_one_rule_for_defaults_no_file_empty_file_and_a_file(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("ratio: 0.2\n")
+    none_, e, p = build_spec(), build_spec(empty), build_spec(partial)
+    assert none_.model_dump() == e.model_dump() == p.model_dump()
+    assert e.method.settings["gqa"] == "per_group" and e.evaluation.tasks == DEFAULT_SPEC["evaluation"]["tasks"]
+    # a file's own values go over the defaults field by field (the rest of the section keeps its defaults)
+    f = tmp_path / "f.yaml"
+    f.write_text("calibration: {n_samples: 4}\n")
+    s = build_spec(f)
+    assert s.calibration.n_samples == 4 and s.calibration.seq_len == DEFAULT_SPEC["calibration"]["seq_len"]
+
+
+@pytest.mark.parametrize("method", ["llm-rank", "mpr", "shortgpt", "llm-streamline", "slimgpt", "l2"])
+def test_a_method_never_gets_another_methods_default_settings(tmp_path, method):
+    from pruning_core.methods import get_method
+
+    own = get_method(method).parse_settings({}).model_dump(mode="json")
+    assert build_spec(None, **{"method.name": method}).method.settings == own
+    f = tmp_path / "m.yaml"
+    f.write_text(f"method: {{name: {method}}}\n")
+    assert build_spec(f).method.settings == own
+    assert build_spec(None, [f"method.name={method}"]).method.settings == own
+    # the user's own settings for that method are kept
+    if "n_layers" in own:
+        assert build_spec(None, [f"method.name={method}", "method.settings.n_layers=3"]).method.settings["n_layers"] == 3

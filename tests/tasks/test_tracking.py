@@ -1,7 +1,9 @@
 """MLflow tracking of a compression run on a real MLflow (SQLite store in a temp folder).
 
 A tiny random Llama checkpoint (uniform and non-uniform) with a WordLevel tokenizer, and a synthetic
-report in the design's run-report shape, so these tests do not depend on the pipeline.
+report in the compress flow's shape, its report.md + plots written as the flow's report step does
+(`pruning_core.report.write_report`), so these tests do not depend on the pipeline; tracking logs
+only those files and figures.
 The `server` test runs a real `mlflow server` on 127.0.0.1 whose artifact store is S3 on moto.
 """
 
@@ -83,8 +85,23 @@ def _report(run_dir: Path, cache_score: str = "miss") -> dict:
                       "lm_eval": str(run_dir / "lm_eval_results.json")},
         "versions": {"code_revision": "abc123"},
         "flow_run_id": "flow-run-1",
-        "recovery": {"losses": [3.0, 2.5, 2.2]},
+        "recovery": "lora",
+        "recovery_info": {"kind": "lora", "loss_curve": [3.0, 2.5, 2.2]},
+        **LAYERS,
     }
+
+
+LAYERS = {"layers": [{"index": 0, "keep": True, "heads": None, "kv_heads": None, "ffn": 48, "ratio": 0.3},
+                     {"index": 1, "keep": True, "heads": 2, "kv_heads": 1, "ffn": None, "ratio": 0.25}],
+          "full_sizes": {"heads": 4, "kv_heads": 2, "ffn": 96}}
+
+
+def _flow_writes(report: dict, run_dir: Path) -> dict:
+    """What the flow's report step leaves in the run folder before tracking: report.json, report.md, plots/."""
+    from pruning_core.report import write_report
+
+    write_report(report, run_dir)
+    return report
 
 
 def _pipeline_report(run_dir: Path, score_uri: str, cache_score: str) -> dict:
@@ -103,6 +120,7 @@ def _pipeline_report(run_dir: Path, score_uri: str, cache_score: str) -> dict:
                       "checkpoint_local": str(link),
                       "run_dir": str(run_dir)},
         "versions": {"code_revision": "abc123"},
+        **LAYERS,
     }
 
 
@@ -140,13 +158,12 @@ def test_report_figures_params_and_names(tmp_path):
     assert registered_model_name("/x/y/smollm2-135m/", "SlimGPT") == "smollm2-135m-slimgpt"
     assert TrackingSettings.from_spec({"tracking": "http://h:1"}).uri == "http://h:1"
     assert not TrackingSettings.from_spec({"tracking": {"enabled": False}}).enabled
-    from tasks.tracking import _full_sizes
+    from tasks.tracking import curve_metrics
 
-    (tmp_path / "dense").mkdir()
-    (tmp_path / "dense" / "config.json").write_text(json.dumps(
-        {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}))
-    assert _full_sizes({"spec": {"model": {"ref": str(tmp_path / "dense")}}}) == {"heads": 9, "kv_heads": 3, "ffn": 1536}
-    assert _full_sizes({"model": str(tmp_path / "absent")}) is None
+    cm = curve_metrics({**rep, "recovery_info": {"loss_curve": [3.0, "nan?", 2.0], "val_curve": [[0, 1.5], [2, 1.0]]}})
+    assert cm["recovery.loss"] == [(1, 3.0), (3, 2.0)] and cm["recovery.val_mse"] == [(0, 1.5), (2, 1.0)]
+    assert cm["layer.removed_fraction"] == [(0, 0.3), (1, 0.25)]
+    assert curve_metrics({"model": "m"}) == {}  # nothing the flow did not write
 
 
 # ------------------------------------------------------------------------------------ tracking a run
@@ -154,7 +171,7 @@ def test_uniform_run_is_tracked_registered_and_generates(store, monkeypatch):
     root, uri = store
     run_dir = _run_dir(root, uniform=True)
     spec = {**SPEC, "tracking": {"uri": uri, "experiment": "t-uniform"}}
-    res = track_compress_run(spec, _report(run_dir), run_dir)
+    res = track_compress_run(spec, _flow_writes(_report(run_dir), run_dir), run_dir)
     assert res["status"] == "ok", res
     assert json.loads((run_dir / "tracking.json").read_text())["run_id"] == res["run_id"]
     c = MlflowClient(uri, uri)
@@ -167,7 +184,12 @@ def test_uniform_run_is_tracked_registered_and_generates(store, monkeypatch):
     arts = {a.path for a in c.list_artifacts(res["run_id"])}
     assert {"plan.json", "report.json", "lm_eval_results.json", "plots"} <= arts
     plots = {a.path for a in c.list_artifacts(res["run_id"], "plots")}
-    assert {"plots/kept_per_layer.png", "plots/recovery_loss.png"} <= plots
+    assert plots == {f"plots/{p.name}" for p in (run_dir / "plots").glob("*.png")}  # the flow's, no others
+    assert {"plots/kept_per_layer.png", "plots/recovery_loss.png", "plots/layer_ratios.png"} <= plots
+    assert "report.md" in arts
+    hist = c.get_metric_history(res["run_id"], "recovery.loss")
+    assert [(m.step, m.value) for m in hist] == [(1, 3.0), (2, 2.5), (3, 2.2)]
+    assert [m.value for m in c.get_metric_history(res["run_id"], "layer.removed_fraction")] == [0.3, 0.25]
     # one nested child per step, with its settings and seconds
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{res['run_id']}'")
@@ -201,8 +223,8 @@ def test_nonuniform_run_uses_project_loader_and_cached_step_points_at_producer(s
     score_uri = str(root / "objects" / "ab" / "abcd" / "scores.safetensors")  # content-addressed store object
     Path(score_uri).parent.mkdir(parents=True)
     save_file({"heads.0": torch.rand(4), "ffn.0": torch.rand(96), "ffn.1": torch.rand(96)}, score_uri)
-    first = track_compress_run(spec, _pipeline_report(run_dir, score_uri, "miss"), run_dir)
-    second = track_compress_run(spec, _pipeline_report(run_dir, score_uri, "hit"), run_dir)
+    first = track_compress_run(spec, _flow_writes(_pipeline_report(run_dir, score_uri, "miss"), run_dir), run_dir)
+    second = track_compress_run(spec, _flow_writes(_pipeline_report(run_dir, score_uri, "hit"), run_dir), run_dir)
     assert first["status"] == second["status"] == "ok"
     c = MlflowClient(uri, uri)
     hit = c.get_run(second["child_runs"]["score"])
@@ -218,7 +240,8 @@ def test_nonuniform_run_uses_project_loader_and_cached_step_points_at_producer(s
     assert run.data.metrics["gate.ppl_ratio"] == pytest.approx(1.5) and run.data.metrics["after.t.acc_norm"] == 0.6
     arts = {a.path for a in c.list_artifacts(second["run_id"])} | {
         a.path for a in c.list_artifacts(second["run_id"], "plots")}
-    assert {"plan.json", "lm_eval_results.json", "plots/scores_per_layer.png", "plots/kept_per_layer.png"} <= arts
+    assert {"plan.json", "lm_eval_results.json", "plots/kept_per_layer.png", "plots/layer_ratios.png"} <= arts
+    assert "plots/recovery_loss.png" not in arts  # no recovery in this run: no curve invented
     lm = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=second["run_id"], artifact_path="lm_eval_results.json",
                                                              tracking_uri=uri)).read_text())
     assert lm["after"]["results"]["t"]["acc,none"] == 0.4
@@ -242,7 +265,7 @@ def test_default_store_is_sqlite_in_pruneflow_home_and_sweep_is_tracked(tmp_path
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    res = track_compress_run({**SPEC, "tracking": {"log_model": False}}, _report(run_dir), run_dir)
+    res = track_compress_run({**SPEC, "tracking": {"log_model": False}}, _flow_writes(_report(run_dir), run_dir), run_dir)
     assert res["status"] == "ok" and res["uri"] == f"sqlite:///{(tmp_path / 'home' / 'mlflow.db').resolve()}"
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the fluent API's global URI is restored
     art = tmp_path / "home" / "mlartifacts" / res["run_id"] / "artifacts"

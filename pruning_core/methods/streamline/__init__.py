@@ -37,16 +37,7 @@ individually least influential layers are removed (not necessarily contiguous). 
 
 from __future__ import annotations
 
-import copy
-
-import torch
-from torch import nn
-
-from ...adapters import Adapter
-from ...capture import capture_stats
-from ...plan import PrunePlan
-from ...replacements import ResidualFFN, collapse_block, ffn_from_layer, ffn_norm_name
-from ...surgery import apply_plan
+from ...replacements import ResidualFFN, collapse_block, ffn_from_layer
 from ..base import Method, register
 from .selection import (
     best_block,
@@ -57,47 +48,14 @@ from .selection import (
     select,
     select_shortgpt,
 )
-from .settings import ShortGPTSettings, StreamlineSettings, recovery_settings
+from .settings import ShortGPTSettings, StreamlineSettings
 from .training import block_io, lr_at, replacement_of, replacement_recover, train_replacement
 
 __all__ = [
     "ResidualFFN", "ShortGPTSettings", "StreamlineSettings", "best_block", "block_cosines", "block_influence",
-    "block_io", "collapse_block", "ffn_from_layer", "lr_at", "n_from_ratio", "prune", "replacement_of",
+    "block_io", "collapse_block", "ffn_from_layer", "lr_at", "n_from_ratio", "replacement_of",
     "replacement_recover", "score", "select", "select_shortgpt", "train_replacement",
 ]
-
-
-def prune(
-    model: nn.Module,
-    adapter: Adapter,
-    calib_ids: torch.Tensor,
-    ratio: float | None,
-    settings: StreamlineSettings | dict | None,
-    device: torch.device | str = "cpu",
-) -> PrunePlan:
-    """The pipeline's prune step for LLM-Streamline (capture, score, select, and train the
-    replacement on the calibration blocks). The trained weights are written back into layer l* of
-    `model` (for `ffn`: its MLP and post-attention norm), so that surgery with the returned plan
-    builds the trained replacement. `steps: 0` (or replacement none/collapse) trains nothing."""
-    s = settings if isinstance(settings, StreamlineSettings) else recovery_settings(settings)
-    stats = capture_stats(
-        model, adapter, calib_ids, requests={"cosine"}, device=device, batch_size=s.batch_size
-    )
-    plan = select(model, adapter, score(model, adapter, stats, s), ratio, s)
-    if s.replacement in ("layer", "ffn") and s.steps > 0:
-        pruned = apply_plan(copy.deepcopy(model), plan)  # `model` itself stays the frozen teacher
-        info = train_replacement(model, pruned, plan, calib_ids, s, device=device)
-        new_idx, start, _, kind = replacement_of(plan)
-        trained, target = adapter.layers(pruned)[new_idx], adapter.layers(model)[start]
-        with torch.no_grad():
-            if kind == "layer":
-                target.load_state_dict(trained.state_dict())
-            else:
-                adapter.mlp(target).load_state_dict(trained.mlp.state_dict())
-                getattr(target, ffn_norm_name(adapter)).load_state_dict(trained.norm.state_dict())
-        plan.notes["training"] = {k: v for k, v in info.items() if k != "lr_curve"}
-        del pruned
-    return plan
 
 
 register(
@@ -110,8 +68,7 @@ register(
         targets=("layers",),
         needs=frozenset({"cosine"}),
         score=score,
-        select=select,
-        prune=prune,  # the pipeline trains the replacement inside the prune step (recovery: replacement)
+        select=select,  # the prune step is shared; `recovery: replacement` trains it (recover step)
     )
 )
 

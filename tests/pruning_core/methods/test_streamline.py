@@ -340,25 +340,30 @@ def test_replacement_recover_takes_a_token_stream_and_rejects_unknown_settings()
 
 
 @pytest.mark.parametrize("kind", ["layer", "ffn"])
-def test_prune_step_trains_and_surgery_builds_the_trained_replacement(kind):
+def test_recover_step_trains_the_replacement_of_the_shared_prune_checkpoint(kind, tmp_path):
+    """Score+select (the prune step, shared by recovery none and replacement) leaves the replacement
+    untrained; `recover.replacement_recover` on the saved checkpoint trains it, and the saved result
+    reloads with the trained weights (held-out MSE well below the untrained one)."""
+    from pruning_core.recover import replacement_recover
+
     dense = tiny_model("llama", n_layers=6, seed=2, initializer_range=0.1)
     meth = get_method("llm-streamline")
-    assert meth.coupled  # the pipeline passes the calibration blocks to prune
+    assert not meth.coupled  # capture + score + select: nothing trained in the prune step
+    ad = adapter_for(dense)
     calib = _ids(48, 32, seed=7, vocab=16)
     heldout = _ids(4, 32, seed=99, vocab=16)
-    base = {
-        "replacement": kind,
-        "n_layers": 2,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "min_lr": 3e-4,
-        "warmup_steps": 2,
-    }
-    m0 = copy.deepcopy(dense)
-    plan0 = meth.prune(m0, adapter_for(m0), calib, None, meth.parse_settings({**base, "steps": 0}))
-    m1 = copy.deepcopy(dense)
-    plan1 = meth.prune(m1, adapter_for(m1), calib, None, meth.parse_settings({**base, "steps": 40}))
-    assert plan0.notes["block"] == plan1.notes["block"] and "training" in plan1.notes
-    untrained = _heldout_mse(dense, apply_plan(m0, plan0), plan0, heldout)
-    trained = _heldout_mse(dense, apply_plan(m1, plan1), plan1, heldout)
+    st = meth.parse_settings({"replacement": kind, "n_layers": 2, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4,
+                              "warmup_steps": 2, "steps": 40})
+    stats = capture_stats(dense, ad, calib, requests={"cosine"}, batch_size=8)
+    plan = meth.select(dense, ad, meth.score(dense, ad, stats, st), None, st)
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    untrained = _heldout_mse(dense, pruned, plan, heldout)
+    save_pruned(pruned, None, plan, tmp_path / "none")  # what `recovery: none` keeps
+    m0, _ = load_pruned(tmp_path / "none")
+    assert _heldout_mse(dense, m0, plan, heldout) == pytest.approx(untrained, rel=1e-5)
+    m1, info = replacement_recover(m0, dense, plan, calib, None)  # settings from the plan
+    assert len(info["loss_curve"]) == 40 and info["val_mse_after"] < info["val_mse_before"]
+    save_pruned(m1, None, plan, tmp_path / "replacement")
+    m2, _ = load_pruned(tmp_path / "replacement")
+    trained = _heldout_mse(dense, m2, plan, heldout)
     assert trained < 0.7 * untrained, (untrained, trained)
