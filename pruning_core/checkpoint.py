@@ -27,6 +27,7 @@ from .errors import DataError, StorageError
 from .plan import PrunePlan
 from .replacements import layer_kind
 from .surgery import settle_biases, sync_config
+from .util import replace_dir
 
 
 def _check_writable(path: Path) -> None:
@@ -56,13 +57,7 @@ def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str |
             tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp / "plan.json")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except OSError as e:
         raise StorageError("output", str(path), "a writable folder", str(e)) from None
     finally:

@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, DataError, StorageError
+from .util import replace_dir
 
 FORMATS = ("vllm",)
 DECI_ARCH = "DeciLMForCausalLM"
@@ -240,13 +241,7 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "vllm") -> di
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
             (tmp / "configuration_decilm.py").write_text(CONFIG_MODULE)
             result = {"format": fmt, "layout": "decilm", "blocks": len(blocks)}
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except OSError as e:
         raise StorageError("export.out", str(out), "a writable folder", str(e)) from None
     finally:

@@ -37,3 +37,17 @@ def finite_float(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished folder `tmp` at `path`, replacing what is there with two renames (readers see
+    the old folder or the new one, never a half-written one)."""
+    import shutil
+
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
