@@ -413,6 +413,7 @@ def train_replacement(
     settings: StreamlineSettings | dict | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, float], None] | None = None,
+    module: nn.Module | None = None,
 ) -> dict:
     """Train the replacement module of `pruned_model` (in place) to map x^(l*) to x^(l*+m) of the
     frozen `dense_model`; inputs and targets are computed on the fly per batch by the dense prefix
@@ -429,12 +430,18 @@ def train_replacement(
         raise DataError("recovery.train_ids", tuple(train_ids.shape), "[N, T] token blocks with N >= 2")
     n_val = max(1, round(train_ids.shape[0] * s.val_fraction))
     val_ids, tr_ids = train_ids[:n_val], train_ids[n_val:]
-    module = adapter.layers(pruned_model)[new_idx]
-    dense_model.to(device).eval()
-    module.to(device)
+    if module is None:  # the replacement inside a pruned model (else: given on its own, `pruned_model` None)
+        module = adapter.layers(pruned_model)[new_idx]
+    from ..placement import placement_of
 
-    flags = {id(p): p.requires_grad for p in pruned_model.parameters()}
-    for p in pruned_model.parameters():
+    if placement_of(dense_model) == "device":  # offload / disk: each layer moves in when it runs
+        dense_model.to(device)
+    dense_model.eval()
+    module.to(device)
+    owner = pruned_model if pruned_model is not None else module
+
+    flags = {id(p): p.requires_grad for p in owner.parameters()}
+    for p in owner.parameters():
         p.requires_grad_(False)
     params = list(module.parameters())
     for p in params:
@@ -511,7 +518,7 @@ def train_replacement(
     finally:
         module.load_state_dict(best_state)
         module.eval()
-        for p in pruned_model.parameters():
+        for p in owner.parameters():
             p.requires_grad_(flags.get(id(p), True))
     return {
         "kind": kind,
@@ -562,7 +569,6 @@ def prune(
     `model` (for `ffn`: its MLP and post-attention norm), so that surgery with the returned plan
     builds the trained replacement. `steps: 0` (or replacement none/collapse) trains nothing."""
     from ..capture import capture_stats
-    from ..surgery import apply_plan
 
     s = settings if isinstance(settings, StreamlineSettings) else _recovery_settings(settings)
     stats = capture_stats(
@@ -570,19 +576,48 @@ def prune(
     )
     plan = select(model, adapter, score(model, adapter, stats, s), ratio, s)
     if s.replacement in ("layer", "ffn") and s.steps > 0:
-        pruned = apply_plan(copy.deepcopy(model), plan)  # `model` itself stays the frozen teacher
-        info = train_replacement(model, pruned, plan, calib_ids, s, device=device)
+        # no model copy: the replacement is built from a copy of layer l* alone, the frozen teacher
+        # is `model` itself (its forward brings each layer in under placement offload / disk)
+        from ..placement import resident
+
         new_idx, start, _, kind = replacement_of(plan)
-        trained, target = adapter.layers(pruned)[new_idx], adapter.layers(model)[start]
-        with torch.no_grad():
+        target = adapter.layers(model)[start]
+        with resident(target):
+            module = copy.deepcopy(target) if kind == "layer" else ffn_from_layer(adapter, target)
+        for mod in module.modules():  # a copy of a placed layer is an ordinary module
+            mod.__dict__.pop("_pf_home", None)
+            mod._forward_hooks.clear()
+            mod._forward_pre_hooks.clear()
+        low = next(module.parameters()).dtype != torch.float32
+        trainee = _Fp32(module.float()) if low else module  # fp32 master weights for bf16 / fp16 models
+        info = train_replacement(model, None, plan, calib_ids, s, device=device, module=trainee)
+        with resident(target, write_back=True), torch.no_grad():
             if kind == "layer":
-                target.load_state_dict(trained.state_dict())
+                target.load_state_dict(module.state_dict())
             else:
-                adapter.mlp(target).load_state_dict(trained.mlp.state_dict())
-                getattr(target, _ffn_norm_name(adapter)).load_state_dict(trained.norm.state_dict())
+                adapter.mlp(target).load_state_dict(module.mlp.state_dict())
+                getattr(target, _ffn_norm_name(adapter)).load_state_dict(module.norm.state_dict())
         plan.notes["training"] = {k: v for k, v in info.items() if k != "lr_curve"}
-        del pruned
+        del module
     return plan
+
+
+class _Fp32(nn.Module):
+    """Runs an fp32 module on low-precision inputs (hidden states and floating keyword tensors cast)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, *args, **kwargs):
+        def up(v):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v.float()
+            if isinstance(v, tuple):
+                return tuple(up(x) for x in v)
+            return v
+
+        return self.inner(up(hidden_states), *args, **{k: up(v) for k, v in kwargs.items()})
 
 
 def _recovery_settings(raw: dict | None) -> StreamlineSettings:
