@@ -58,7 +58,7 @@ class StepLog:
 
 
 def ctx_for(spec: RunSpec) -> dict:
-    return {"store": spec.store.url or default_store_url(), "device": spec.device}
+    return {"store": spec.store.url or default_store_url(), "device": spec.device, "placement": spec.model.placement}
 
 
 def eval_settings(spec: RunSpec) -> dict:
@@ -113,7 +113,8 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     else:  # none, or replacement: trained inside the method's own prune step (LLM-Streamline)
         sl.skip("recover")
     after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
-               model_revision=model["sha256"], label="pruned")
+               model_revision=model["sha256"], label="pruned",
+               dtype=model["dtype"])
     return ckpt, after
 
 
@@ -246,7 +247,8 @@ def compress(spec: dict, run_dir: str | None = None) -> dict:
         scores = score_once(s, sl, model, calib, s.method.name, s.method.settings)
         ckpt, after = prune_and_evaluate(s, sl, model, calib, scores, s.method.name, s.method.settings, s.ratio)
         dense = sl("evaluate_dense", steps.evaluate_task, target=model, settings=eval_settings(s),
-                   model_revision=model["sha256"], label="dense")
+                   model_revision=model["sha256"], label="dense",
+                   dtype=model["dtype"])
         report = build_report(s, sl, ckpt, dense, after, str(rd))
         report["artifacts"]["checkpoint_local"] = _link_checkpoint(rd, ckpt, ctx["store"])
         rman = steps.report_task(ctx=ctx, report=report, run_dir=str(rd))

@@ -180,16 +180,18 @@ _MODELS: dict[tuple, tuple] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: bool = False):
-    """(model, tokenizer) loaded once per process; callers that modify the model must deep-copy it."""
+def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: bool = False,
+                      placement: str = "device"):
+    """(model, tokenizer) loaded once per process, read-only: one model at a time (the previous one is
+    dropped before the next is read). A step that modifies the model opens its own (`placement.open_model`)."""
     from pruning_core.models import load_model
 
-    key = (str(path), dtype, str(device), trust_remote_code)
+    key = (str(path), dtype, str(device), trust_remote_code, placement)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            if len(_MODELS) >= 2:
-                _MODELS.pop(next(iter(_MODELS)))
-            _MODELS[key] = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            _MODELS.clear()
+            _MODELS[key] = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      placement=placement)
         return _MODELS[key]
 
 
