@@ -569,3 +569,82 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# memory estimates (`pruneflow plan`)
+
+PROCESS_BASE = 900 * 2**20  # python + torch + transformers + prefect in one process (measured on CPU)
+
+
+def estimate_steps(config, dtype: torch.dtype, placement: str, device: torch.device, method,
+                   n_samples: int, seq_len: int, batch_size: int, eval_seq_len: int, eval_batch: int,
+                   cosine_span: int | None = None) -> dict[str, dict]:
+    """Estimated peak {"device", "host"} bytes of each model step under `placement`, from the config
+    alone. Terms: resident weights (all / non-layer + one layer), calibration activations kept between
+    layers, one batch's working set inside a layer, the method's statistics, evaluation logits.
+    On a CPU device, device and host are the same memory: `device` is then 0 and `host` the sum."""
+    sizes = param_bytes(config, dtype)
+    el = torch.tensor([], dtype=dtype).element_size()
+    h = int(config.hidden_size)
+    ffn = int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * h))
+    n_layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    vocab = int(config.vocab_size)
+    tokens = n_samples * seq_len
+    acts = 2 * tokens * h * el  # inputs + outputs of the current layer, every calibration block
+    bt = min(batch_size, n_samples) * seq_len
+    work = bt * (3 * ffn + 4 * h) * 4 + min(batch_size, n_samples) * heads * seq_len * seq_len * 4
+    needs = set(getattr(method, "needs", ()) or ())
+    stats = n_layers * (4 * h + 3 * ffn) * 4
+    if "attn_gram" in needs:
+        stats += n_layers * h * h * 4
+    if "mlp_gram" in needs:
+        stats += n_layers * ffn * ffn * 4
+    cos_host = 0
+    if "cosine" in needs or getattr(method, "name", "") in ("llm-streamline", "shortgpt"):
+        span = n_layers if cosine_span is None else cosine_span
+        cos_host = (span + 1) * tokens * h * 4
+    coupled = bool(getattr(method, "coupled", False))
+    per_layer = 0
+    if coupled:
+        name = getattr(method, "name", "")
+        if name == "slimgpt":
+            per_layer = (h * h + ffn * ffn) * 8 * 2 + 2 * h * max(h, ffn) * 8  # Hessians + W copies (fp64)
+        elif name == "flap":
+            per_layer = (h + ffn) * 8 * 4
+        elif name == "llm-streamline":
+            per_layer = 4 * sizes["layer_max"] // el * 4 + 2 * tokens * h * 4  # fp32 master, grad, Adam + pairs
+    if placement == "device":
+        resident = sizes["total"]
+    else:
+        resident = sizes["other"] + sizes["layer_max"]
+    host_weights = {"device": 0, "offload": sizes["layers"], "disk": 0}[placement]
+    logits = eval_batch * eval_seq_len * vocab * 4 * 2
+    on_dev = {
+        "capture": resident + acts + work + stats,
+        "score": resident + stats,
+        "prune": resident + acts + work + per_layer + sizes["layer_max"],  # + the layer being written
+        "evaluate": resident + eval_batch * eval_seq_len * (3 * ffn + 4 * h) * 4 + logits,
+    }
+    host = {k: PROCESS_BASE + host_weights for k in on_dev}
+    host["capture"] += cos_host
+    host["prune"] += sizes["layer_max"] + (cos_host if coupled else 0)  # a shard's bytes while it is written
+    if device.type != "cuda":
+        return {k: {"device": 0, "host": host[k] + on_dev[k]} for k in on_dev}
+    return {k: {"device": on_dev[k], "host": host[k]} for k in on_dev}
+
+
+def check_fits(estimates: dict[str, dict], free: tuple[int, int], placement: str, headroom: float = 0.9,
+               cuda: bool = False) -> None:
+    """A one-line ConfigError naming the first step that cannot fit the free memory."""
+    dev_free, host_free = free
+    gib = 2**30
+    for step, e in estimates.items():
+        for where, need, have in (("device", e["device"], dev_free), ("host", e["host"], host_free)):
+            if need and need > headroom * have:
+                other = {"device": "offload or disk" if cuda else "disk", "offload": "disk",
+                         "disk": "fewer calibration samples or a smaller batch"}[placement]
+                raise ConfigError("model.placement", placement,
+                                  f"a placement whose steps fit: step {step} needs ~{need / gib:.1f} GiB of {where} "
+                                  f"memory, {have / gib:.1f} GiB free (try {other})")
