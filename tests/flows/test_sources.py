@@ -73,3 +73,28 @@ def test_pruneflow_run_with_a_hub_id_offline(hub, tiny_llama_dir, tiny_spec, pre
     _hub_cache(hub, "org/tiny", tiny_llama_dir, SHA_B)
     man2 = load_model_task.fn(ctx={"store": spec["store"]["url"], "device": "cpu"}, ref="org/tiny")
     assert man2["revision"] == SHA_B and not man2["hit"] and man2["sha256"] != man["sha256"]
+
+
+def test_s3_folder_is_fetched_once_and_fingerprinted(s3_env, tiny_llama_dir, pf_home):
+    import os
+
+    import s3fs
+    import torch
+
+    from pruning_core.checkpoint import load_pruned
+    from pruning_core.models import resolve_source
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
+    url = s3_env.rsplit("/", 1)[0] + "/models/tiny"
+    for f in tiny_llama_dir.iterdir():
+        fs.put_file(str(f), f"{url}/{f.name}")
+    path, fp = resolve_source(url)
+    assert Path(path).is_relative_to(pf_home) and (Path(path) / "config.json").exists()
+    assert resolve_source(url) == (path, fp)  # cached, same fingerprint
+    m, _ = load_pruned(url, placement="disk")
+    ref, _ = load_pruned(tiny_llama_dir)
+    ids = torch.arange(12).view(1, 12)
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+    fs.pipe_file(f"{url}/config.json", (tiny_llama_dir / "config.json").read_bytes() + b" ")
+    assert resolve_source(url)[1] != fp  # a changed object is a new revision

@@ -132,3 +132,19 @@ def test_auto_placement_rules():
     cpu = torch.device("cpu")
     assert choose_placement("auto", sizes, gib, cpu, free=(8 * gib, 8 * gib))[0] == "disk"
     assert choose_placement("offload", sizes, gib, cpu, free=(8 * gib, 8 * gib)) == ("offload", "requested")
+
+
+def test_dtype_auto_is_fp32_on_cpu_and_the_checkpoints_own_on_cuda(dense_dir):
+    from transformers import AutoConfig
+
+    from pruning_core.placement import resolve_dtype
+
+    cfg = AutoConfig.from_pretrained(dense_dir)
+    cfg.dtype = "bfloat16"
+    assert resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", cfg, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", cfg, torch.device("cpu")) == torch.float16
+    m, _ = open_model(dense_dir, placement="disk", dtype="bfloat16")
+    with torch.no_grad():
+        out = m(input_ids=PROBE, use_cache=False).logits
+    assert out.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in m.parameters())
