@@ -571,8 +571,11 @@ def prune(
     from ..capture import capture_stats
 
     s = settings if isinstance(settings, StreamlineSettings) else _recovery_settings(settings)
+    # only the block size this ratio compares is kept during capture (cos[l, l+m]; the rest stays 0)
+    n = _depth_budget(model, adapter, ratio, s.n_layers)[3]
+    span = n if s.replacement == "none" else n + 1
     stats = capture_stats(
-        model, adapter, calib_ids, requests={"cosine"}, device=device, batch_size=s.batch_size
+        model, adapter, calib_ids, requests={"cosine"}, device=device, batch_size=s.batch_size, cosine_span=span
     )
     plan = select(model, adapter, score(model, adapter, stats, s), ratio, s)
     if s.replacement in ("layer", "ffn") and s.steps > 0:
