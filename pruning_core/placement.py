@@ -433,6 +433,32 @@ def choose_placement(requested: str, sizes: dict, working_set: int, device: torc
 # streaming save
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """A safetensors file written straight from the tensors' memory (safetensors' own `save_file`
+    first serialises the whole shard into one bytes object: a second copy of it in memory).
+    Format: u64 little-endian header length, JSON header {name: dtype, shape, data_offsets}, data."""
+    header: dict = {"__metadata__": dict(metadata or {})}
+    off = 0
+    items = sorted(tensors.items())
+    for k, t in items:
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(hb).to_bytes(8, "little"))
+        fh.write(hb)
+        for _k, t in items:
+            if t.numel():
+                fh.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 class ShardWriter:
     """Accumulate tensors and write them as safetensors shards of at most ~`shard_bytes`."""
 
@@ -453,12 +479,10 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.buf:
             return
         f = self.folder / f".shard-{len(self.files):05d}.safetensors"
-        save_file(self.buf, str(f), metadata={"format": "pt"})
+        write_safetensors(f, self.buf, metadata={"format": "pt"})
         self.files.append((f, list(self.buf)))
         self.buf, self.buf_bytes = {}, 0
 

@@ -148,3 +148,18 @@ def test_dtype_auto_is_fp32_on_cpu_and_the_checkpoints_own_on_cuda(dense_dir):
     with torch.no_grad():
         out = m(input_ids=PROBE, use_cache=False).logits
     assert out.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in m.parameters())
+
+
+def test_own_safetensors_writer_round_trips_every_dtype(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from pruning_core.placement import write_safetensors
+
+    ts = {"a.f32": torch.randn(3, 5), "b.bf16": torch.randn(7).to(torch.bfloat16), "c.i64": torch.arange(4),
+          "d.f16": torch.randn(2, 2, 2).half(), "e.empty": torch.zeros(0, 3), "f.bool": torch.tensor([True, False])}
+    write_safetensors(tmp_path / "x.safetensors", ts, {"format": "pt"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(ts) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in ts.items())
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
