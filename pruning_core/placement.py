@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hfload
 from .errors import ConfigError, DataError
 
 PLACEMENTS = ("auto", "device", "offload", "disk")
@@ -262,7 +263,8 @@ def layers_prefix(model: nn.Module, adapter) -> str:
 
 @contextlib.contextmanager
 def empty_init():
-    """Modules built inside get `meta` parameters (buffers stay real: rotary tables etc.)."""
+    """Modules built inside get `meta` parameters (buffers stay real: rotary tables etc.). It swaps a
+    class attribute of nn.Module: hold `hfload.BUILD_LOCK` around it in threaded processes."""
     orig = nn.Module.register_parameter
 
     def register(self, name, param):
@@ -317,8 +319,8 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
         raise DataError("model", str(p), "a folder with config.json (a Hugging Face checkpoint)")
     config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     dt = resolve_dtype(dtype, config, device)
-    with empty_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
+    with hfload.BUILD_LOCK, empty_init():  # one model build at a time per process (see hfload)
+        model = hfload.from_config(AutoModelForCausalLM, config, dtype=dt, trust_remote_code=trust_remote_code)
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     for i, desc in enumerate(getattr(config, "pruneflow_layers", None) or []):
@@ -332,7 +334,7 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
             if desc["ffn"] != shape.ffn:
                 adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
         else:
-            with empty_init():
+            with hfload.BUILD_LOCK, empty_init():
                 layers[i] = _layer_kind(desc["kind"]).empty(config, desc).to(dtype=dt)
     adapter.renumber(model)
 
@@ -381,7 +383,7 @@ def param_bytes(config, dtype: torch.dtype) -> dict:
     from .adapters import adapter_for
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = hfload.from_config(AutoModelForCausalLM, config, dtype=dtype)
     adapter = adapter_for(model)
     size = torch.tensor([], dtype=dtype).element_size()
     per = [sum(p.numel() for p in layer.parameters()) * size for layer in adapter.layers(model)]
