@@ -32,12 +32,28 @@ log = logging.getLogger("pruneflow.flow")
 STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "recover", "evaluate_dense", "evaluate")
 
 
+def _host_memory() -> dict:
+    """{"peak_rss": this process's peak RSS so far, "rss": its RSS now} in bytes (Linux / macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        import psutil
+
+        now = psutil.Process().memory_info().rss
+    except (ImportError, OSError):
+        now = None
+    return {"peak_rss": peak, "rss": now}
+
+
 class StepLog:
     """Calls tasks in order, recording per-step wall time and cache hit / miss / skipped."""
 
     def __init__(self, ctx: dict, on_step=None):
         self.ctx, self.timings, self.cache, self.artifacts = ctx, {}, {}, {}
         self.why: dict[str, str] = {}  # step -> why it missed (which part of its cache key is new)
+        self.memory: dict[str, dict] = {}  # step -> host memory of this process after it (bytes)
         self.on_step = on_step
 
     def __call__(self, name: str, task, **kw) -> dict:
@@ -52,6 +68,7 @@ class StepLog:
             self.why[name] = format_reason(man["why"])
         if man.get("uri"):
             self.artifacts[name] = man["uri"]
+        self.memory[name] = _host_memory()
         if self.on_step:
             self.on_step(name, self.cache[name], dt)
         return man
@@ -163,6 +180,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "retention": retention(mb, ma),  # after/before, perplexities inverted; 1.0 = as good as dense
         "timings": {k: sl.timings.get(k) for k in STEP_ORDER if k in sl.timings},
         "cache": {k: sl.cache.get(k) for k in STEP_ORDER if k in sl.cache},
+        "host_memory": {k: sl.memory[k] for k in STEP_ORDER if k in sl.memory},  # peak RSS so far after each step
         "cache_why": {k: sl.why[k] for k in STEP_ORDER if k in sl.why},
         "artifacts": {**sl.artifacts, "checkpoint": ckpt["uri"], "run_dir": run_dir,
                       "log": str(Path(run_dir) / "pruneflow.log")},

@@ -234,6 +234,25 @@ def _post_hook(module, args, out):
     release(module)
 
 
+_MALLOC_TUNED = False
+
+
+def _return_freed_memory() -> None:
+    """Layers come and go: have glibc serve allocations of 1 MiB and more by mmap, so that a released
+    layer's memory goes back to the OS instead of fragmenting the heap of whichever thread freed it."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (also stops glibc from raising it dynamically)
+    except (OSError, AttributeError):
+        pass
+
+
 def attach(model: nn.Module, adapter, mode: str, device: torch.device, files: TensorFiles | None = None) -> None:
     """Give every decoder layer a home (`offload` or `disk`) and the bring / release hooks."""
     prefix = layers_prefix(model, adapter)
@@ -366,6 +385,7 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
         if b.device != device:
             _set_tensor(model, n, b.to(device))
     if placement != "device":
+        _return_freed_memory()
         attach(model, adapter, placement, device, files if placement == "disk" else None)
     model.eval()
     tok = _load_tokenizer(p, trust_remote_code) if with_tokenizer else None
