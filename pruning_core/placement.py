@@ -200,6 +200,7 @@ def release(layer: nn.Module, write_back: bool | None = None) -> None:
         return
     if h.mode == "offload":
         layer.to("cpu")
+        _trim()
         return
     if write_back is None:
         write_back = h.digest is not None and _digest(layer) != h.digest
@@ -207,6 +208,7 @@ def release(layer: nn.Module, write_back: bool | None = None) -> None:
         h.files.spill({h.prefix + n: t for n, t in _own_tensors(layer).items() if t is not None})
     h.digest = None
     to_meta(layer)
+    _trim()
 
 
 @contextlib.contextmanager
@@ -251,6 +253,26 @@ def _return_freed_memory() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (also stops glibc from raising it dynamically)
     except (OSError, AttributeError):
         pass
+
+
+def _trim() -> None:
+    """Hand the heap pages a released layer (and its activations) leave free back to the OS: without
+    it glibc keeps them per thread arena and the peak RSS grows with the number of layers
+    (measured: ~0.7 of an fp32 layer per layer in capture on CPU)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def attach(model: nn.Module, adapter, mode: str, device: torch.device, files: TensorFiles | None = None) -> None:
