@@ -128,6 +128,8 @@ def run_cli(args: list[str], home: Path, env_extra: dict | None = None) -> dict:
 
 def base_args(model: Path, method: str, placement: str, a) -> list[str]:
     sets = {
+        # the default spec carries wanda's settings: start every method from its own defaults
+        "method.settings": "{}",
         "model.dtype": a.dtype, "model.placement": placement, "method.name": method, "ratio": a.ratio,
         "calibration.n_samples": a.n_samples, "calibration.seq_len": a.seq_len, "calibration.batch_size": a.n_samples,
         "evaluation.ppl_windows": a.ppl_windows, "evaluation.ppl_seq_len": a.seq_len,
