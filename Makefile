@@ -61,7 +61,7 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-random
 
 test-random: $(STAMP)
-	$(PY) -m pytest -q -ra -p randomly $(if $(SEED),--randomly-seed=$(SEED),)
+	$(PY) -m pytest -q -ra $(if $(SEED),--randomly-seed=$(SEED),)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -93,35 +92,44 @@ def write_random_llama(folder: Path, shape: str, n_layers: int, seed: int = 0) -
 
 
 def run_cli(args: list[str], home: Path, env_extra: dict | None = None) -> dict:
-    """`pruneflow run ...` in a subprocess; (rc, seconds, peak tree RSS, max single-process RSS, report)."""
+    """`pruneflow run ...` under /usr/bin/time: rc, seconds, the peak RSS of the pruneflow process
+    (the kernel's ru_maxrss, what `time -v` calls "Maximum resident set size"), the sampled peak sum
+    over its process tree (it counts the pages a fork shares twice), and the run's report."""
     env = {**os.environ, "PRUNEFLOW_HOME": str(home), "PRUNEFLOW_QUIET": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
     exe = str(Path(sys.executable).parent / "pruneflow")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    home.mkdir(parents=True, exist_ok=True)
+    tfile = home / "time.txt"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([exe, "run", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(tfile), exe, "run", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            rss = sum(c.memory_info().rss for c in ps.children(recursive=True))
             peak = max(peak, rss)
         except psutil.Error:
             pass
         time.sleep(0.05)
     out = proc.stdout.read()
     dt = time.perf_counter() - t0
-    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    try:
+        maxrss = int(tfile.read_text().strip().splitlines()[-1]) * 1024
+    except (OSError, ValueError, IndexError):
+        maxrss = None
     report = None
     runs = sorted((home / "runs").glob("*/report.json"), key=lambda p: p.stat().st_mtime)
     if runs:
         report = json.loads(runs[-1].read_text())
-    return {"rc": proc.returncode, "seconds": dt, "peak_tree_rss": peak,
-            "max_rss": maxrss if maxrss > before * 1024 else None, "report": report, "output": out[-3000:]}
+    return {"rc": proc.returncode, "seconds": dt, "peak_tree_rss": peak, "max_rss": maxrss, "report": report,
+            "output": out[-3000:]}
 
 
 def base_args(model: Path, method: str, placement: str, a) -> list[str]:
     sets = {
+        # the default spec carries wanda's settings: start every method from its own defaults
+        "method.settings": "{}",
         "model.dtype": a.dtype, "model.placement": placement, "method.name": method, "ratio": a.ratio,
         "calibration.n_samples": a.n_samples, "calibration.seq_len": a.seq_len, "calibration.batch_size": a.n_samples,
         "evaluation.ppl_windows": a.ppl_windows, "evaluation.ppl_seq_len": a.seq_len,
@@ -200,7 +208,7 @@ def main() -> None:
                 ok = r["rc"] == 0
                 row = {"layers": n, "weights_bytes": size, "method": method, "placement": pl, "rc": r["rc"],
                        "seconds": round(r["seconds"], 1), "peak_tree_rss": r["peak_tree_rss"], "max_rss": r["max_rss"],
-                       "timings": rep.get("timings"), "ppl_before": (rep.get("metrics_before") or {}).get("ppl"),
+                       "timings": rep.get("timings"), "host_memory": rep.get("host_memory"), "ppl_before": (rep.get("metrics_before") or {}).get("ppl"),
                        "ppl_after": (rep.get("metrics_after") or {}).get("ppl"),
                        "params_before": rep.get("params_before"), "params_after": rep.get("params_after")}
                 rows.append(row)
@@ -211,12 +219,13 @@ def main() -> None:
                     shutil.rmtree(home, ignore_errors=True)
         if a.delete and a.mode == "big":
             shutil.rmtree(ckpt, ignore_errors=True)
-    print("\n| layers | weights GB | method | placement | peak RSS (tree) GiB | max RSS GiB | wall s | steps (s) |")
+    print("\n| layers | weights GiB | method | placement | peak RSS GiB | peak RSS so far after each step (GiB) | wall s | steps (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         steps = ", ".join(f"{k} {v:.0f}" for k, v in (r["timings"] or {}).items() if v)
-        print(f"| {r['layers']} | {r['weights_bytes'] / 1e9:.2f} | {r['method']} | {r['placement']} | "
-              f"{gib(r['peak_tree_rss'])} | {gib(r['max_rss'])} | {r['seconds']:.0f} | {steps} |")
+        mem = ", ".join(f"{k} {v['peak_rss'] / 2**30:.2f}" for k, v in (r["host_memory"] or {}).items())
+        print(f"| {r['layers']} | {r['weights_bytes'] / 2**30:.2f} | {r['method']} | {r['placement']} | "
+              f"{gib(r['max_rss'])} | {mem} | {r['seconds']:.0f} | {steps} |")
     if a.mode == "growth":
         by = {(r["layers"], r["placement"], r["method"]): r for r in rows}
         lo, hi = min(layers), max(layers)
@@ -225,7 +234,7 @@ def main() -> None:
                 r0, r1 = by.get((lo, pl, method)), by.get((hi, pl, method))
                 if r0 and r1 and r1 is not r0:
                     added = r1["weights_bytes"] - r0["weights_bytes"]
-                    grow = r1["peak_tree_rss"] - r0["peak_tree_rss"]
+                    grow = r1["max_rss"] - r0["max_rss"]
                     print(f"{method} {pl}: {lo}->{hi} layers add {added / 2**20:.0f} MiB of weights; peak RSS grows "
                           f"{grow / 2**20:.0f} MiB = {100 * grow / added:.0f} % of the added weights")
     (work / f"bench_scale_{a.mode}.json").write_text(json.dumps(rows, indent=1))

@@ -21,7 +21,8 @@ from prefect import flow
 
 from pruning_core.errors import PruneflowError
 from pruning_core.evaluate import retention
-from tasks import steps
+from tasks import cleanup, steps
+from tasks.cachekey import format_reason
 from tasks.store import default_store_url, open_store, pruneflow_home
 
 from .spec import RunSpec, validate
@@ -31,11 +32,28 @@ log = logging.getLogger("pruneflow.flow")
 STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "recover", "evaluate_dense", "evaluate")
 
 
+def _host_memory() -> dict:
+    """{"peak_rss": this process's peak RSS so far, "rss": its RSS now} in bytes (Linux / macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        import psutil
+
+        now = psutil.Process().memory_info().rss
+    except (ImportError, OSError):
+        now = None
+    return {"peak_rss": peak, "rss": now}
+
+
 class StepLog:
     """Calls tasks in order, recording per-step wall time and cache hit / miss / skipped."""
 
     def __init__(self, ctx: dict, on_step=None):
         self.ctx, self.timings, self.cache, self.artifacts = ctx, {}, {}, {}
+        self.why: dict[str, str] = {}  # step -> why it missed (which part of its cache key is new)
+        self.memory: dict[str, dict] = {}  # step -> host memory of this process after it (bytes)
         self.on_step = on_step
 
     def __call__(self, name: str, task, **kw) -> dict:
@@ -46,8 +64,11 @@ class StepLog:
         hit = state.name == "Cached" or bool(man.get("hit"))
         self.timings[name] = round(dt, 3)
         self.cache[name] = "hit" if hit else "miss"
+        if not hit and man.get("why"):
+            self.why[name] = format_reason(man["why"])
         if man.get("uri"):
             self.artifacts[name] = man["uri"]
+        self.memory[name] = _host_memory()
         if self.on_step:
             self.on_step(name, self.cache[name], dt)
         return man
@@ -159,6 +180,8 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "retention": retention(mb, ma),  # after/before, perplexities inverted; 1.0 = as good as dense
         "timings": {k: sl.timings.get(k) for k in STEP_ORDER if k in sl.timings},
         "cache": {k: sl.cache.get(k) for k in STEP_ORDER if k in sl.cache},
+        "host_memory": {k: sl.memory[k] for k in STEP_ORDER if k in sl.memory},  # peak RSS so far after each step
+        "cache_why": {k: sl.why[k] for k in STEP_ORDER if k in sl.why},
         "artifacts": {**sl.artifacts, "checkpoint": ckpt["uri"], "run_dir": run_dir,
                       "log": str(Path(run_dir) / "pruneflow.log")},
         "store": sl.ctx["store"],
@@ -233,12 +256,14 @@ def track(spec: RunSpec, report: dict, run_dir: str) -> dict | None:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-@flow(name="compress", log_prints=False, validate_parameters=False)  # lm-eval/dill print bytecode otherwise
+@flow(name="compress", log_prints=False, validate_parameters=False,  # lm-eval/dill print bytecode otherwise
+      on_completion=[cleanup.flow_ended], on_failure=[cleanup.flow_ended], on_cancellation=[cleanup.flow_ended])
 def compress(spec: dict, run_dir: str | None = None) -> dict:
     """Compress one model with one method at one ratio; returns the run report (also report.json)."""
     s = validate(spec)
     ctx = ctx_for(s)
     open_store(ctx["store"]).check()
+    cleanup.begin_flow(ctx["store"])  # reclaim what killed runs left; journal this one
     rd = Path(run_dir) if run_dir else run_dir_for(s)
     rd.mkdir(parents=True, exist_ok=True)
     with _RunLog(rd):

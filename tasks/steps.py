@@ -9,11 +9,9 @@ per worker. Retries only on network / storage errors (`retry_condition`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,13 @@ from pruning_core.errors import ConfigError, StorageError
 from .common import (
     cache_key_fn_for,
     clear_models,
-    code_version,
     define_step,
     load_model_cached,
     progress_enabled,
     retry_condition,
     run_step,
 )
+from .journal import scratch_dir
 from .store import open_store
 
 log = logging.getLogger("pruneflow.tasks")
@@ -101,20 +99,11 @@ def _save_tensors(tensors: dict, name: str, kind: str, producer: str, ctx: dict,
     from safetensors.torch import save_file
 
     store = open_store(ctx.get("store"))
-    with tempfile.TemporaryDirectory() as d:
+    with scratch_dir() as d:
         p = Path(d) / name
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(p),
                   metadata={k: str(v) for k, v in (meta or {}).items()})
         return store.put_file(p, kind, producer)
-
-
-def _scratch(store) -> str | None:
-    """A temporary folder on the store's own filesystem when it is local (commits are renames)."""
-    if getattr(store, "remote", True):
-        return None
-    root = Path(store.root) / ".scratch"
-    root.mkdir(parents=True, exist_ok=True)
-    return str(root)
 
 
 def _load_tensors(man: dict, ctx: dict) -> dict:
@@ -164,13 +153,7 @@ def _abs(ref: str) -> str:
     return ref if ref in EMBEDDED else str(Path(os.path.expanduser(ref)).resolve())
 
 
-define_step("load", _load_keyparts, lambda p: code_version("pruning_core.models", _load_keyparts, load_model_task.fn))
-
-
-def model_valid(man: dict) -> bool:
-    from pruning_core.models import model_revision
-
-    return Path(man["uri"]).exists() and model_revision(man["uri"]) == man["fingerprint"]
+define_step("load", _load_keyparts, lambda p: [_load_keyparts, load_model_task], libraries=("gguf",))
 
 
 @_task("load")
@@ -228,7 +211,7 @@ def _calib_keyparts(p):
     return s, [p["model"]], p["model"]["sha256"]
 
 
-define_step("calibration", _calib_keyparts, lambda p: code_version("pruning_core.data", _calib_keyparts, calibration_task.fn))
+define_step("calibration", _calib_keyparts, lambda p: [_calib_keyparts, calibration_task])
 
 
 @_task("calibration")
@@ -260,7 +243,7 @@ def _capture_keyparts(p):
     return {"requests": sorted(p["requests"]), "batch_size": p["batch_size"]}, [p["model"], p["calib"]], p["model"]["sha256"]
 
 
-define_step("capture", _capture_keyparts, lambda p: code_version("pruning_core.capture", _capture_keyparts, capture_task.fn))
+define_step("capture", _capture_keyparts, lambda p: [_capture_keyparts, capture_task])
 
 
 @_task("capture", gpu=True)
@@ -300,9 +283,7 @@ def _score_keyparts(p):
     return {"method": p["method"], "settings": p["settings"]}, [p["model"], p["stats"]], p["model"]["sha256"]
 
 
-define_step("score", _score_keyparts,
-            lambda p: code_version(_score_module(p["method"]), "pruning_core.methods.base", _score_keyparts,
-                                   score_task.fn))
+define_step("score", _score_keyparts, lambda p: [_score_module(p["method"]), _score_keyparts, score_task])
 
 
 @_task("score", gpu=True)
@@ -330,9 +311,7 @@ def _prune_keyparts(p):
     return s, [p["model"], p.get("scores"), p.get("calib")], p["model"]["sha256"]
 
 
-define_step("prune", _prune_keyparts,
-            lambda p: code_version(_score_module(p["method"]), "pruning_core.surgery", "pruning_core.select",
-                                   "pruning_core.checkpoint", _prune_keyparts, prune_task.fn))
+define_step("prune", _prune_keyparts, lambda p: [_score_module(p["method"]), _prune_keyparts, prune_task])
 
 
 @_task("prune", gpu=True)
@@ -364,10 +343,10 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
         before, after = plan_params(m, plan)
         plan.params_before, plan.params_after = before, after
         store = open_store(ctx.get("store"))
-        with tempfile.TemporaryDirectory(dir=_scratch(store)) as d:
+        with scratch_dir() as d:
             path = save_streaming(m, tok, plan, Path(d) / "checkpoint")  # layer by layer, shard by shard
             after = count_params(m)
-            man = store.put_dir(path, "checkpoint", f"prune:{method}", move=True)
+            man = store.put_dir(path, "checkpoint", f"prune:{method}", move=True)  # a rename on a local store
         del m
         return {**man, "params_before": before, "params_after": after, "target_ratio": ratio,
                 "removed_fraction": 1 - after / before if before else 0.0}
@@ -382,9 +361,7 @@ def _recover_keyparts(p):
     return {"kind": p["kind"], "settings": p["settings"]}, [p["checkpoint"], p.get("calib")], p["model_revision"]
 
 
-define_step("recover", _recover_keyparts,
-            lambda p: code_version("pruning_core.recover" if importlib.util.find_spec("pruning_core.recover") else
-                                   "pruning_core.checkpoint", _recover_keyparts, recover_task.fn))
+define_step("recover", _recover_keyparts, lambda p: [_recover_keyparts, recover_task], libraries=("peft",))
 
 
 @_task("recover", gpu=True)
@@ -394,8 +371,6 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
               "model_revision": model_revision, "calib": calib}
 
     def compute():
-        if importlib.util.find_spec("pruning_core.recover") is None:
-            raise ConfigError("recovery.kind", kind, "none (pruning_core.recover is not installed)")
         from pruning_core import recover as rec
         from pruning_core.checkpoint import load_pruned, save_pruned
         from pruning_core.data import load_text, tokenize_text
@@ -412,7 +387,7 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         train_ids = tokenize_text(tok, load_text(train_source, "train"))
         m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
-        with tempfile.TemporaryDirectory() as d:
+        with scratch_dir() as d:
             path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
             man = store.put_dir(path, "checkpoint", f"recover:{kind}")
         keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction")
@@ -437,15 +412,8 @@ def _eval_keyparts(p):
     return dict(p["settings"]), [p["target"]], p["model_revision"]
 
 
-def _eval_code(p):
-    mods = ["pruning_core.metrics", _eval_keyparts, evaluate_task.fn]
-    for name in ("pruning_core.evaluate", "pruning_core.efficiency"):
-        if importlib.util.find_spec(name) is not None:
-            mods.append(name)
-    return code_version(*mods)
-
-
-define_step("evaluate", _eval_keyparts, _eval_code)
+define_step("evaluate", _eval_keyparts, lambda p: [_eval_keyparts, evaluate_task],
+            libraries=("lm_eval", "datasets", "peft"))
 
 
 @_task("evaluate", gpu=True)
@@ -478,8 +446,6 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
         }
         tasks = settings.get("tasks") or []
         if tasks:
-            if importlib.util.find_spec("pruning_core.evaluate") is None:
-                raise ConfigError("evaluation.tasks", tasks, "[] (pruning_core.evaluate is not installed)")
             from pruning_core.evaluate import run_lm_eval
 
             res = run_lm_eval(m, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev), tokenizer=tok)
@@ -487,7 +453,7 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
                 for k, v in ms.items():
                     if isinstance(v, (int, float)):
                         metrics[f"{t}.{k}"] = v
-        if settings.get("efficiency") and importlib.util.find_spec("pruning_core.efficiency") is not None:
+        if settings.get("efficiency"):
             from pruning_core import efficiency
 
             eff = efficiency.measure(m, tok, device=dev)

@@ -21,6 +21,8 @@ A manifest is a small dict: `{uri, sha256, bytes, kind, producer}` (+ `name`, `d
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,15 +30,21 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from pruning_core.errors import StorageError
 
+from . import journal
+
 log = logging.getLogger("pruneflow.store")
 
 CHUNK = 1 << 20
+TMP_PREFIX = ".tmp-"
+S3_TIMEOUT_S = int(os.environ.get("PRUNEFLOW_S3_TIMEOUT", "20"))
+LOCK_TTL_S = 60.0
 
 
 class ArtifactMissing(StorageError):
@@ -51,8 +59,7 @@ class TransientStorageError(StorageError):
     """A network / storage hiccup worth retrying (never used for user errors)."""
 
 
-def pruneflow_home() -> Path:
-    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
+pruneflow_home = journal.pruneflow_home
 
 
 def default_store_url() -> str:
@@ -89,12 +96,21 @@ def sha256_json(obj: Any) -> str:
 
 
 # -- the store -------------------------------------------------------------------------------------
+TIMEOUTS = {"ConnectTimeoutError", "ReadTimeoutError", "TimeoutError", "FSTimeoutError", "timeout"}
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return bool({type(e).__name__ for e in _chain(exc)} & TIMEOUTS)
+
+
 def _is_transient(exc: BaseException) -> bool:
+    """A dropped connection is worth another try; an endpoint that does not answer in time is not."""
+    if _is_timeout(exc):
+        return False
     names = {type(e).__name__ for e in _chain(exc)}
     transient = {
-        "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-        "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
-        "ConnectionResetError", "ConnectionRefusedError", "TimeoutError", "ProxyConnectionError",
+        "EndpointConnectionError", "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError",
+        "ClientOSError", "ConnectionError", "ConnectionResetError", "ConnectionRefusedError", "ProxyConnectionError",
     }
     return bool(names & transient)
 
@@ -129,14 +145,19 @@ class ArtifactStore:
                 raise StorageError("store.url", url, "a local folder or s3://bucket/prefix")
             kwargs: dict[str, Any] = {}
             if protocol == "s3":
+                # every call answers within S3_TIMEOUT_S or fails: botocore's timeouts, no retry of its own,
+                # one attempt in s3fs (a frozen endpoint ends the run with one line instead of hanging)
                 kwargs = {
-                    "config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
+                    "config_kwargs": {"connect_timeout": S3_TIMEOUT_S, "read_timeout": S3_TIMEOUT_S,
+                                      "retries": {"total_max_attempts": 1}},
                     "skip_instance_cache": True,
                 }
                 ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 if ep:
                     kwargs["client_kwargs"] = {"endpoint_url": ep}
             self.fs = fsspec.filesystem(protocol, **kwargs)
+            if protocol == "s3":
+                self.fs.retries = 1
             self.root = url.rstrip("/")
         else:
             import fsspec
@@ -166,6 +187,8 @@ class ArtifactStore:
                 "store.url", self.url,
                 "an S3 store with credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile)",
             )
+        if _is_timeout(exc):
+            return StorageError("store.url", self.url, f"a store that answers within {S3_TIMEOUT_S} s ({what} timed out)")
         if _is_transient(exc):
             return TransientStorageError("store.url", self.url, f"a reachable store ({what}: {type(exc).__name__})")
         if isinstance(exc, PermissionError):
@@ -227,7 +250,10 @@ class ArtifactStore:
         for src, rel in files:
             target = f"{dst}/{rel}"
             if self.remote:
-                self.fs.put_file(str(src), target)
+                # a kill mid-upload leaves an incomplete multipart upload: the process journal names its
+                # key, so that the watchdog of this run (or the next run) aborts it
+                with journal.uploading(self.url, target):
+                    self.fs.put_file(str(src), target)
             else:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 if move:
@@ -242,15 +268,18 @@ class ArtifactStore:
         sha = man["sha256"]
         try:
             if self.committed(sha):
-                return self._manifest_for(sha, man)
+                return man  # the same content is committed already (maybe by another producer): same URI
             if self.remote:
                 copy(self._obj(sha))  # objects first, under the final key ...
                 fault_point(f"commit:{man['kind']}")
-                self.fs.pipe_file(self._marker(sha), json.dumps(man).encode())  # ... the marker last
+                # ... the marker last; it lists each object's size and ETag, so that a cache check
+                # decides from one LIST without downloading anything
+                marker = {**man, "files": self._listing(sha)}
+                self.fs.pipe_file(self._marker(sha), json.dumps(marker).encode())
             else:
                 final = Path(self._obj(sha))
                 final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = final.parent / f".tmp-{sha[:12]}-{uuid.uuid4().hex[:8]}"
+                tmp = final.parent / f"{TMP_PREFIX}{sha[:12]}-{journal.owner_tag()}-{uuid.uuid4().hex[:8]}"
                 copy(str(tmp))
                 fault_point(f"commit:{man['kind']}")
                 if final.exists():  # an uncommitted leftover of a killed writer
@@ -263,9 +292,15 @@ class ArtifactStore:
             raise self._wrap(e, "write") from e
         return man
 
-    def _manifest_for(self, sha: str, man: dict) -> dict:
-        # same content, maybe a different producer: the URI is what matters
-        return {**man, "uri": man["uri"]}
+    def _listing(self, sha: str) -> dict[str, list]:
+        """{relative path: [size, etag]} of an object's files on S3 (one LIST, no GET)."""
+        src = self._obj(sha)
+        base = src.split("://", 1)[-1]
+        out = {}
+        for f, info in self.fs.find(src, detail=True).items():
+            rel = f.split("://", 1)[-1][len(base) + 1:]
+            out[rel] = [int(info.get("size") or 0), str(info.get("ETag") or "").strip('"')]
+        return dict(sorted(out.items()))
 
     # -- reads -------------------------------------------------------------------------------------
     def committed(self, sha: str) -> bool:
@@ -279,12 +314,38 @@ class ArtifactStore:
         self.local_path(man)
 
     def valid(self, man: dict) -> bool:
+        """Is `man`'s object committed and intact? Local: its bytes are hashed (once per process). S3: the
+        commit marker's listing (sizes, ETags) must match a fresh LIST of the object; nothing is
+        downloaded (the bytes are hashed when a step reads them, `local_path`)."""
         try:
-            self.verify(man)
+            if self.remote:
+                self._check_listing(man)
+            else:
+                self.verify(man)
             return True
         except (ArtifactMissing, ArtifactCorrupt) as e:
             log.warning("artifact %s (%s): %s; its step will recompute", man.get("kind"), man.get("uri"), e)
             return False
+
+    def _check_listing(self, man: dict) -> None:
+        sha = man["sha256"]
+        what = man.get("kind", "artifact"), man.get("uri")
+        try:
+            if not self.fs.exists(self._marker(sha)):
+                raise ArtifactMissing(*what, "a committed object in the store")
+            files = json.loads(self.fs.cat_file(self._marker(sha))).get("files")
+            if files is None:  # committed before markers listed their files: verify the bytes
+                self.verify(man)
+                return
+            now = self._listing(sha)
+        except StorageError:
+            raise
+        except json.JSONDecodeError:
+            raise ArtifactCorrupt(*what, "a readable commit marker") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "read") from e
+        if now != files:
+            raise ArtifactCorrupt(*what, "objects whose sizes and ETags match the commit marker")
 
     def local_path(self, man: dict) -> Path:
         """A verified local path of the artifact (the object itself when local, a cached copy for S3)."""
@@ -321,7 +382,7 @@ class ArtifactStore:
 
     def _download(self, man: dict, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".dl-{uuid.uuid4().hex[:8]}"
+        tmp = dst.parent / f".dl-{journal.owner_tag()}-{uuid.uuid4().hex[:8]}"
         try:
             src = self._obj(man["sha256"])
             files = [f for f in self.fs.find(src) if not f.endswith(".commit")]
@@ -360,15 +421,18 @@ class ArtifactStore:
         try:
             if not self.fs.exists(path):
                 return None
-            return json.loads(self.fs.cat_file(path))
+            rec = json.loads(self.fs.cat_file(path))
         except json.JSONDecodeError:
             log.warning("cache record %s is unreadable; recomputing", path)
             return None
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e, "read") from e
+        rec.pop("key_parts", None)
+        return rec
 
-    def record(self, step: str, key: str, manifest: dict) -> None:
-        data = json.dumps(manifest, sort_keys=True, default=str).encode()
+    def record(self, step: str, key: str, manifest: dict, key_parts: dict | None = None) -> None:
+        """Record `manifest` for (step, key); `key_parts` (what the key was made of) explains later misses."""
+        data = json.dumps({**manifest, "key_parts": key_parts}, sort_keys=True, default=str).encode()
         path = self._index(step, key)
         try:
             if self.remote:
@@ -377,6 +441,149 @@ class ArtifactStore:
                 _atomic_write(Path(path), data)
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e, "write") from e
+
+    def history(self, step: str, n: int = 20) -> list[dict]:
+        """The key parts of the `n` newest records of `step` (to say why a key missed)."""
+        try:
+            entries = self.fs.ls(self._join("index", step), detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as e:  # noqa: BLE001
+            log.warning("cache history of %s unreadable (%s)", step, type(e).__name__)
+            return []
+        files = [e for e in entries if e.get("type") == "file" and e["name"].endswith(".json")]
+        files.sort(key=lambda e: _mtime(e), reverse=True)
+        out = []
+        for e in files[:n]:
+            try:
+                parts = json.loads(self.fs.cat_file(e["name"])).get("key_parts")
+            except Exception:  # noqa: BLE001 - an unreadable old record explains nothing
+                continue
+            if parts:
+                out.append(parts)
+        return out
+
+    # -- locks -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, name: str, wait_message: str | None = None):
+        """Hold the store-wide lock `name` (one holder across processes and workers).
+
+        Local: an flock on `<root>/locks/<name>.lock` (released by the kernel if the holder dies).
+        S3: a lease object `locks/<name>.json` created only if absent (conditional PUT), renewed by a
+        heartbeat while held; a lease whose holder stopped renewing it expires after LOCK_TTL_S."""
+        if self.remote:
+            with self._s3_lock(name, wait_message):
+                yield
+            return
+        path = Path(self.root) / "locks" / f"{name}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise self._wrap(e, "lock") from e
+        try:
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if wait_message and not told:
+                        log.info(wait_message)
+                        told = True
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    @contextlib.contextmanager
+    def _s3_lock(self, name: str, wait_message: str | None):
+        path = self._join("locks", f"{name}.json")
+        me = f"{journal.owner_tag()}-{uuid.uuid4().hex[:8]}"
+        told = False
+        while True:
+            lease = json.dumps({"owner": me, "expires": time.time() + LOCK_TTL_S}).encode()
+            try:
+                self.fs.pipe_file(path, lease, mode="create")  # If-None-Match: *
+                break
+            except FileExistsError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                if "PreconditionFailed" not in repr(e) and "412" not in str(e):
+                    raise self._wrap(e, "lock") from e
+            try:
+                held = json.loads(self.fs.cat_file(path))
+                if held.get("expires", 0) < time.time():
+                    log.warning("lock %s: the holder (%s) stopped renewing it; taking it over", name, held.get("owner"))
+                    self.fs.rm_file(path)
+                    continue
+            except FileNotFoundError:
+                continue
+            except Exception:  # noqa: BLE001 - a lease being replaced: look again
+                pass
+            if wait_message and not told:
+                log.info(wait_message)
+                told = True
+            time.sleep(1.0)
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(LOCK_TTL_S / 3):
+                try:
+                    self.fs.pipe_file(path, json.dumps({"owner": me, "expires": time.time() + LOCK_TTL_S}).encode())
+                except Exception as e:  # noqa: BLE001
+                    log.warning("lock %s: renewing the lease failed (%s)", name, type(e).__name__)
+
+        t = threading.Thread(target=renew, daemon=True, name=f"lease-{name[:20]}")
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join(timeout=5)
+            try:
+                if json.loads(self.fs.cat_file(path)).get("owner") == me:
+                    self.fs.rm_file(path)
+            except Exception:  # noqa: BLE001 - an expired lease is harmless
+                pass
+
+    # -- clean-up ----------------------------------------------------------------------------------
+    def abort_uploads(self, keys: list[str]) -> int:
+        """Abort the incomplete S3 multipart uploads of `keys` (full s3:// paths); how many were open."""
+        if not self.remote or not self.url.startswith("s3://"):
+            return 0
+        n = 0
+        for key in keys:
+            bucket, _, path = key.split("://", 1)[-1].partition("/")
+            try:
+                resp = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=path)
+                for up in resp.get("Uploads", []):
+                    if up.get("Key") == path:
+                        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=path, UploadId=up["UploadId"])
+                        n += 1
+            except Exception as e:  # noqa: BLE001
+                raise self._wrap(e, "abort upload") from e
+        return n
+
+    def reclaim(self) -> list[str]:
+        """Remove what killed writers left: temporary object folders of dead processes on this host
+        (or older than a day, from any host) and partial downloads in the local cache."""
+        gone: list[str] = []
+        if not self.remote:
+            for tmp in Path(self.root).glob(f"objects/*/{TMP_PREFIX}*"):
+                if journal.owner_is_dead(tmp.name.removeprefix(TMP_PREFIX).split("-", 1)[-1], tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    gone.append(str(tmp))
+        for tmp in self.cache.glob(".dl-*"):
+            if journal.owner_is_dead(tmp.name.removeprefix(".dl-"), tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+                gone.append(str(tmp))
+        return gone
+
+
+def _mtime(entry: dict) -> float:
+    t = entry.get("mtime") or entry.get("LastModified") or entry.get("created") or 0
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -406,8 +613,6 @@ def fault_point(name: str) -> None:
     """Test hook for crash tests: with PRUNEFLOW_FAULT=<name>, announce (PRUNEFLOW_FAULT_FILE) and hang
     here so the test can SIGKILL the process mid-write. Inert unless both variables are set."""
     if os.environ.get("PRUNEFLOW_FAULT") == name and os.environ.get("PRUNEFLOW_FAULT_FILE"):
-        import time
-
         Path(os.environ["PRUNEFLOW_FAULT_FILE"]).write_text(str(os.getpid()))
         time.sleep(600)
 

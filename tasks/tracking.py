@@ -112,7 +112,36 @@ def _default_artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri()
 
 
+def client_for(uri: str) -> MlflowClient:
+    """A client whose stores exist: on a fresh SQLite file the first client creates (migrates) the schema,
+    which two runs starting together must not do at once."""
+    with _sqlite_init_lock(uri):
+        client = client_for(uri)
+        client.search_registered_models(max_results=1)  # the registry's store migrates on first use
+        return client
+
+
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    with _sqlite_init_lock(uri):
+        return _ensure_experiment(client, name, uri)
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    fd = os.open(uri[len("sqlite:///"):] + ".init-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -554,7 +583,7 @@ def _record(run_dir: Path, result: dict) -> dict:
 
 
 def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) -> dict:
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = client_for(uri)
     exp_id = ensure_experiment(client, settings.experiment, uri)
     model, method = str(report.get("model", "model")), str(report.get("method", "method"))
     ratio = report.get("target_ratio")
@@ -609,23 +638,26 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
             if settings.log_model and ckpt:
                 name = settings.registered_model or registered_model_name(model, method)
                 key = checkpoint_key(report)
-                known = _registered_version(client, name, key) if key else None
-                if known is not None:  # the same checkpoint bytes are registered already: point at them
-                    result.update(model_name=name, model_uri=f"models:/{name}/{known.version}",
-                                  model_version=str(known.version), model_reused=True)
-                    mlflow.set_tags({f"{TAG}registered_model": f"{name}/{known.version}",
-                                     f"{TAG}model_producer_run_id": str(known.tags.get(f"{TAG}run_id", ""))})
-                else:
-                    ckpt_local = _local_copy(ckpt, tmp)
-                    if ckpt_local is None or not (ckpt_local / "config.json").exists():
-                        raise StorageError("artifacts.checkpoint", ckpt, "a checkpoint folder with config.json")
-                    info = log_checkpoint_model(ckpt_local, name, settings.max_new_tokens)
-                    version = str(info.registered_model_version)
-                    result.update(model_name=name, model_uri=info.model_uri, model_version=version)
-                    mlflow.set_tag(f"{TAG}registered_model", f"{name}/{version}")
-                    tag_model_version(client, name, version, report, parent.info.run_id)
-                    if key:
-                        client.set_model_version_tag(name, version, f"{TAG}checkpoint_key", key)
+                # find-or-register under the store's lock: two runs that produced the same checkpoint at
+                # once register it once (the second waits, then finds the first one's version)
+                with _registration_lock(report, name, key):
+                    known = _registered_version(client, name, key) if key else None
+                    if known is not None:  # the same checkpoint bytes are registered already: point at them
+                        result.update(model_name=name, model_uri=f"models:/{name}/{known.version}",
+                                      model_version=str(known.version), model_reused=True)
+                        mlflow.set_tags({f"{TAG}registered_model": f"{name}/{known.version}",
+                                         f"{TAG}model_producer_run_id": str(known.tags.get(f"{TAG}run_id", ""))})
+                    else:
+                        ckpt_local = _local_copy(ckpt, tmp)
+                        if ckpt_local is None or not (ckpt_local / "config.json").exists():
+                            raise StorageError("artifacts.checkpoint", ckpt, "a checkpoint folder with config.json")
+                        info = log_checkpoint_model(ckpt_local, name, settings.max_new_tokens)
+                        version = str(info.registered_model_version)
+                        result.update(model_name=name, model_uri=info.model_uri, model_version=version)
+                        mlflow.set_tag(f"{TAG}registered_model", f"{name}/{version}")
+                        tag_model_version(client, name, version, report, parent.info.run_id)
+                        if key:
+                            client.set_model_version_tag(name, version, f"{TAG}checkpoint_key", key)
     log.info("MLflow run %s (%s) logged to %s", result.get("run_id"), run_name, uri)
     return result
 
@@ -638,6 +670,16 @@ def checkpoint_key(report: Mapping[str, Any]) -> str | None:
         return str(ref["sha256"])
     m = re.search(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])", str(_artifact_path(ref) or ""))
     return m.group(0) if m else None
+
+
+def _registration_lock(report: Mapping[str, Any], name: str, key: str | None):
+    """The run's artifact store's lock for registering this checkpoint (a no-op without a key or store)."""
+    if not key or not report.get("store"):
+        return contextlib.nullcontext()
+    from .store import open_store
+
+    return open_store(str(report["store"])).lock(f"register-{sanitize_metric_name(name)}-{key[:32]}",
+                                                  wait_message="MLflow: another run is registering this checkpoint")
 
 
 def _registered_version(client: MlflowClient, name: str, key: str):
@@ -713,7 +755,7 @@ def track_sweep(spec: Mapping[str, Any], result: Mapping[str, Any] | list[Mappin
     points = sweep_points(result)
     try:
         probe(uri, settings.probe_timeout_s)
-        client = MlflowClient(tracking_uri=uri)
+        client = client_for(uri)
         exp_id = ensure_experiment(client, settings.experiment, uri)
         with using_uri(uri), tempfile.TemporaryDirectory() as tmpd, \
                 mlflow.start_run(experiment_id=exp_id, run_name="sweep", tags={f"{TAG}kind": "sweep"}) as run:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from pruning_core.errors import ConfigError
-from tasks.common import is_retryable, step_key
+from tasks.cachekey import KeyParts
+from tasks.common import is_retryable
 from tasks.store import TransientStorageError
 
 
 def test_retry_only_network_and_storage_errors():
     assert is_retryable(TransientStorageError("store.url", "s3://b", "a reachable store"))
     assert is_retryable(ConnectionResetError("reset"))
-    assert is_retryable(TimeoutError("slow"))
+    assert not is_retryable(TimeoutError("slow"))  # a frozen endpoint fails once, in bounded time
     assert not is_retryable(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_retryable(MemoryError())
     assert not is_retryable(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
@@ -20,14 +21,19 @@ def test_retry_only_network_and_storage_errors():
     assert not is_retryable(FileNotFoundError("x"))
 
 
-def test_step_key_depends_on_settings_inputs_revision_and_code_only():
-    a = {"sha256": "a" * 64, "uri": "/x/1"}
-    base = step_key("score", "c1", {"method": "wanda"}, [a], "rev1")
-    assert base == step_key("score", "c1", {"method": "wanda"}, [{"sha256": "a" * 64, "uri": "s3://elsewhere"}], "rev1")
-    assert base != step_key("score", "c2", {"method": "wanda"}, [a], "rev1")
-    assert base != step_key("score", "c1", {"method": "l2"}, [a], "rev1")
-    assert base != step_key("score", "c1", {"method": "wanda"}, [{"sha256": "b" * 64}], "rev1")
-    assert base != step_key("score", "c1", {"method": "wanda"}, [a], "rev2")
+def test_step_key_depends_on_settings_inputs_revision_code_and_libraries_only():
+    def key(**kw):
+        parts = {"step": "score", "settings": {"method": "wanda"}, "inputs": ["a" * 64], "model_revision": "rev1",
+                 "code": {"pruning_core.obs": "c1"}, "libraries": {"torch": "2.13.0"}}
+        return KeyParts(**{**parts, **kw}).key()
+
+    base = key()
+    assert base == key()
+    assert base != key(code={"pruning_core.obs": "c2"})
+    assert base != key(settings={"method": "l2"})
+    assert base != key(inputs=["b" * 64])
+    assert base != key(model_revision="rev2")
+    assert base != key(libraries={"torch": "2.14.0"})
 
 
 def test_task_keys_ignore_device(tiny_llama_dir):
