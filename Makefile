@@ -54,11 +54,10 @@ lock:
 run: $(STAMP)
 	env -u PREFECT_API_URL $(PY) -m flows.cli run $(ARGS)
 
-# the suite in file order with randomisation off, then once more shuffled (pytest-randomly prints its seed;
-# rerun one order with `make test-random SEED=N`)
+# the suite in file order (randomisation off); `make test-random` runs it shuffled (pytest-randomly prints
+# its seed; `make test-random SEED=N` replays one order). CI runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -ra -p no:randomly
-	$(MAKE) --no-print-directory test-random
 
 test-random: $(STAMP)
 	$(PY) -m pytest -q -ra $(if $(SEED),--randomly-seed=$(SEED),)

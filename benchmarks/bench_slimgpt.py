@@ -31,10 +31,10 @@ from pruning_core.capture import capture_stats  # noqa: E402
 from pruning_core.data import calibration_set, eval_tokens  # noqa: E402
 from pruning_core.efficiency import _reset_rss_peak, _status_kb  # noqa: E402
 from pruning_core.methods import get_method  # noqa: E402
-from pruning_core.methods.slimgpt import solve_schedule  # noqa: E402
 from pruning_core.metrics import perplexity  # noqa: E402
 from pruning_core.models import load_model  # noqa: E402
 from pruning_core.plan import LayerPlan, PrunePlan  # noqa: E402
+from pruning_core.select import solve_schedule  # noqa: E402
 from pruning_core.surgery import apply_plan, count_params  # noqa: E402
 
 VARIANTS = {
@@ -60,15 +60,22 @@ VARIANTS = {
 }
 
 
-def _counts_plan(model, adapter, scores, sched, name) -> PrunePlan:
-    """Keep the highest-scoring units with the same per-layer counts as the solved uniform schedule."""
+def _counts_plan(model, adapter, scores, sched, name, gqa: str = "kv_group") -> PrunePlan:
+    """Keep the highest-scoring units with the same per-layer counts as a solved schedule
+    (`solve_schedule(..., gqa=gqa)`): whole KV groups, or with `per_group` the same number of query
+    heads in every KV group."""
     lps = []
     for i, layer in enumerate(adapter.layers(model)):
         s = adapter.layer_shape(model, layer)
         rep = s.n_heads // s.n_kv_heads
         lp = LayerPlan(i)
         kh, kf = sched["heads"][i], sched["ffn"][i]
-        if kh:
+        if kh and gqa == "per_group" and rep > 1:
+            g = scores[f"heads.{i}"].double().view(s.n_kv_heads, rep)
+            keep = torch.argsort(g, dim=1, descending=True, stable=True)[:, : rep - kh]
+            lp.heads = sorted(k * rep + int(j) for k in range(s.n_kv_heads) for j in keep[k])
+            lp.kv_heads = list(range(s.n_kv_heads))
+        elif kh:
             g = scores[f"heads.{i}"].double().view(s.n_kv_heads, rep).sum(1)
             lp.kv_heads = sorted(torch.argsort(g, descending=True, stable=True)[: s.n_kv_heads - kh].tolist())
             lp.heads = [k * rep + j for k in lp.kv_heads for j in range(rep)]

@@ -250,7 +250,7 @@ def markdown(r: dict, cmd: str) -> str:
         "ShortGPT per-layer Block Influence (1 - cos(x_l, x_l+1)): "
         + ", ".join(f"{i}:{b:.3f}" for i, b in enumerate(r["layer_bi"])),
         "",
-        "Reference-code bugs not reproduced (spec `llm-streamline.md` §7): the replacement is trained with the "
+        "Reference-code bugs not reproduced: the replacement is trained with the "
         "real model's causal mask and rotary embeddings, caught from its own forward (upstream: "
         "`attention_mask=None`, i.e. bidirectional attention while training); surgery renumbers every "
         "`layer_idx` 0..L'-1 and training runs with `use_cache=False` (upstream: an extra layer with "

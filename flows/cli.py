@@ -17,13 +17,10 @@ from pathlib import Path
 import typer
 
 from pruning_core.errors import PruneflowError
+from pruning_core.util import home as _home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pruneflow: structured pruning of LLMs as a cached Prefect pipeline.")
-
-
-def _home() -> Path:
-    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
 
 
 def _env(quiet: bool) -> None:

@@ -9,11 +9,9 @@ Each arrow is a cached Prefect task (see `tasks/`); a second run of the same spe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from prefect import flow
 
 from pruning_core.errors import PruneflowError
 from pruning_core.evaluate import retention
+from pruning_core.util import git_revision
 from tasks import cleanup, steps
 from tasks.cachekey import format_reason
 from tasks.store import default_store_url, open_store, pruneflow_home
@@ -148,13 +147,9 @@ def versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    try:
-        root = Path(__file__).resolve().parents[1]
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if rev.returncode == 0:
-            out["code_revision"] = rev.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    rev = git_revision()
+    if rev:
+        out["code_revision"] = rev
     return out
 
 
@@ -241,7 +236,7 @@ def _link_checkpoint(run_dir: Path, ckpt: dict, store_url: str) -> str:
 
 
 def track(spec: RunSpec, report: dict, run_dir: str) -> dict | None:
-    if not spec.tracking.enabled or importlib.util.find_spec("tasks.tracking") is None:
+    if not spec.tracking.enabled:
         return None
     from tasks import tracking
 

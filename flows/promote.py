@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from pruning_core.errors import ConfigError
+from pruning_core.util import finite_float
 from tasks.tracking import GATE_FIGURES, TAG, resolve_tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -122,17 +123,9 @@ def _client(uri: str | None) -> MlflowClient:
     return _Client(tracking_uri=uri, registry_uri=uri)
 
 
-def _f(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def figures_of(client: MlflowClient, mv) -> dict[str, float]:
     """Gate figures of a model version: its ``pruneflow.*`` tags, else its source run's ``gate.*`` metrics."""
-    figs = {k: _f(mv.tags.get(f"{TAG}{k}")) for k in GATE_FIGURES}
+    figs = {k: finite_float(mv.tags.get(f"{TAG}{k}")) for k in GATE_FIGURES}
     figs = {k: v for k, v in figs.items() if v is not None}
     if len(figs) < len(GATE_FIGURES) and mv.run_id:
         try:
@@ -140,8 +133,8 @@ def figures_of(client: MlflowClient, mv) -> dict[str, float]:
         except MlflowException:
             metrics = {}
         for k in GATE_FIGURES:
-            if k not in figs and _f(metrics.get(f"gate.{k}")) is not None:
-                figs[k] = _f(metrics[f"gate.{k}"])
+            if k not in figs and finite_float(metrics.get(f"gate.{k}")) is not None:
+                figs[k] = finite_float(metrics[f"gate.{k}"])
     return figs
 
 

@@ -15,8 +15,9 @@ from torch import nn
 from .errors import ConfigError
 
 
-def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear keeping `idx` along `dim` (0: output rows, 1: input columns); bias follows rows."""
+def slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping `idx` along `dim` (0: output rows, 1: input columns); bias follows rows.
+    Device, dtype, training mode and `requires_grad` are the old module's."""
     w = lin.weight.data.index_select(dim, idx.to(lin.weight.device)).clone()
     bias = lin.bias is not None
     out_f, in_f = w.shape
@@ -25,8 +26,33 @@ def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
     if bias:
         b = lin.bias.data
         new.bias.data.copy_(b.index_select(0, idx.to(b.device)) if dim == 0 else b)
+        new.bias.requires_grad_(lin.bias.requires_grad)
     new.weight.requires_grad_(lin.weight.requires_grad)
-    return new
+    return new.train(lin.training)
+
+
+def decoder_layer_class(config) -> type:
+    """The stock transformers decoder-layer class of `config`'s architecture."""
+    import importlib
+
+    mt = config.model_type
+    try:
+        mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    except ImportError:
+        mod = None
+    for name in dir(mod) if mod is not None else ():
+        if name.endswith("DecoderLayer") and name.lower().startswith(mt.replace("_", "")):
+            return getattr(mod, name)
+    raise ConfigError("model.architecture", mt, "a transformers model with a *DecoderLayer class")
+
+
+def stock_layer(config, device: str | torch.device = "meta") -> nn.Module:
+    """One decoder layer as stock transformers builds it from `config` (on `meta`: nothing allocated),
+    under the process-wide build lock (see `hfload`)."""
+    from .hfload import BUILD_LOCK
+
+    with BUILD_LOCK, torch.device(device):
+        return decoder_layer_class(config)(config, layer_idx=0)
 
 
 def _idx(keep: list[int]) -> torch.Tensor:
@@ -52,6 +78,26 @@ class Adapter:
     mlp_out: str = ""  # module whose input columns are FFN channels
     attn_path: str = "self_attn"
     mlp_path: str = "mlp"
+    # config flags that make stock transformers build biases on the projections (where it has any)
+    bias_flags: tuple[str, ...] = ()
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Every projection of a decoder layer, attention first."""
+        return (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
+
+    def biased(self, layer: nn.Module) -> list[str]:
+        """The projections of `layer` that carry a bias."""
+        return [n for n in self.projections if self.proj(layer, n).bias is not None]
+
+    def add_bias(self, layer: nn.Module, names) -> None:
+        """Give projections `names` of `layer` a zero bias where they have none (function unchanged)."""
+        for n in names:
+            lin = self.proj(layer, n)
+            if lin.bias is None:
+                w = lin.weight
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=w.dtype, device=w.device),
+                                        requires_grad=w.requires_grad)
 
     # -- navigation ------------------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -113,10 +159,10 @@ class Adapter:
         qi = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in sorted(keep_q)])
         kvi = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in sorted(keep_kv)])
         attn = self.attn(layer)
-        setattr(attn, self.q, _slice_linear(getattr(attn, self.q), qi, 0))
-        setattr(attn, self.k, _slice_linear(getattr(attn, self.k), kvi, 0))
-        setattr(attn, self.v, _slice_linear(getattr(attn, self.v), kvi, 0))
-        setattr(attn, self.o, _slice_linear(getattr(attn, self.o), qi, 1))
+        setattr(attn, self.q, slice_linear(getattr(attn, self.q), qi, 0))
+        setattr(attn, self.k, slice_linear(getattr(attn, self.k), kvi, 0))
+        setattr(attn, self.v, slice_linear(getattr(attn, self.v), kvi, 0))
+        setattr(attn, self.o, slice_linear(getattr(attn, self.o), qi, 1))
         self._set_head_attrs(attn, len(keep_q), len(keep_kv))
 
     def _set_head_attrs(self, attn: nn.Module, n_q: int, n_kv: int) -> None:
@@ -128,8 +174,8 @@ class Adapter:
         idx = _idx(keep)
         mlp = self.mlp(layer)
         for name in self.mlp_in:
-            setattr(mlp, name, _slice_linear(getattr(mlp, name), idx, 0))
-        setattr(mlp, self.mlp_out, _slice_linear(getattr(mlp, self.mlp_out), idx, 1))
+            setattr(mlp, name, slice_linear(getattr(mlp, name), idx, 0))
+        setattr(mlp, self.mlp_out, slice_linear(getattr(mlp, self.mlp_out), idx, 1))
 
     def renumber(self, model: nn.Module) -> None:
         """Give kept layers consecutive `layer_idx` (KV cache slots) and fix per-layer config lists."""
@@ -148,12 +194,18 @@ class Adapter:
     def ffn_sizes_key(self) -> str:
         raise NotImplementedError
 
+    def bias_capable_config(self, config):
+        """A config of another stock architecture that computes the same function and can carry
+        biases this one hard-codes away, or None."""
+        return None
+
 
 class LlamaAdapter(Adapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "smollm3")
     mlp_in = ("gate_proj", "up_proj")
     mlp_out = "down_proj"
+    bias_flags = ("attention_bias", "mlp_bias")  # Llama reads them; Qwen2 / Mistral hard-code theirs
 
     def decoder(self, model):
         return model.model
@@ -192,6 +244,28 @@ class LlamaAdapter(Adapter):
     def ffn_sizes_key(self):
         return "intermediate_size"
 
+    def bias_capable_config(self, config):
+        """Qwen2 and Mistral hard-code `bias=False` on o_proj / down_proj, but with no layer using a
+        sliding window they compute exactly what Llama does: the equivalent LlamaConfig (whose
+        `attention_bias` / `mlp_bias` flags build those biases), else None."""
+        if config.model_type == "llama":
+            return None
+        types = list(getattr(config, "layer_types", None) or [])
+        window = getattr(config, "sliding_window", None)
+        if any(t != "full_attention" for t in types):
+            return None
+        if not types and window is not None and window < config.max_position_embeddings:
+            return None
+        from transformers import LlamaConfig
+
+        d = config.to_dict()
+        for k in ("model_type", "architectures", "auto_map", "transformers_version", "pruneflow_layers",
+                  "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"):
+            d.pop(k, None)
+        llama = LlamaConfig(**d)
+        llama.architectures = ["LlamaForCausalLM"]
+        return llama
+
 
 class OPTAdapter(Adapter):
     family = "opt"
@@ -200,6 +274,7 @@ class OPTAdapter(Adapter):
     mlp_in = ("fc1",)
     mlp_out = "fc2"
     mlp_path = ""
+    bias_flags = ("enable_bias",)
 
     def decoder(self, model):
         return model.model.decoder
@@ -210,10 +285,6 @@ class OPTAdapter(Adapter):
 
     def _set_head_attrs(self, attn, n_q, n_kv):
         attn.num_heads = n_q
-
-    def layer_shape(self, model, layer):
-        s = super().layer_shape(model, layer)
-        return s
 
     def stock_config(self, config, shapes):
         kinds = {s.kind for s in shapes}

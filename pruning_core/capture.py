@@ -4,8 +4,9 @@
 kept, layer i is (moved to the working device and) run, whatever the consumer wants is accumulated
 by hooks, and the outputs become the inputs of layer i+1. Peak accelerator memory is one layer
 plus one layer's activations, flat in the number of layers. The keyword arguments each layer gets
-(rotary `position_embeddings`, causal mask, `position_ids`, ...) are caught from the real model's
-own forward call, so they are exactly what the installed transformers version passes.
+(rotary `position_embeddings`, causal mask, `position_ids`, ...) are caught, layer by layer, from the
+real model's own forward call, so they are exactly what the installed transformers version passes —
+including a sliding-window mask for the sliding layers of a model that mixes them with full attention.
 
 `capture_stats` uses it to accumulate, per layer (keys of the returned flat dict):
 
@@ -44,19 +45,28 @@ class _Caught(Exception):
     pass
 
 
-def _first(out):
+def first_output(out):
+    """A layer's hidden state, whether it returns a tensor or a tuple."""
     return out[0] if isinstance(out, tuple) else out
 
 
-def _to(obj, device):
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
+
+
+def _to(obj, device, memo: dict | None = None):
+    """`obj` (tensors inside tuples, lists, dicts) on `device`; `memo` moves a shared tensor once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -85,11 +95,11 @@ class LayerStep:
         handles = []
         for name, fn in (hooks or {}).items():
             mod = layer.get_submodule(name)
-            handles.append(mod.register_forward_hook(lambda m, a, o, fn=fn: fn(a[0].detach(), _first(o).detach())))
+            handles.append(mod.register_forward_hook(lambda m, a, o, fn=fn: fn(a[0].detach(), first_output(o).detach())))
         outs = []
         try:
             for h, kw in zip(self.inputs, self.kwargs):
-                out = _first(layer(h.to(self.device), **_to(kw, self.device)))
+                out = first_output(layer(h.to(self.device), **_to(kw, self.device)))
                 if keep_outputs:
                     outs.append(out.to(self._store))
         finally:
@@ -132,30 +142,40 @@ class LayerStream:
         self.n_tokens = int(input_ids.numel())
 
     @torch.no_grad()
-    def _catch_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+    def _catch_inputs(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Layer 0's input per batch, and the keyword arguments *each* layer gets per batch (models
+        that mix sliding-window and full attention pass each layer its own mask). Every layer is
+        swapped for a catcher that records its call and passes the hidden state on; the last raises,
+        so no layer computes anything."""
         layers = self.adapter.layers(self.model)
-        first = layers[0]
-        hs, kws = [], []
+        originals = list(layers)
+        n = len(originals)
+        hs: list[torch.Tensor] = []
+        kws: list[list[dict]] = [[] for _ in range(n)]
 
         class Catcher(nn.Module):
-            def __init__(self, inner):
+            def __init__(self, inner, index):
                 super().__init__()
-                self.inner = inner
+                self.inner, self.index = inner, index
                 # attributes transformers may read off a layer (e.g. attention_type)
                 for a in ("attention_type", "layer_idx"):
                     if hasattr(inner, a):
                         setattr(self, a, getattr(inner, a))
 
             def forward(self, hidden_states, *args, **kwargs):
-                hs.append(hidden_states.detach())
-                kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+                if self.index == 0:
+                    hs.append(hidden_states.detach())
+                kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
                 kw["use_cache"] = False
-                kws.append(kw)
-                raise _Caught
+                kws[self.index].append(kw)
+                if self.index == n - 1:
+                    raise _Caught
+                return hidden_states
 
         # move everything but the decoder layers to the working device
         placed = _place_non_layers(self.model, self.adapter, self.device)
-        layers[0] = Catcher(first)
+        for i, layer in enumerate(originals):
+            layers[i] = Catcher(layer, i)
         try:
             for b in range(0, self.input_ids.shape[0], self.batch_size):
                 ids = self.input_ids[b : b + self.batch_size].to(self.device)
@@ -164,10 +184,12 @@ class LayerStream:
                 except _Caught:
                     pass
         finally:
-            layers[0] = first
+            for i, layer in enumerate(originals):
+                layers[i] = layer
             _restore(placed)
+        memo: dict[int, torch.Tensor] = {}  # tensors shared between layers (rotary tables, masks) move once
         hs = [h.to(self.store) for h in hs]
-        kws = [_to(k, self.store) for k in kws]
+        kws = [[_to(k, self.store, memo) for k in per_layer] for per_layer in kws]
         return hs, kws
 
     def __iter__(self) -> Iterator[LayerStep]:
@@ -183,7 +205,7 @@ class LayerStream:
             home = _device_of(layer)
             if not managed and home != self.device:
                 layer.to(self.device)
-            step = LayerStep(i, layer, inputs, kwargs, self.device, _store=self.store)
+            step = LayerStep(i, layer, inputs, kwargs[i], self.device, _store=self.store)
             yield step
             brought, layer = layer, layers[i]  # the consumer may have replaced it
             step.layer = layer
@@ -233,10 +255,20 @@ def _restore(placed) -> None:
         _move_own(mod, dev)
 
 
-class _Acc:
-    def __init__(self, dtype: torch.dtype):
+class Accumulator:
+    """Running sums over calibration tokens in `dtype` (fp32 or fp64), one entry per key: per-feature
+    sums (`vec(square=False)`), sums of squares (`vec`), Gram matrices Σ x xᵀ (`gram`). `rows[key]`
+    counts the token rows added. Inputs [..., d] are flattened to rows; sums stay on x's device."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
         self.dtype = dtype
         self.data: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def _rows(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        self.rows[key] = self.rows.get(key, 0) + x.shape[0]
+        return x
 
     def add(self, key: str, value: torch.Tensor) -> None:
         if key in self.data:
@@ -245,30 +277,53 @@ class _Acc:
             self.data[key] = value.clone()
 
     def vec(self, key: str, x: torch.Tensor, square: bool = True) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        x = self._rows(key, x)
         self.add(key, (x * x).sum(0) if square else x.sum(0))
 
     def gram(self, key: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        self.add(key, x.T @ x)
+        x = self._rows(key, x)
+        if key in self.data:
+            self.data[key].addmm_(x.T, x)
+        else:
+            self.data[key] = x.T @ x
+
+    def gram_hook(self, key: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """A stream hook fn(input, output) adding the input's Gram matrix."""
+        return lambda x, _y: self.gram(key, x)
+
+    def moments_hook(self, key: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """A stream hook fn(input, output) adding the input's per-feature sum and sum of squares."""
+
+        def hook(x, _y):
+            self.vec(key + ".sum", x, square=False)
+            self.vec(key + ".sq", x)
+
+        return hook
+
+    def moments(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, sample variance, sum of squares) per feature of what `moments_hook(key)` saw."""
+        n = self.rows[key + ".sq"]
+        mean = self.data[key + ".sum"] / n
+        var = (self.data[key + ".sq"] - n * mean * mean) / max(n - 1, 1)
+        return mean, var.clamp_min(0), self.data[key + ".sq"]
 
 
-def stat_hooks(adapter: Adapter, acc: _Acc, prefix: str, requests: frozenset[str]) -> dict[str, Callable]:
+def stat_hooks(adapter: Adapter, acc: Accumulator, prefix: str, requests: frozenset[str]) -> dict[str, Callable]:
     """The hooks `capture_stats` puts on one layer (reusable by methods that stream themselves)."""
     a = adapter
 
+    def channels(part: str, x) -> None:  # o_proj / down_proj input: sums of squares, sums, Gram
+        acc.vec(f"{prefix}{part}_in_sq", x)
+        acc.vec(f"{prefix}{part}_in_sum", x, square=False)
+        if f"{part}_gram" in requests:
+            acc.gram(f"{prefix}{part}_gram", x)
+
     def on_o(x, _y):
-        acc.vec(prefix + "attn_in_sq", x)
-        acc.vec(prefix + "attn_in_sum", x, square=False)
-        if "attn_gram" in requests:
-            acc.gram(prefix + "attn_gram", x)
+        channels("attn", x)
 
     def on_down(x, y):
         acc.vec(prefix + "mlp_out_sq", y)
-        acc.vec(prefix + "mlp_in_sq", x)
-        acc.vec(prefix + "mlp_in_sum", x, square=False)
-        if "mlp_gram" in requests:
-            acc.gram(prefix + "mlp_gram", x)
+        channels("mlp", x)
 
     def on_up(x, y):
         acc.vec(prefix + "mlp_x_sq", x)
@@ -306,7 +361,7 @@ def capture_stats(
         from .errors import ConfigError
 
         raise ConfigError("capture.requests", sorted(unknown), ", ".join(sorted(REQUESTS)))
-    acc = _Acc(stat_dtype)
+    acc = Accumulator(stat_dtype)
     stream = LayerStream(model, adapter, input_ids, device=device, batch_size=batch_size, offload=offload,
                          write_back=False)
     n_layers = len(adapter.layers(model))

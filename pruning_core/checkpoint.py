@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import StorageError
 from .plan import PrunePlan
-from .surgery import sync_config
+from .surgery import settle_biases, sync_config
 
 
 def _check_writable(path: Path) -> None:
@@ -39,12 +39,15 @@ def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str |
     """Write model (+ tokenizer, plan.json) to `path` atomically. Returns the path."""
     path = Path(path).expanduser()
     _check_writable(path)
-    sync_config(model)
+    stock = sync_config(model)
     if getattr(model.config, "architectures", None) is None:
         model.config.architectures = [type(model).__name__]
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        config = settle_biases(model) if stock else None
+        if config is not None and config is not model.config:  # e.g. Qwen2 + FLAP's biases, saved as Llama
+            config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:

@@ -6,15 +6,24 @@ overlap: walking the topics in sorted order, a topic goes to the evaluation part
 holds less than 20 % of the characters seen so far; the rest is training text (calibration and
 recovery fine-tuning).
 
+`pkgdocs` is the out-of-domain evaluation text: the running-prose paragraphs of the long descriptions
+(READMEs, `METADATA`) of every installed distribution, walked in sorted name order, markup and code
+dropped, each paragraph kept once (~75k SmolLM2 tokens with `requirements.lock`'s packages). It is
+English about HTTP clients, dates, plotting, clouds and licences rather than the language reference,
+shares nothing with pydoc, and is evaluation-only: every split is the whole text, and calibrating or
+training on it is refused, so no calibration set can overlap it.
+
 Other sources: a local `.txt` / `.jsonl` (field `text`) / `.parquet` (column `text`) file, or a
 Hugging Face dataset `hf:<name>[:<config>]` (only when the hub is reachable).
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import os
+import random
+import re
 from pathlib import Path
 
 import torch
@@ -22,6 +31,7 @@ import torch
 from .errors import ConfigError, DataError
 
 DEFAULT_SOURCE = "pydoc"
+OOD_SOURCE = "pkgdocs"
 SPLITS = ("train", "eval", "all")
 EVAL_FRACTION = 0.2
 
@@ -37,6 +47,56 @@ def _pydoc_text(split: str) -> str:
     keys = sorted(topics)
     docs = [topics[k] for k in keys]
     return "\n\n".join(_split_docs(docs, split))
+
+
+_MD_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+_RST_LINK = re.compile(r"`([^`<]+?)\s*<[^>]+>`_+")
+_EMPH = re.compile(r"\*\*([^*]+)\*\*|\*([^*]+)\*")
+_CODEISH = re.compile(r"[{}<>=|#$\\`]|\(\)|::|__|https?:|www\.|\.py\b|--|\w\.\w+\(")
+_BULLET = re.compile(r"^([-*+]|\d+\.)\s+")
+
+
+def _prose_of(body: str) -> list[str]:
+    """Running-prose paragraphs of a Markdown / reStructuredText document, each folded to one line:
+    links and emphasis reduced to their words; code, tables, titles, URLs and short lines dropped."""
+    out = []
+    for para in re.split(r"\n\s*\n", body):
+        lines = para.split("\n")
+        if not para.strip() or any(ln.startswith(("    ", "\t")) for ln in lines):
+            continue
+        flat = _BULLET.sub("", " ".join(ln.strip() for ln in lines))
+        if flat.startswith(("[", "!", "#", ">", "..", ":", "|", "=")):
+            continue
+        flat = _EMPH.sub(lambda m: m.group(1) or m.group(2), _RST_LINK.sub(r"\1", _MD_LINK.sub(r"\1", flat)))
+        flat = re.sub(r"`+([^`]+)`+_?", r"\1", flat)
+        if _CODEISH.search(flat) or len(flat.split()) < 8 or flat[-1] not in ".!?":
+            continue
+        if sum(c.isalpha() or c in " ,.;" for c in flat) < 0.93 * len(flat):
+            continue
+        out.append(flat)
+    return out
+
+
+@functools.cache
+def pkgdocs_documents() -> tuple[tuple[str, str], ...]:
+    """[(distribution, prose)] for every installed distribution with prose in its long description,
+    sorted by normalised name; a paragraph already seen (shared boilerplate) is kept only the first time.
+    pruneflow's own README is left out."""
+    import importlib.metadata as im
+
+    dists = {}
+    for d in im.distributions():
+        name = d.metadata["Name"]
+        if name:
+            dists.setdefault(re.sub(r"[-_.]+", "-", name).lower(), d)
+    seen, docs = set(), []
+    for key in sorted(dists):
+        if key == "pruneflow":
+            continue
+        paras = [p for p in _prose_of(dists[key].metadata.get_payload() or "") if not (p in seen or seen.add(p))]
+        if paras:
+            docs.append((key, "\n\n".join(paras)))
+    return tuple(docs)
 
 
 def _file_texts(path: Path) -> list[str]:
@@ -94,11 +154,15 @@ def load_text(source: str = DEFAULT_SOURCE, split: str = "train") -> str:
         raise ConfigError("split", split, ", ".join(SPLITS))
     if source in (None, "", DEFAULT_SOURCE):
         return _pydoc_text(split)
+    if source == OOD_SOURCE:
+        if split == "train":
+            raise DataError("calibration.source", source, "a text other than 'pkgdocs' (it is evaluation-only)")
+        return "\n\n".join(text for _, text in pkgdocs_documents())
     if source.startswith("hf:"):
         return "\n\n".join(_split_docs(_hf_texts(source[3:]), split))
     path = Path(os.path.expanduser(source))
     if not path.exists():
-        raise DataError("calibration.source", source, "an existing .txt/.jsonl/.parquet path, 'pydoc' or 'hf:<dataset>'")
+        raise DataError("calibration.source", source, "an existing .txt/.jsonl/.parquet path, 'pydoc', 'pkgdocs' or 'hf:<dataset>'")
     return "\n\n".join(_split_docs(_file_texts(path), split))
 
 
@@ -124,15 +188,27 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_set(
-    tokenizer, source: str = DEFAULT_SOURCE, n_samples: int = 32, seq_len: int = 256, seed: int = 0, split: str = "train"
+    tokenizer, source: str = DEFAULT_SOURCE, n_samples: int = 32, seq_len: int = 256, seed: int = 0, split: str = "train",
+    sampling: str = "chunks",
 ) -> torch.Tensor:
-    """N x L token blocks: the stream is cut into L-token chunks and N distinct chunks are drawn (seeded)."""
+    """N x L token blocks. `sampling="chunks"`: the stream is cut into L-token chunks and N distinct
+    chunks are drawn (seeded, torch). `sampling="random_windows"`: the Wanda / SparseGPT / LLM-Rank
+    loaders' draw — `random.seed(seed)`, each window starts at `randint(0, n_tokens - L - 1)`, with
+    replacement (windows may overlap)."""
+    if sampling not in ("chunks", "random_windows"):
+        raise ConfigError("calibration.sampling", sampling, "chunks or random_windows")
     if n_samples < 1:
         raise ConfigError("calibration.n_samples", n_samples, "an integer >= 1")
     if seq_len < 2:
         raise ConfigError("calibration.seq_len", seq_len, "an integer >= 2")
     ids = tokenize_text(tokenizer, load_text(source, split))
     n_chunks = ids.numel() // seq_len
+    if sampling == "random_windows":
+        if ids.numel() < seq_len + 1:
+            raise DataError("calibration.seq_len", seq_len, f"at most {ids.numel() - 1} tokens from {source!r}")
+        rng = random.Random(seed)
+        starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(n_samples)]
+        return torch.stack([ids[a:a + seq_len] for a in starts])
     if n_chunks < n_samples:
         raise DataError(
             "calibration.n_samples",
@@ -146,7 +222,3 @@ def calibration_set(
 
 def eval_tokens(tokenizer, source: str = DEFAULT_SOURCE) -> torch.Tensor:
     return tokenize_text(tokenizer, load_text(source, "eval"))
-
-
-def digest_tensor(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()

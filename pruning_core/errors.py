@@ -30,3 +30,40 @@ class DataError(PruneflowError):
 
 class StorageError(PruneflowError):
     """The artifact store or an output folder cannot be read or written."""
+
+
+def validated(model: type, raw: dict | None, prefix: str):
+    """`model(**raw)` for a pydantic model; its first complaint as a one-line ConfigError whose field
+    is `prefix` + the key's path (an unknown key lists the accepted ones; a field's description
+    is added to the message; a ConfigError raised by a validator passes through)."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**(raw or {}))
+    except ValidationError as e:
+        raise config_error(e, model, prefix) from None
+
+
+def config_error(e, model: type, prefix: str) -> ConfigError:
+    """The ConfigError for pydantic ValidationError `e` raised by `model` (see `validated`)."""
+    err = e.errors()[0]
+    ctx = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx, ConfigError):
+        return ctx
+    loc = [str(x) for x in err["loc"] if not str(x).startswith("function-after")]
+    field = ".".join(p for p in (prefix, *loc) if p) or "settings"
+    parent, info = model, None
+    for i, part in enumerate(loc):
+        fields = getattr(parent, "model_fields", {})
+        info = fields.get(part)
+        if info is None:
+            break
+        if i < len(loc) - 1:
+            parent = info.annotation
+    if err["type"] == "extra_forbidden":
+        known = sorted(getattr(parent, "model_fields", {}))
+        return ConfigError(field, loc[-1], "one of " + ", ".join(known) if known else "no settings")
+    msg = err["msg"].removeprefix("Value error, ")
+    if info is not None and info.description:
+        msg = f"{msg} ({info.description})"
+    return ConfigError(field, err.get("input"), msg)

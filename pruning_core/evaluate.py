@@ -231,7 +231,7 @@ def _stability_one(dense: list[dict], pruned: list[dict]) -> float | None:
 
 
 def stability(dense_samples, pruned_samples) -> float:
-    """LLM-Streamline's stability (spec `llm-streamline.md` §3), as a fraction in [0, 1].
+    """LLM-Streamline's stability metric (Chen et al., ICLR 2025, arXiv 2403.19135), as a fraction in [0, 1].
 
     For item i of a dataset: sigma_i = standard deviation (population, over options j) of the
     *dense* model's per-option mean token loss (`option_nll`); w = softmax over items of sigma;

@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import slice_linear
+from .capture import Accumulator
 from .errors import ConfigError, DataError, StorageError
 from .methods.llm_rank import keep_global, keep_local, mpr_layer, normalise, wpr_layer
 
@@ -264,11 +266,8 @@ def calibrate(model: nn.Sequential, x: torch.Tensor, batch_size: int = 256) -> d
     element-wise modules that follow it): sums of squares over the calibration samples, fp64."""
     g = graph(model)
     mods = dict(model.named_modules())
-    acc: dict[str, torch.Tensor] = {}
-
-    def add(key, t):
-        v = t.detach().reshape(-1, t.shape[-1]).to(torch.float64).pow(2).sum(0)
-        acc[key] = acc[key] + v if key in acc else v
+    acc = Accumulator(torch.float64)
+    add = acc.vec
 
     def on_linear(n):
         def hook(_m, a, o):
@@ -296,7 +295,7 @@ def calibrate(model: nn.Sequential, x: torch.Tensor, batch_size: int = 256) -> d
         for h in handles:
             h.remove()
         model.train(was)
-    return acc
+    return acc.data
 
 
 def layer_scores(
@@ -367,15 +366,6 @@ def group_scores(
 # ------------------------------------------------------------------------------------------------
 # physical removal
 # ------------------------------------------------------------------------------------------------
-def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
-    w = lin.weight.data.index_select(dim, idx)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
-    new.weight.data.copy_(w)
-    if lin.bias is not None:
-        new.bias.data.copy_(lin.bias.data.index_select(0, idx) if dim == 0 else lin.bias.data)
-    return new.train(lin.training)
-
-
 def _slice_norm(m: nn.Module, idx: torch.Tensor) -> nn.Module:
     n = idx.numel()
     if isinstance(m, nn.BatchNorm1d):
@@ -413,7 +403,7 @@ def remove_neurons(model: nn.Sequential, keep: list[tuple[Group, list[int]]]) ->
         for names, dim in ((g.producers, 0), (g.consumers, 1)):
             for n in names:
                 lin = model.get_submodule(n)
-                _replace(model, n, _slice_linear(lin, idx.to(lin.weight.device), dim))
+                _replace(model, n, slice_linear(lin, idx, dim))
         for n in g.norms:
             mod = model.get_submodule(n)
             dev = next(iter(list(mod.parameters()) + list(mod.buffers())), torch.empty(0)).device

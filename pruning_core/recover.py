@@ -16,11 +16,11 @@ import math
 import time
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .adapters import adapter_for
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, validated
 
 
 class LoraSettings(BaseModel):
@@ -45,15 +45,7 @@ class LoraSettings(BaseModel):
 def parse_settings(settings: LoraSettings | dict | None) -> LoraSettings:
     if isinstance(settings, LoraSettings):
         return settings
-    try:
-        return LoraSettings(**(settings or {}))
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        accepted = err["msg"]
-        if err["type"] == "extra_forbidden":
-            accepted = "one of " + ", ".join(sorted(LoraSettings.model_fields))
-        raise ConfigError(f"recovery.settings.{loc}", err.get("input"), accepted) from None
+    return validated(LoraSettings, settings, "recovery.settings")
 
 
 def default_targets(model: nn.Module) -> list[str]:

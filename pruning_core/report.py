@@ -1,6 +1,6 @@
 """Human reports: one run's Markdown report with plots, and the comparison table across runs.
 
-`report.json` (design.md) is the input. Its `metrics_before` / `metrics_after` may be the pipeline's
+`report.json` (written by `flows.compress`) is the input. Its `metrics_before` / `metrics_after` may be the pipeline's
 flat `metrics.json` (`ppl` + `ppl_protocol`, `task.metric`, `eff.*`) or the nested shape of
 `evaluate.metrics_record`; both are read through `evaluate.flatten_metrics`, so every figure is
 shown with its protocol named:

@@ -1,4 +1,5 @@
-"""From scores and a ratio to a PrunePlan: per-layer ratio schedules and lowest-score removal."""
+"""From scores and a ratio to a PrunePlan: per-layer ratio schedules (uniform, log / linear increase
+/ decrease), the parameter-budget solver SlimGPT and FLAP share, and lowest-score removal."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def _uniform(target: float, n_layers: int, **_) -> list[float]:
 
 
 register_schedule("uniform", _uniform)
+SCHEDULE_NAMES = ("log_increase", "linear_increase", "uniform", "log_decrease", "linear_decrease")
 
 
 def check_ratio(ratio: float, field: str = "ratio") -> float:
@@ -104,3 +106,131 @@ def plan_from_scores(
 
     plan.params_before, plan.params_after = plan_params(model, plan)
     return plan
+
+
+# -- per-layer ratio schedules and the parameter-budget solver (SlimGPT §3.4; FLAP's UL-UM counts) --
+
+
+def schedule_profile(schedule: str, n_layers: int) -> list[float]:
+    """p_i in [0, 1] with r_i = r_0 + (r_last − r_0)·p_i (uniform: p_i = 1)."""
+    L = n_layers
+    if schedule == "uniform":
+        return [1.0] * L
+    if schedule in ("log_increase", "log_decrease"):
+        p = [math.log(1 + i) / math.log(L) if L > 1 else 1.0 for i in range(L)]
+    elif schedule in ("linear_increase", "linear_decrease"):
+        p = [i / (L - 1) if L > 1 else 1.0 for i in range(L)]
+    else:
+        raise ConfigError("schedule", schedule, ", ".join(SCHEDULE_NAMES))
+    return p[::-1] if schedule.endswith("decrease") else p
+
+
+def schedule_ratios(schedule: str, r_last: float, n_layers: int, r0_fraction: float = 0.25) -> list[float]:
+    f = 1.0 if schedule == "uniform" else r0_fraction
+    return [r_last * (f + (1 - f) * p) for p in schedule_profile(schedule, n_layers)]
+
+
+def _scaled_schedule(name: str):
+    def fn(target: float, n_layers: int, r0_fraction: float = 0.25, **_) -> list[float]:
+        base = schedule_ratios(name, 1.0, n_layers, r0_fraction)
+        return [target * b * n_layers / sum(base) for b in base]  # mean = target (before rounding)
+
+    return fn
+
+
+for _name in SCHEDULE_NAMES:
+    if _name != "uniform":
+        register_schedule(_name, _scaled_schedule(_name))
+
+
+def unit_counts(model, adapter, gqa: str) -> list[dict]:
+    """Per layer: number of head units, params per head unit, FFN size, params per channel."""
+    out = []
+    for layer in adapter.layers(model):
+        s = adapter.layer_shape(model, layer)
+        if s.kind != "decoder":
+            out.append(None)
+            continue
+        hidden = adapter.proj(layer, adapter.o).out_features
+        rep = s.n_heads // s.n_kv_heads
+        per_head = 2 * s.head_dim * hidden  # q rows + o columns
+        if gqa == "kv_group" or rep == 1:
+            units, unit_params, per_unit_cap = s.n_kv_heads, rep * per_head + 2 * s.head_dim * hidden, None
+        else:
+            units, unit_params, per_unit_cap = s.n_kv_heads, s.n_kv_heads * per_head, rep  # m heads / group
+        ch = (len(adapter.mlp_in) + 1) * hidden
+        out.append(dict(units=units, unit_params=unit_params, per_group=per_unit_cap, ffn=s.ffn, ch_params=ch,
+                        total=sum(p.numel() for p in layer.parameters())))
+    return out
+
+
+def _removed(u: dict, r: float, head_scale: float = 1.0) -> tuple[int, int]:
+    """(head units, FFN channels) removed at ratio r (heads at r·head_scale); at least one of each kept."""
+    n_units = u["per_group"] if u["per_group"] else u["units"]
+    kh = min(int(math.floor(n_units * r * head_scale + 0.5)), n_units - 1)
+    kf = min(int(math.floor(u["ffn"] * r + 0.5)), u["ffn"] - 1)
+    return max(kh, 0), max(kf, 0)
+
+
+def solve_schedule(model, adapter, target: float, schedule: str = "log_increase", r0_fraction: float = 0.25,
+                   gqa: str = "kv_group", head_scale: float = 1.0) -> dict:
+    """Per-layer ratios and removal counts whose realised parameter reduction over the decoder layers
+    equals `target` after rounding (bisection on r_last, then the FFN absorbs the head residual).
+    `head_scale` removes heads at that multiple of each layer's ratio (0: FFN only).
+    Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last, realised}."""
+    check_ratio(target)
+    units = unit_counts(model, adapter, gqa)
+    L = len(units)
+    total = sum(u["total"] for u in units if u)
+    goal = target * total
+
+    def count(r_last):
+        rs = schedule_ratios(schedule, r_last, L, r0_fraction)
+        kh, kf, rem = [], [], 0
+        for u, r in zip(units, rs):
+            if u is None:
+                kh.append(0), kf.append(0)
+                continue
+            a, b = _removed(u, min(r, 1.0), head_scale)
+            kh.append(a), kf.append(b)
+            rem += a * u["unit_params"] + b * u["ch_params"]
+        return rs, kh, kf, rem
+
+    if target == 0:
+        rs, kh, kf, rem = count(0.0)
+        return dict(ratios=rs, heads=kh, ffn=kf, r_last=0.0, realised=0.0)
+    lo, hi = 0.0, 1.0
+    while count(hi)[3] < goal and hi < 64:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        (lo, hi) = (mid, hi) if count(mid)[3] < goal else (lo, mid)
+    cand = [count(lo), count(hi)]
+    rs, kh, kf, rem = min(cand, key=lambda c: abs(c[3] - goal))
+    r_last = lo if rem == cand[0][3] else hi
+    # the FFN absorbs the residual left by whole heads / KV groups
+    ch = next(u["ch_params"] for u in units if u)
+    n = int(math.floor((goal - rem) / ch + 0.5))
+    order = sorted((i for i, u in enumerate(units) if u), key=lambda i: -rs[i])
+    if schedule == "uniform":  # keep every layer the same shape (a stock-loadable checkpoint)
+        per = int(math.floor(n / max(len(order), 1) + 0.5))
+        for i in order:
+            kf[i] = min(max(kf[i] + per, 0), units[i]["ffn"] - 1)
+        n = 0
+    step = 1 if n > 0 else -1
+    guard = 0
+    while n != 0 and guard < 100 * L:
+        moved = False
+        for i in order:
+            if n == 0:
+                break
+            new = kf[i] + step
+            if 0 <= new <= units[i]["ffn"] - 1:
+                kf[i] = new
+                n -= step
+                moved = True
+        guard += 1
+        if not moved:
+            break
+    rem = sum(kh[i] * u["unit_params"] + kf[i] * u["ch_params"] for i, u in enumerate(units) if u)
+    return dict(ratios=rs, heads=kh, ffn=kf, r_last=r_last, realised=rem / total)

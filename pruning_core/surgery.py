@@ -9,46 +9,16 @@ down (fc2) columns. Layers: removed from the ModuleList; kept layers get consecu
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import copy
 
+import torch
 from torch import nn
 
-from .adapters import Adapter, LayerShape, adapter_for
+from . import hfload
+from .adapters import Adapter, LayerShape, adapter_for, stock_layer
 from .errors import ConfigError
 from .plan import PrunePlan
-
-
-@dataclass(frozen=True)
-class LayerKind:
-    """A non-standard decoder-layer module (e.g. a residual FFN replacing a block of layers).
-
-    from_plan(model, adapter, layer, spec) -> module : build it during surgery (spec = plan replacement dict)
-    describe(module) -> dict                      : what the loader needs to rebuild it (saved in config)
-    empty(config, desc) -> module                 : an uninitialised module of that shape, for loading
-    """
-
-    name: str
-    from_plan: Callable
-    describe: Callable
-    empty: Callable
-
-
-LAYER_KINDS: dict[str, LayerKind] = {}
-
-
-def register_layer_kind(kind: LayerKind) -> LayerKind:
-    LAYER_KINDS[kind.name] = kind
-    return kind
-
-
-def _layer_kind(name: str) -> LayerKind:
-    from . import methods
-
-    methods._load_all()  # methods register their kinds on import
-    if name not in LAYER_KINDS:
-        raise ConfigError("plan.replacement.kind", name, ", ".join(sorted(LAYER_KINDS)) or "no kinds registered")
-    return LAYER_KINDS[name]
+from .replacements import layer_kind
 
 
 def count_params(model: nn.Module) -> int:
@@ -80,7 +50,7 @@ def set_layers(model: nn.Module, adapter: Adapter, new_layers: list[nn.Module]) 
 def apply_layer_plan(model: nn.Module, adapter: Adapter, layer: nn.Module, lp) -> nn.Module:
     """The layer after `lp` (a kept layer's plan): pruned in place, or its replacement module."""
     if lp.replacement and lp.replacement.get("kind") not in (None, "layer"):
-        return _layer_kind(lp.replacement["kind"]).from_plan(model, adapter, layer, lp.replacement)
+        return layer_kind(lp.replacement["kind"]).from_plan(model, adapter, layer, lp.replacement)
     if getattr(layer, "pruneflow_kind", "decoder") == "decoder":
         shape = adapter.layer_shape(model, layer)
         if lp.heads is not None or lp.kv_heads is not None:
@@ -117,16 +87,67 @@ def layer_descriptions(model: nn.Module) -> list[dict]:
         kind = getattr(layer, "pruneflow_kind", "decoder")
         if kind == "decoder":
             s: LayerShape = adapter.layer_shape(model, layer)
-            out.append({"kind": "decoder", "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "ffn": s.ffn})
+            out.append({"kind": "decoder", "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "ffn": s.ffn,
+                        "bias": adapter.biased(layer)})
         else:
-            out.append({"kind": kind, **_layer_kind(kind).describe(layer)})
+            out.append({"kind": kind, **layer_kind(kind).describe(layer)})
     return out
+
+
+def settle_biases(model: nn.Module, adapter: Adapter | None = None):
+    """The config under which stock transformers builds every bias the decoder layers carry (e.g.
+    FLAP's compensation bias on o_proj / down_proj), or None when there is none.
+
+    First the model's own config, with the architecture's bias flags turned on where they add a
+    needed bias (Llama's `attention_bias` / `mlp_bias`). Qwen2 and Mistral hard-code `bias=False`;
+    without sliding windows they are exactly Llama, so next the adapter's equivalent Llama config,
+    kept only if a model built from it has the same tensors. The layers get zero biases wherever the
+    chosen config builds more than they have (the function is unchanged, the state dict matches).
+    None (a sliding-window Mistral or Qwen2): the checkpoint records each layer's biased projections
+    in `pruneflow_layers` and `checkpoint.load_pruned` restores them."""
+    adapter = adapter or adapter_for(model)
+    layers = [la for la in adapter.layers(model) if getattr(la, "pruneflow_kind", "decoder") == "decoder"]
+    want = set().union(*(adapter.biased(la) for la in layers))
+    for config, own in ((model.config, True), (adapter.bias_capable_config(model.config), False)):
+        if config is None or not _bias_flags_cover(adapter, config, want):
+            continue
+        have = set(adapter.biased(stock_layer(config)))
+        for la in layers:
+            adapter.add_bias(la, have)
+        if own or _same_tensors(model, config):
+            return config
+    return None
+
+
+def _bias_flags_cover(adapter: Adapter, config, want: set[str]) -> bool:
+    """Turn on (in `config`) the bias flags that add a bias in `want`; True if then all are built."""
+    have = set(adapter.biased(stock_layer(config)))
+    for flag in adapter.bias_flags:
+        if want <= have:
+            break
+        trial = copy.deepcopy(config)
+        setattr(trial, flag, True)
+        more = set(adapter.biased(stock_layer(trial)))
+        if (more - have) & want:
+            setattr(config, flag, True)
+            have = more
+    return want <= have
+
+
+def _same_tensors(model: nn.Module, config) -> bool:
+    """Whether stock transformers builds, from `config`, a model with exactly `model`'s tensors."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = hfload.from_config(AutoModelForCausalLM, config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
 def sync_config(model: nn.Module) -> bool:
     """Make the config describe the current shapes. Returns True when stock transformers can
-    rebuild the model from it (uniform layers), else records per-layer sizes in
-    `config.pruneflow_layers` for `checkpoint.load_pruned`."""
+    rebuild the model from it (uniform layers, biases it can build), else records per-layer sizes
+    and biases in `config.pruneflow_layers` for `checkpoint.load_pruned`."""
     adapter = adapter_for(model)
     config = model.config
     shapes = adapter.shapes(model)
@@ -135,6 +156,8 @@ def sync_config(model: nn.Module) -> bool:
         stock.pop("layer_types", None)
         for k, v in stock.items():
             setattr(config, k, v)
+    biases_ok = settle_biases(model, adapter) is not None
+    if stock is not None and biases_ok:
         if hasattr(config, "pruneflow_layers"):
             delattr(config, "pruneflow_layers")
         return True

@@ -45,6 +45,8 @@ CHUNK = 1 << 20
 TMP_PREFIX = ".tmp-"
 S3_TIMEOUT_S = int(os.environ.get("PRUNEFLOW_S3_TIMEOUT", "20"))
 LOCK_TTL_S = 60.0
+# files larger than one part go up as S3 multipart uploads (parts of at least 5 MiB)
+S3_PART_BYTES = max(5, int(os.environ.get("PRUNEFLOW_S3_PART_MB", "50"))) << 20
 
 
 class ArtifactMissing(StorageError):
@@ -253,7 +255,7 @@ class ArtifactStore:
                 # a kill mid-upload leaves an incomplete multipart upload: the process journal names its
                 # key, so that the watchdog of this run (or the next run) aborts it
                 with journal.uploading(self.url, target):
-                    self.fs.put_file(str(src), target)
+                    self.fs.put_file(str(src), target, chunksize=S3_PART_BYTES)
             else:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 if move:

@@ -33,10 +33,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
-import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -48,6 +46,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pruning_core.errors import ConfigError, StorageError
+from pruning_core.util import finite_float as _num
+from pruning_core.util import git_revision
+from pruning_core.util import home as pruneflow_home
 
 log = logging.getLogger("pruneflow.tracking")
 
@@ -90,10 +91,6 @@ class TrackingSettings:
         return s
 
 
-def pruneflow_home() -> Path:
-    return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()
-
-
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """Spec value, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///$PRUNEFLOW_HOME/mlflow.db``."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -116,7 +113,7 @@ def client_for(uri: str) -> MlflowClient:
     """A client whose stores exist: on a fresh SQLite file the first client creates (migrates) the schema,
     which two runs starting together must not do at once."""
     with _sqlite_init_lock(uri):
-        client = client_for(uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_registered_models(max_results=1)  # the registry's store migrates on first use
         return client
 
@@ -215,16 +212,6 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
         return out
     out[prefix[:-1] if prefix else "value"] = d
     return out
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def spec_params(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -383,11 +370,7 @@ def code_revision(report: Mapping[str, Any]) -> str:
     for k in ("code_revision", "git", "git_sha", "revision"):
         if isinstance(v, Mapping) and v.get(k):
             return str(v[k])
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return git_revision(_REPO) or "unknown"
 
 
 def _flow_run_id(report: Mapping[str, Any]) -> str | None:

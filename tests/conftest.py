@@ -196,3 +196,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Print pytest-randomly's seed at the end too (-q hides the header line that names it)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"pytest-randomly seed: {seed} (replay this order: make test-random SEED={seed})")

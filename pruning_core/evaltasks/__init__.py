@@ -11,6 +11,7 @@ CPython, so the items are identical run to run (a fixed seed, sorted inputs, no 
 | `pydoc_next_sentence` | multiple_choice (4 options) | a sentence; which of 4 sentences follows it | acc, acc_norm |
 | `pydoc_last_word` | loglikelihood (LAMBADA-style cloze) | a passage without its last word; the word | acc (greedy), perplexity |
 | `pydoc_rolling` | loglikelihood_rolling (wikitext-style) | the eval text cut into sections | word_perplexity, byte_perplexity, bits_per_byte |
+| `pkgdocs_last_word` | loglikelihood (cloze), out of domain | the same cloze from `pkgdocs` (installed packages' READMEs) | acc (greedy), perplexity |
 
 The eval split never overlaps the training split used for calibration and LoRA recovery.
 """
@@ -29,17 +30,17 @@ N_LAST_WORD = 200
 N_CHOICES = 4
 MIN_SECTION_CHARS = 1500
 
-TASKS = ("pydoc_next_sentence", "pydoc_last_word", "pydoc_rolling")
+TASKS = ("pydoc_next_sentence", "pydoc_last_word", "pydoc_rolling", "pkgdocs_last_word")
 
 _UNDERLINE = re.compile(r"^(\*{3,}|={3,}|-{3,})$")
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
 _WORD = re.compile(r"[A-Za-z]{3,}")
 
 
-def _text() -> str:
+def _text(source: str = "pydoc") -> str:
     from pruning_core.data import load_text
 
-    return load_text("pydoc", "eval")
+    return load_text(source, "eval")
 
 
 def _prose_paragraphs(text: str) -> list[str]:
@@ -88,11 +89,11 @@ def next_sentence_items(n: int = N_NEXT_SENTENCE, seed: int = SEED) -> tuple[dic
 
 
 @cache
-def last_word_items(n: int = N_LAST_WORD, seed: int = SEED) -> tuple[dict, ...]:
+def last_word_items(n: int = N_LAST_WORD, seed: int = SEED, source: str = "pydoc") -> tuple[dict, ...]:
     """LAMBADA-style cloze: the previous sentence plus the current one up to its last word; the
     target is that word (alphabetic, >= 3 letters) with its leading space; end punctuation dropped."""
     items = []
-    for para in _prose_paragraphs(_text()):
+    for para in _prose_paragraphs(_text(source)):
         ss = _sentences(para)
         for i, s in enumerate(ss):
             if not _good_sentence(s):
@@ -138,6 +139,7 @@ BUILDERS = {
     "pydoc_next_sentence": next_sentence_items,
     "pydoc_last_word": last_word_items,
     "pydoc_rolling": rolling_docs,
+    "pkgdocs_last_word": lambda: last_word_items(source="pkgdocs"),
 }
 
 

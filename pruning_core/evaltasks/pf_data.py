@@ -13,3 +13,7 @@ def last_word(**_):
 
 def rolling(**_):
     return dataset("pydoc_rolling")
+
+
+def pkgdocs_last_word(**_):
+    return dataset("pkgdocs_last_word")

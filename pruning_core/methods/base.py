@@ -16,14 +16,15 @@ Statistics a score-then-select method needs are named in `needs` and produced by
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import ConfigError
+from ..errors import ConfigError, validated
 
 Scores = dict[str, torch.Tensor]  # e.g. {"heads.3": [n_q], "ffn.3": [d_ff], "layers": [L]}
 
@@ -48,32 +49,28 @@ class Method:
     select: Callable[..., Any] | None = None
     # prune(model, adapter, calib_ids, ratio, settings, device=...) -> PrunePlan (coupled methods)
     prune: Callable[..., Any] | None = None
-    # optional: what the recovery step should do by default ("lora", "replacement", "none")
-    default_recovery: str = "none"
-    baseline_of: tuple[str, ...] = field(default=())
 
     @property
     def coupled(self) -> bool:
         return self.prune is not None
 
     def parse_settings(self, raw: dict | None) -> MethodSettings:
-        from pydantic import ValidationError
-
-        try:
-            return self.settings(**(raw or {}))
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            field_info = self.settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
-            accepted = err["msg"]
-            if err["type"] == "extra_forbidden":
-                accepted = "one of " + ", ".join(sorted(self.settings.model_fields)) if self.settings.model_fields else "no settings"
-            elif field_info is not None and field_info.description:
-                accepted = f"{err['msg']} ({field_info.description})"
-            raise ConfigError(f"method.settings.{loc}", err.get("input"), accepted) from None
+        return validated(self.settings, raw, "method.settings")
 
 
 REGISTRY: dict[str, Method] = {}
+# every method module registers itself on import (a plugin registry: they import this module)
+_MODULES = ("baselines", "llm_rank", "streamline", "slimgpt", "flap")
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for m in _MODULES:
+        importlib.import_module(f"{__package__}.{m}")
 
 
 def register(method: Method) -> Method:
@@ -86,8 +83,6 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from . import _load_all
-
     _load_all()
     if name not in REGISTRY:
         raise ConfigError("method.name", name, ", ".join(sorted(REGISTRY)))
@@ -95,7 +90,5 @@ def get_method(name: str) -> Method:
 
 
 def list_methods() -> list[Method]:
-    from . import _load_all
-
     _load_all()
     return [REGISTRY[k] for k in sorted(REGISTRY)]

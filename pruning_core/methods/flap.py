@@ -19,8 +19,11 @@ weighted by its parameter count — FLAP's 512/3 channels per head).
 
 Compensation (FLAP eq. 8): the pruned columns are zeroed and the bias b += W[:, S]·mean(x_S) is
 added to `o_proj` / `down_proj` — the least-squares optimal constant offset for the removed inputs.
-Llama has no such biases: zero biases are added to q/k/v/o and gate/up/down and the config gets
-`attention_bias = mlp_bias = True`, so the pruned model stays a stock Llama checkpoint.
+Llama-like models have no such biases: zero biases are added to o_proj / down_proj, and
+`surgery.settle_biases` makes the checkpoint keep them — Llama through its `attention_bias` /
+`mlp_bias` flags (a stock checkpoint); Qwen2 and Mistral, which hard-code `bias=False`, are saved
+as the equivalent stock Llama when no layer uses a sliding window, else with a per-layer record of
+the biases that `checkpoint.load_pruned` reads.
 
 Streaming: with `uniform`, layers are processed in order on the outputs of the already pruned
 layers (as FLAP's UL-UM loop compresses each layer before computing its outputs). `al_am` needs
@@ -33,23 +36,30 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
-from torch import nn
+from pydantic import Field, model_validator
 
-from ..capture import LayerStream
+from ..capture import Accumulator, LayerStream
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
-from ..select import check_ratio
+from ..select import check_ratio, solve_schedule, unit_counts
+from ..surgery import settle_biases
 from .base import Method, MethodSettings, register
-from .slimgpt import _unit_counts, solve_schedule
 
 
 class FLAPSettings(MethodSettings):
     metric: Literal["wifv", "ifv", "wifn"] = Field("wifv", description="wifv, ifv or wifn")
     structure: Literal["uniform", "al_am"] = Field("uniform", description="uniform (UL-UM) or al_am (global z-score)")
     bias_compensation: bool = Field(True, description="add W[:,S]·mean(x_S) to the o_proj / down_proj bias")
-    gqa: Literal["kv_group", "per_group"] = Field("kv_group", description="kv_group or per_group (uniform only)")
+    gqa: Literal["kv_group", "per_group"] = Field("per_group", description=(
+        "per_group (query heads, the same number per KV group; wins out of domain) or kv_group; "
+        "al_am pools whole KV groups, so it defaults to kv_group there"))
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
+
+    @model_validator(mode="after")
+    def _al_am_pools_kv_groups(self):
+        if self.structure == "al_am" and "gqa" not in self.model_fields_set:
+            self.gqa = "kv_group"
+        return self
 
 
 # -- pure maths ----------------------------------------------------------------------------------
@@ -73,40 +83,17 @@ def flap_bias(W: torch.Tensor, mean_x: torch.Tensor, pruned: torch.Tensor) -> to
     return W[:, pruned].double() @ mean_x[pruned].double()
 
 
-class _Moments:
-    def __init__(self):
-        self.s = self.sq = None
-        self.n = 0
-
-    def __call__(self, x, _y):
-        x = x.reshape(-1, x.shape[-1]).double()
-        s, sq = x.sum(0), (x * x).sum(0)
-        self.s = s if self.s is None else self.s + s
-        self.sq = sq if self.sq is None else self.sq + sq
-        self.n += x.shape[0]
-
-    def stats(self):
-        mean = self.s / self.n
-        var = (self.sq - self.n * mean * mean) / max(self.n - 1, 1)
-        return mean, var.clamp_min(0), self.sq
+def _moment_hooks(adapter) -> tuple[Accumulator, dict]:
+    """fp64 per-channel sums and sums of squares of the o_proj ("o") and down_proj ("down") inputs."""
+    acc = Accumulator(torch.float64)
+    return acc, {adapter.module_name(adapter.o): acc.moments_hook("o"),
+                 adapter.module_name(adapter.mlp_out): acc.moments_hook("down")}
 
 
-def _add_zero_biases(model, adapter, layer) -> None:
-    names = [adapter.q, adapter.k, adapter.v, adapter.o, *adapter.mlp_in, adapter.mlp_out]
-    for n in names:
-        lin: nn.Linear = adapter.proj(layer, n)
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
-                                    requires_grad=lin.weight.requires_grad)
-    for key in ("attention_bias", "mlp_bias"):
-        if hasattr(model.config, key):
-            setattr(model.config, key, True)
-
-
-def _scores(shape, o_lin, d_lin, mo: _Moments, md: _Moments, metric: str, gqa: str):
-    """(unit scores for heads [units] or [heads], FFN channel scores, o stats, down stats)."""
-    ma, va, sa = mo.stats()
-    mm, vm, sm = md.stats()
+def _scores(shape, o_lin, d_lin, acc: Accumulator, metric: str, gqa: str):
+    """(unit scores for heads [units] or [heads], FFN channel scores, (o mean, down mean))."""
+    ma, va, sa = acc.moments("o")
+    mm, vm, sm = acc.moments("down")
     a = channel_metric(metric, o_lin.weight.data.cpu(), ma.cpu(), va.cpu(), sa.cpu()) ** 2
     head = a.view(shape.n_heads, shape.head_dim).sum(1)
     rep = shape.n_heads // shape.n_kv_heads
@@ -135,7 +122,7 @@ def _apply(model, adapter, layer, shape, lp: LayerPlan, gone_units, gone_ffn, me
     if gone_ffn:
         lp.ffn = [j for j in range(shape.ffn) if j not in set(gone_ffn)]
     if bias and (cols.numel() or ffn.numel()):
-        _add_zero_biases(model, adapter, layer)
+        adapter.add_bias(layer, (adapter.o, adapter.mlp_out))
     for lin, idx, mean in ((o_lin, cols, means[0]), (d_lin, ffn, means[1])):
         if idx.numel() == 0:
             continue
@@ -176,10 +163,9 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
             kh, kf = sched["heads"][i], sched["ffn"][i]
             if shape.kind == "decoder" and (kh or kf):
                 o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-                mo, md = _Moments(), _Moments()
-                step.run(hooks={adapter.module_name(adapter.o): mo, adapter.module_name(adapter.mlp_out): md},
-                         keep_outputs=False)
-                head, f, means = _scores(shape, o_lin, d_lin, mo, md, s.metric, s.gqa)
+                acc, hooks = _moment_hooks(adapter)
+                step.run(hooks=hooks, keep_outputs=False)
+                head, f, means = _scores(shape, o_lin, d_lin, acc, s.metric, s.gqa)
                 rep = shape.n_heads // shape.n_kv_heads
                 if s.gqa == "per_group" and rep > 1:
                     gone = _lowest(head, kh * shape.n_kv_heads, torch.arange(shape.n_heads) // rep, kh)
@@ -195,22 +181,22 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
                      per_layer_ratio=[float(r) for r in per_layer])
     from ..metrics import plan_params
 
+    settle_biases(model, adapter)  # the flags / zero biases the checkpoint will carry, counted in the plan
     plan.params_before, plan.params_after = plan_params(model, plan)
     return plan
 
 
 def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress) -> list[float]:
-    units = _unit_counts(model, adapter, "kv_group")
+    units = unit_counts(model, adapter, "kv_group")
     collected = {}
     for step in stream:  # dense statistics, one pass
         i, layer = step.index, step.layer
         shape = adapter.layer_shape(model, layer)
         if shape.kind == "decoder":
             o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-            mo, md = _Moments(), _Moments()
-            step.outputs = step.run(hooks={adapter.module_name(adapter.o): mo,
-                                           adapter.module_name(adapter.mlp_out): md})
-            collected[i] = (shape, *_scores(shape, o_lin, d_lin, mo, md, s.metric, "kv_group"))
+            acc, hooks = _moment_hooks(adapter)
+            step.outputs = step.run(hooks=hooks)
+            collected[i] = (shape, *_scores(shape, o_lin, d_lin, acc, s.metric, "kv_group"))
         if progress:
             progress(i + 1, len(units))
     # z-score within each layer and module, then one global threshold weighted by parameter count
@@ -253,5 +239,4 @@ register(Method(
     paper="An et al., AAAI 2024, arXiv 2312.11983",
     targets=("heads", "ffn"),
     prune=prune,
-    baseline_of=("slimgpt",),
 ))

@@ -2,7 +2,8 @@
 
 Paper: Hoffmann, Budhathoki, Kleindessner, "LLM-Rank: A Graph Theoretical Approach to Pruning
 Large Language Models", arXiv 2410.13299 (2024); the MLP version ("MLP-Rank") is the same scorer
-applied to plain perceptrons (see `pruning_core.mlp`). Spec: `shared/specs/llm-rank.md` §1.3.
+applied to plain perceptrons (see `pruning_core.mlp`). The formula is the paper's modified
+weighted PageRank (Sec. 3) as its released code computes it.
 
 Each Linear layer with weight W (n_out x n_in) is a bipartite slice of a DAG: edge j -> i with
 weight |W[i,j]|, adjacency A[i,j] = (W[i,j] != 0). With p the (per-layer normalised) importance of
@@ -311,6 +312,5 @@ register(
         needs=frozenset(),
         score=_score_mpr,
         select=_select_mpr,
-        baseline_of=("llm-rank",),
     )
 )

@@ -1,7 +1,7 @@
 """SlimGPT: layer-wise structured Optimal Brain Surgeon for attention heads and FFN channels.
 
 Ling, Wang, Yan, Liu, "SlimGPT: Layer-wise Structured Pruning for Large Language Models",
-NeurIPS 2024, arXiv 2412.18110 (spec: shared/specs/slimgpt.md).
+NeurIPS 2024, arXiv 2412.18110 (§3.1–3.4; section numbers below are the paper's).
 
 For every decoder layer, in order, on the outputs of the already *pruned* previous layers:
 
@@ -28,7 +28,6 @@ dead); `surgery.apply_plan` removes them, leaving the function unchanged.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal
 
@@ -36,13 +35,10 @@ import torch
 from pydantic import Field
 
 from .. import obs
-from ..capture import LayerStream
-from ..errors import ConfigError
+from ..capture import Accumulator, LayerStream
 from ..plan import LayerPlan, PrunePlan
-from ..select import check_ratio, register_schedule
+from ..select import SCHEDULE_NAMES, check_ratio, solve_schedule
 from .base import Method, MethodSettings, register
-
-SCHEDULE_NAMES = ("log_increase", "linear_increase", "uniform", "log_decrease", "linear_decrease")
 
 
 class SlimGPTSettings(MethodSettings):
@@ -56,136 +52,14 @@ class SlimGPTSettings(MethodSettings):
     compensate: bool = Field(True, description="OBS update of surviving columns (False: zero only, ablation)")
     schedule: Literal[SCHEDULE_NAMES] = Field("log_increase", description=", ".join(SCHEDULE_NAMES))
     r0_fraction: float = Field(0.25, ge=0.0, le=1.0, description="r_0 = r0_fraction · r_last (README: 1/4)")
-    gqa: Literal["kv_group", "per_group"] = Field("kv_group", description="kv_group or per_group")
+    gqa: Literal["kv_group", "per_group"] = Field("per_group", description=(
+        "per_group (query heads, the same number in every KV group; K/V kept) or kv_group (whole KV groups); "
+        "per_group wins out of domain (benchmarks/RESULTS.md, ood-slimgpt)"))
+    head_ratio_scale: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "heads are removed at this multiple of the layer's ratio (paper: 1; 0: FFN only); the ratios are "
+        "solved so the parameter budget holds either way"))
     stat_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of Hessians and updates")
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
-
-
-# -- incremental pruning ratio ------------------------------------------------------------------
-
-
-def schedule_profile(schedule: str, n_layers: int) -> list[float]:
-    """p_i in [0, 1] with r_i = r_0 + (r_last − r_0)·p_i (uniform: p_i = 1)."""
-    L = n_layers
-    if schedule == "uniform":
-        return [1.0] * L
-    if schedule in ("log_increase", "log_decrease"):
-        p = [math.log(1 + i) / math.log(L) if L > 1 else 1.0 for i in range(L)]
-    elif schedule in ("linear_increase", "linear_decrease"):
-        p = [i / (L - 1) if L > 1 else 1.0 for i in range(L)]
-    else:
-        raise ConfigError("schedule", schedule, ", ".join(SCHEDULE_NAMES))
-    return p[::-1] if schedule.endswith("decrease") else p
-
-
-def schedule_ratios(schedule: str, r_last: float, n_layers: int, r0_fraction: float = 0.25) -> list[float]:
-    f = 1.0 if schedule == "uniform" else r0_fraction
-    return [r_last * (f + (1 - f) * p) for p in schedule_profile(schedule, n_layers)]
-
-
-def _registered_schedule(name: str):
-    def fn(target: float, n_layers: int, r0_fraction: float = 0.25, **_) -> list[float]:
-        base = schedule_ratios(name, 1.0, n_layers, r0_fraction)
-        return [target * b * n_layers / sum(base) for b in base]  # mean = target (before rounding)
-
-    return fn
-
-
-for _name in SCHEDULE_NAMES:
-    if _name != "uniform":
-        register_schedule(_name, _registered_schedule(_name))
-
-
-def _unit_counts(model, adapter, gqa: str) -> list[dict]:
-    """Per layer: number of head units, params per head unit, FFN size, params per channel."""
-    out = []
-    for layer in adapter.layers(model):
-        s = adapter.layer_shape(model, layer)
-        if s.kind != "decoder":
-            out.append(None)
-            continue
-        hidden = adapter.proj(layer, adapter.o).out_features
-        rep = s.n_heads // s.n_kv_heads
-        per_head = 2 * s.head_dim * hidden  # q rows + o columns
-        if gqa == "kv_group" or rep == 1:
-            units, unit_params, per_unit_cap = s.n_kv_heads, rep * per_head + 2 * s.head_dim * hidden, None
-        else:
-            units, unit_params, per_unit_cap = s.n_kv_heads, s.n_kv_heads * per_head, rep  # m heads / group
-        ch = (len(adapter.mlp_in) + 1) * hidden
-        out.append(dict(units=units, unit_params=unit_params, per_group=per_unit_cap, ffn=s.ffn, ch_params=ch,
-                        total=sum(p.numel() for p in layer.parameters())))
-    return out
-
-
-def _removed(u: dict, r: float) -> tuple[int, int]:
-    """(head units, FFN channels) removed at ratio r; at least one of each kept."""
-    n_units = u["per_group"] if u["per_group"] else u["units"]
-    kh = min(int(math.floor(n_units * r + 0.5)), n_units - 1)
-    kf = min(int(math.floor(u["ffn"] * r + 0.5)), u["ffn"] - 1)
-    return max(kh, 0), max(kf, 0)
-
-
-def solve_schedule(model, adapter, target: float, schedule: str = "log_increase", r0_fraction: float = 0.25,
-                   gqa: str = "kv_group") -> dict:
-    """Per-layer ratios and removal counts whose realised parameter reduction over the decoder layers
-    equals `target` after rounding (bisection on r_last, then the FFN absorbs the head residual).
-    Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last, realised}."""
-    check_ratio(target)
-    units = _unit_counts(model, adapter, gqa)
-    L = len(units)
-    total = sum(u["total"] for u in units if u)
-    goal = target * total
-
-    def count(r_last):
-        rs = schedule_ratios(schedule, r_last, L, r0_fraction)
-        kh, kf, rem = [], [], 0
-        for u, r in zip(units, rs):
-            if u is None:
-                kh.append(0), kf.append(0)
-                continue
-            a, b = _removed(u, min(r, 1.0))
-            kh.append(a), kf.append(b)
-            rem += a * u["unit_params"] + b * u["ch_params"]
-        return rs, kh, kf, rem
-
-    if target == 0:
-        rs, kh, kf, rem = count(0.0)
-        return dict(ratios=rs, heads=kh, ffn=kf, r_last=0.0, realised=0.0)
-    lo, hi = 0.0, 1.0
-    while count(hi)[3] < goal and hi < 64:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        (lo, hi) = (mid, hi) if count(mid)[3] < goal else (lo, mid)
-    cand = [count(lo), count(hi)]
-    rs, kh, kf, rem = min(cand, key=lambda c: abs(c[3] - goal))
-    r_last = lo if rem == cand[0][3] else hi
-    # the FFN absorbs the residual left by whole heads / KV groups
-    ch = next(u["ch_params"] for u in units if u)
-    n = int(math.floor((goal - rem) / ch + 0.5))
-    order = sorted((i for i, u in enumerate(units) if u), key=lambda i: -rs[i])
-    if schedule == "uniform":  # keep every layer the same shape (a stock-loadable checkpoint)
-        per = int(math.floor(n / max(len(order), 1) + 0.5))
-        for i in order:
-            kf[i] = min(max(kf[i] + per, 0), units[i]["ffn"] - 1)
-        n = 0
-    step = 1 if n > 0 else -1
-    guard = 0
-    while n != 0 and guard < 100 * L:
-        moved = False
-        for i in order:
-            if n == 0:
-                break
-            new = kf[i] + step
-            if 0 <= new <= units[i]["ffn"] - 1:
-                kf[i] = new
-                n -= step
-                moved = True
-        guard += 1
-        if not moved:
-            break
-    rem = sum(kh[i] * u["unit_params"] + kf[i] * u["ch_params"] for i, u in enumerate(units) if u)
-    return dict(ratios=rs, heads=kh, ffn=kf, r_last=r_last, realised=rem / total)
 
 
 # -- the coupled prune step ---------------------------------------------------------------------
@@ -198,18 +72,9 @@ def _head_groups(n_heads: int, n_kv: int, hd: int, gqa: str) -> tuple[torch.Tens
     return torch.arange(n_heads * hd).view(n_heads, hd), torch.arange(n_heads) // rep
 
 
-class _Hessian:
-    def __init__(self, d: int, dtype, device):
-        self.H = torch.zeros(d, d, dtype=dtype, device=device)
-        self.tokens = 0
-
-    def __call__(self, x, _y):
-        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
-        self.H.addmm_(x.T, x)
-        self.tokens += x.shape[0]
-
-    def value(self) -> torch.Tensor:
-        return self.H * (2.0 / max(self.tokens, 1))
+def _hessian(grams: Accumulator, key: str) -> torch.Tensor:
+    """H = (2/T)·Σ x xᵀ over the T calibration tokens (SlimGPT §3.1, the layer-wise OBS Hessian)."""
+    return grams.data[key] * (2.0 / max(grams.rows[key], 1))
 
 
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimGPTSettings | None = None,
@@ -218,7 +83,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     Returns the plan; `surgery.apply_plan(model, plan)` then removes the dead structures."""
     s = settings or SlimGPTSettings()
     ratio = check_ratio(ratio)
-    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa)
+    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale)
     sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
     dev = torch.device(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -237,16 +102,15 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
                 layers_plan.append(lp)
                 continue
             o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-            h_attn = _Hessian(o_lin.in_features, sdt, dev)
-            h_mlp = _Hessian(d_lin.in_features, sdt, dev)
-            hooks = {adapter.module_name(adapter.o): h_attn}
-            if kh == 0:
-                hooks[adapter.module_name(adapter.mlp_out)] = h_mlp
+            grams = Accumulator(sdt)
+            h_attn = {adapter.module_name(adapter.o): grams.gram_hook("attn")}
+            h_mlp = {adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")}
+            hooks = h_attn if kh > 0 else {**h_attn, **h_mlp}
             step.run(hooks=hooks, keep_outputs=False)
             loss = {}
             if kh > 0:
                 W = o_lin.weight.data.to(sdt).clone()
-                H, _ = obs.prepare_hessian(h_attn.value(), W, s.percdamp)
+                H, _ = obs.prepare_hessian(_hessian(grams, "attn"), W, s.percdamp)
                 W0, H0 = W.clone(), H.clone()
                 groups, bucket = _head_groups(shape.n_heads, shape.n_kv_heads, shape.head_dim, s.gqa)
                 if bucket is None:
@@ -262,10 +126,10 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
                 loss["attn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
                 o_lin.weight.data.copy_(W.to(o_lin.weight.dtype))
                 if kf > 0:
-                    step.run(hooks={adapter.module_name(adapter.mlp_out): h_mlp}, keep_outputs=False)
+                    step.run(hooks=h_mlp, keep_outputs=False)
             if kf > 0:
                 W = d_lin.weight.data.to(sdt).clone()
-                H, _ = obs.prepare_hessian(h_mlp.value(), W, s.percdamp)
+                H, _ = obs.prepare_hessian(_hessian(grams, "mlp"), W, s.percdamp)
                 W0, H0 = W.clone(), H.clone()
                 sizes = obs.dgs_group_sizes(kf, s.ffn_group_floor, s.ffn_group_cap, s.dynamic_group_size)
                 gone = set(obs.prune_columns_batched(W, H, kf, sizes, s.compensate))

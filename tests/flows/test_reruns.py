@@ -69,7 +69,12 @@ def test_two_identical_runs_started_together_compute_once(tiny_spec, tmp_path):
         p.write_text(yaml.safe_dump(spec))
         procs.append(subprocess.Popen(_cli(["run", str(p), "--quiet"]), cwd=REPO, env=_env(home),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=900)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     reps = [json.loads((home / "runs" / f"twin-{n}" / "report.json").read_text()) for n in ("a", "b")]
     for step in MODEL_STEPS:

@@ -12,9 +12,9 @@ def test_default_spec_is_the_embedded_default():
     s = build_spec()
     assert s.model.ref == "smollm2-135m" and s.calibration.source == "pydoc"
     assert s.ratio == DEFAULT_SPEC["ratio"] == 0.2
-    assert s.method.name == "wanda" and s.method.settings["gqa"] == "per_group"
+    assert s.method.name == "slimgpt" and s.method.settings["gqa"] == "per_group"
     # method settings are filled in by the method's own settings model
-    assert s.method.settings["schedule"] == "uniform"
+    assert s.method.settings["schedule"] == "log_increase" and s.method.settings["percdamp"] == 0.01
 
 
 def test_overrides_from_the_command_line(tmp_path):

@@ -81,3 +81,28 @@ def test_unknown_request_rejected():
     m = tiny_model("llama", n_layers=1)
     with pytest.raises(ConfigError, match="capture.requests"):
         capture_stats(m, adapter_for(m), torch.zeros(1, 4, dtype=torch.long), requests={"hessian"})
+
+
+def test_stream_gives_each_layer_its_own_mask_sliding_window_mix():
+    """Qwen2 with full-attention layers 0-1 and sliding-window layers 2-3 (window 4 < 16 tokens): the
+    streamed layer inputs equal the real forward's, so the sliding layers got the sliding mask."""
+    m = tiny_model("qwen2", n_layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    assert m.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    a = adapter_for(m)
+    real = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: real.append(out[0] if isinstance(out, tuple) else out))
+             for layer in a.layers(m)]
+    with torch.no_grad():
+        m(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    streamed = [torch.cat(step.run()) for step in LayerStream(m, a, ids, batch_size=2)]
+    for i, (got, want) in enumerate(zip(streamed, real)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"layer {i}")
+    # and the sliding mask matters here: the full mask on layer 2 gives something else
+    stream = iter(LayerStream(m, a, ids, batch_size=3))
+    steps = [next(stream) for _ in range(3)]
+    full_kw = steps[0].kwargs[0]
+    wrong = a.layers(m)[2](steps[2].inputs[0], **full_kw)
+    assert not torch.allclose(wrong[0] if isinstance(wrong, tuple) else wrong, real[2], atol=1e-3)

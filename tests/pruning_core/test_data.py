@@ -73,3 +73,55 @@ def test_hf_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="offline"):
         load_text("hf:wikitext:wikitext-2-raw-v1")
+
+
+def test_random_windows_are_the_reference_loaders_draw(tmp_path):
+    import random
+
+    f = tmp_path / "t.txt"
+    f.write_text("".join(chr(97 + (i * 7) % 26) for i in range(300)))
+    ids = [ord(c) % 1000 for c in f.read_text()]
+    got = calibration_set(CharTok(), str(f), n_samples=5, seq_len=64, seed=42, split="all", sampling="random_windows")
+    random.seed(42)  # what the Wanda / LLM-Rank loaders do, window by window
+    want = []
+    for _ in range(5):
+        a = random.randint(0, len(ids) - 64 - 1)
+        want.append(ids[a:a + 64])
+    assert got.tolist() == want
+    # with replacement: more windows than the text has disjoint chunks
+    assert calibration_set(CharTok(), str(f), 9, 64, seed=0, split="all", sampling="random_windows").shape == (9, 64)
+    with pytest.raises(ConfigError, match="calibration.sampling: got 'shuffle'"):
+        calibration_set(CharTok(), str(f), 2, 64, split="all", sampling="shuffle")
+
+
+def test_prose_of_keeps_running_prose_only():
+    from pruning_core.data import _prose_of
+
+    doc = (
+        "# Title\n\nThis library reads [the files](https://x.org/a) you give it and writes them **back** to disk.\n\n"
+        "    code = block(that, is, indented)\n\n```\nfenced = 1\n```\n\n"
+        "- A bullet item that is a whole sentence with enough words in it.\n\n"
+        "Short line.\n\nCall `run()` to start the thing that does all of the work for you.\n\n"
+        "| a | table | row | with | many | cells | in | it |\n"
+    )
+    assert _prose_of(doc) == [
+        "This library reads the files you give it and writes them back to disk.",
+        "A bullet item that is a whole sentence with enough words in it.",
+    ]
+
+
+def test_pkgdocs_is_evaluation_only_deterministic_and_disjoint_from_pydoc():
+    from pruning_core.data import pkgdocs_documents
+
+    ev = load_text("pkgdocs", "eval")
+    assert load_text("pkgdocs", "all") == ev and len(ev) > 200_000  # ~75k SmolLM2 tokens with the lock's packages
+    names = [n for n, _ in pkgdocs_documents()]
+    assert names == sorted(names) and "pruneflow" not in names and len(names) > 100
+    pkgdocs_documents.cache_clear()
+    assert load_text("pkgdocs", "eval") == ev
+    paras = [p for p in ev.split("\n\n")]
+    assert len(paras) == len(set(paras))  # every paragraph once
+    pydoc = " ".join(load_text("pydoc", "all").split())
+    assert not [p for p in paras if len(p) > 120 and p[:120] in pydoc]
+    with pytest.raises(DataError, match="calibration.source: got 'pkgdocs'; accepted: .*evaluation-only"):
+        load_text("pkgdocs", "train")

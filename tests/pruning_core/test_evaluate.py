@@ -48,7 +48,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_offline_tasks_are_deterministic_and_from_eval_split():
-    assert offline_tasks() == ["pydoc_next_sentence", "pydoc_last_word", "pydoc_rolling"]
+    assert offline_tasks() == ["pydoc_next_sentence", "pydoc_last_word", "pydoc_rolling", "pkgdocs_last_word"]
     ns = evaltasks.next_sentence_items()
     assert 100 <= len(ns) <= evaltasks.N_NEXT_SENTENCE  # as many as the eval split allows, capped
     for it in ns[:50]:
@@ -179,3 +179,14 @@ def test_retention_maths():
                                                        "decode_tokens_per_s": 1.2, "average": 0.5})
     # metrics on one side only, or a zero denominator, are left out
     assert retention({"a/acc": 0.0, "b/acc": 0.5}, {"a/acc": 0.3}) == {}
+
+
+def test_pkgdocs_cloze_comes_from_the_out_of_domain_text():
+    from pruning_core.data import load_text
+
+    lw = evaltasks.last_word_items(source="pkgdocs")
+    assert len(lw) == evaltasks.N_LAST_WORD and lw == evaltasks.BUILDERS["pkgdocs_last_word"]()
+    flat = " ".join(load_text("pkgdocs", "eval").split())
+    # every item is the text itself: the context runs straight into its target word
+    assert all(" ".join((it["context"] + it["target"]).split()) in flat for it in lw)
+    assert not {it["context"] for it in lw} & {it["context"] for it in evaltasks.last_word_items()}

@@ -1,4 +1,5 @@
-"""OBS maths on synthetic float64 matrices (spec slimgpt.md §4, oracles 1-3 and 5)."""
+"""OBS maths on synthetic float64 matrices: the closed-form refit, the one-column OBS update and its
+predicted loss, compensation never worse than zeroing, the grouped score (SlimGPT §3.2)."""
 
 from __future__ import annotations
 

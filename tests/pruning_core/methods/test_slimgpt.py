@@ -12,10 +12,10 @@ from pruning_core.adapters import adapter_for
 from pruning_core.capture import capture_stats
 from pruning_core.errors import ConfigError
 from pruning_core.methods import get_method
-from pruning_core.methods.slimgpt import SlimGPTSettings, prune, schedule_ratios, solve_schedule
+from pruning_core.methods.slimgpt import SlimGPTSettings, prune
 from pruning_core.models import tiny_model
 from pruning_core.plan import LayerPlan, PrunePlan
-from pruning_core.select import layer_ratios
+from pruning_core.select import layer_ratios, schedule_ratios, solve_schedule
 from pruning_core.surgery import apply_plan, count_params
 
 
@@ -77,7 +77,7 @@ def test_reconstruction_error_below_wanda_and_magnitude_with_the_same_mask_sizes
         return [float((_logits(m, x) - d).norm() / d.norm()) for x, d in ((calib, dense_c), (held, dense_h))]
 
     slim = copy.deepcopy(base)
-    plan = prune(slim, adapter_for(slim), calib, 0.25, SlimGPTSettings(schedule="uniform"))
+    plan = prune(slim, adapter_for(slim), calib, 0.25, SlimGPTSettings(schedule="uniform", gqa="kv_group"))
     e_slim = err(apply_plan(slim, plan))
     stats = capture_stats(base, adapter_for(base), calib)
     errs = {}
@@ -138,6 +138,24 @@ def test_schedule_realises_the_target_after_rounding(schedule, target):
     removed = sum(h * (3 * 2 * 64 * 576 + 2 * 64 * 576) + f * 3 * 576 for h, f in zip(sol["heads"], sol["ffn"]))
     assert abs(removed / layer_params - sol["realised"]) < 1e-12
     assert all(0 <= h <= 2 for h in sol["heads"]) and all(0 <= f < 1536 for f in sol["ffn"])
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5])
+def test_head_ratio_scale_moves_the_budget_to_the_ffn(target):
+    m = _smollm_shaped()
+    ad = adapter_for(m)
+    layer_params = sum(p.numel() for layer in ad.layers(m) for p in layer.parameters())
+    one_channel = 3 * 576 / layer_params
+    full = solve_schedule(m, ad, target, "log_increase", gqa="per_group")
+    half = solve_schedule(m, ad, target, "log_increase", gqa="per_group", head_scale=0.5)
+    none = solve_schedule(m, ad, target, "log_increase", gqa="per_group", head_scale=0.0)
+    assert none["heads"] == [0] * 30 and sum(half["heads"]) < sum(full["heads"])
+    for sol in (full, half, none):  # the budget holds whatever the split
+        assert abs(sol["realised"] - target) <= one_channel
+    assert sum(none["ffn"]) >= sum(half["ffn"]) > sum(full["ffn"])
+    # per_group heads: (q rows + o columns) of one query head in each of the 3 KV groups
+    removed = sum(h * 3 * 2 * 64 * 576 + f * 3 * 576 for h, f in zip(half["heads"], half["ffn"]))
+    assert abs(removed / layer_params - half["realised"]) < 1e-12
 
 
 def test_log_increase_uses_the_real_number_of_layers():
