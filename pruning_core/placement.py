@@ -180,9 +180,13 @@ def bring(layer: nn.Module, device: torch.device | None = None, track_changes: b
             raise DataError("model.placement", "disk", "a layer still backed by its checkpoint files")
         own = {n: t for n, t in _own_tensors(layer).items() if t is not None}
         missing = [n for n, t in own.items() if t.device.type == "meta"]
-        got = h.files.read([h.prefix + n for n in missing])
+        # a tensor a method added to a layer that was not resident (FLAP's zero biases) is not in the
+        # files yet: it starts as zeros, as it would have on the device
+        new = [n for n in missing if h.files.key(h.prefix + n) is None]
+        got = h.files.read([h.prefix + n for n in missing if n not in new])
         for n in missing:
-            _set_tensor(layer, n, got[h.prefix + n].to(device=dev, dtype=own[n].dtype))
+            t = torch.zeros(own[n].shape) if n in new else got[h.prefix + n]
+            _set_tensor(layer, n, t.to(device=dev, dtype=own[n].dtype))
         del got
         if track_changes:
             h.digest = _digest(layer)
