@@ -21,18 +21,9 @@ import torch
 from torch import nn
 
 from .errors import StorageError
+from .placement import _check_writable, _load_tokenizer  # noqa: F401 - re-exported for callers
 from .plan import PrunePlan
 from .surgery import settle_biases, sync_config
-
-
-def _check_writable(path: Path) -> None:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StorageError("output", str(path), "a folder whose parent can be created and written", str(e)) from None
-    if not os.access(parent, os.W_OK):
-        raise StorageError("output", str(path), "a writable folder")
 
 
 def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str | Path) -> Path:
@@ -72,14 +63,6 @@ def is_uniform(path: str | Path) -> bool:
 
     cfg = json.loads((Path(path) / "config.json").read_text())
     return "pruneflow_layers" not in cfg
-
-
-def _load_tokenizer(path: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,

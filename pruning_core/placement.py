@@ -39,9 +39,29 @@ import torch
 from torch import nn
 
 from . import hfload
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, StorageError
 
 PLACEMENTS = ("auto", "device", "offload", "disk")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError("output", str(path), "a folder whose parent can be created and written", str(e)) from None
+    if not os.access(parent, os.W_OK):
+        raise StorageError("output", str(path), "a writable folder")
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,13 +356,15 @@ def checkpoint_dtype(config) -> torch.dtype | None:
 
 def resolve_dtype(spec, config, device: torch.device) -> torch.dtype:
     """`model.dtype`: auto = the checkpoint's own dtype on CUDA, fp32 elsewhere."""
-    from .models import resolve_dtype as named
-
     if spec in (None, "auto"):
         if torch.device(device).type == "cuda":
             return checkpoint_dtype(config) or torch.float32
         return torch.float32
-    return named(spec)
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec not in DTYPES:
+        raise ConfigError("model.dtype", spec, "auto, float32, bfloat16 or float16")
+    return DTYPES[spec]
 
 
 def open_model(path: str | Path, placement: str = "device", device: str | torch.device = "cpu",
@@ -353,7 +375,6 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import adapter_for
-    from .checkpoint import _load_tokenizer
     from .replacements import layer_kind
 
     if placement not in ("device", "offload", "disk"):
@@ -558,8 +579,6 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
     one layer at a time under `offload` / `disk`; under `disk` every layer is its own shard. After the
     call `model` describes the pruned shapes (under `disk` its layers hold no data any more)."""
     from .adapters import adapter_for
-    from .checkpoint import _check_writable
-    from .errors import StorageError
     from .surgery import apply_layer_plan, set_layers, settle_biases, sync_config
 
     path = Path(path).expanduser()
