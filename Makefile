@@ -70,3 +70,31 @@ lint: $(STAMP)
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache
+
+# --- serving (issue 14): a second venv with vLLM's CPU build, which pins its own transformers (<5.20) and
+# fastapi (<0.137), so it cannot share .venv. requirements-serve.lock pins it (hashes); torchvision/
+# torchaudio/torchcodec are left out on purpose: PyPI only has their CUDA builds, which fail to load next to
+# the CPU torch (and vLLM serves text models without them). `make serve-test` builds it and runs the tests
+# marked `serve` (vLLM's greedy tokens == load_pruned's on tiny exported checkpoints of every kind).
+SERVE_LOCK  := requirements-serve.lock
+SERVE_STAMP := .venv-serve/.pruneflow-serve-installed
+.PHONY: serve-env serve-lock serve-test
+
+serve-env: $(SERVE_STAMP)
+
+$(SERVE_STAMP): $(SERVE_LOCK)
+	test -x .venv-serve/bin/python || python3 -m venv .venv-serve
+	.venv-serve/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r $(SERVE_LOCK) \
+	  > .venv-serve/pip-install.log 2>&1 || { grep -v 'is ignored' .venv-serve/pip-install.log; exit 1; }
+	touch $(SERVE_STAMP)
+
+serve-lock:
+	test -x .venv-lock/bin/uv || (python3 -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION))
+	.venv-lock/bin/uv pip compile -q requirements/serve.in -c requirements/serve-constraints.txt \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(FIND_LINKS) --generate-hashes \
+	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
+	  --custom-compile-command "make serve-lock" -o $(SERVE_LOCK).tmp
+	mv $(SERVE_LOCK).tmp $(SERVE_LOCK)
+
+serve-test: $(STAMP) $(SERVE_STAMP)
+	$(PY) -m pytest -q -ra -p no:randomly -m serve tests/serve

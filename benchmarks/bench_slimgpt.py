@@ -41,6 +41,7 @@ VARIANTS = {
     # name: (method, settings)
     "slimgpt": ("slimgpt", {}),
     "slimgpt_uniform": ("slimgpt", {"schedule": "uniform"}),
+    "slimgpt_servable": ("slimgpt", {"servable": "vllm"}),  # same heads in every layer, log-increasing FFN
     "flap": ("flap", {}),
     "wanda_sp": ("wanda", {}),
     "l2": ("l2", {}),

@@ -207,6 +207,20 @@ def plan(
              r["ffn_after"], r["params"], r["params_after"], r["flops"], r["flops_after"]] for r in res["layers"]]
     typer.echo(f"{res['model']} / {res['method']} @ ratio {res['ratio']}  ({res['basis']})")
     typer.echo(table(["layer", "q/kv heads", "after", "ffn", "after", "params", "after", "FLOPs/tok", "after"], rows))
+    sv = res["servable"]
+    if sv["vllm"]:
+        typer.echo(f"servable by vLLM: yes ({sv['query_heads']} query heads in every layer; "
+                   f"export with `pruneflow export RUN --format vllm OUT`)")
+    else:
+        typer.echo(f"servable by vLLM: no ({sv['reason']})")
+    ch = sv.get("changes")
+    if ch is not None:
+        typer.echo(f"servable: vllm changes {len(ch['changed'])} layers (without it: {ch['unconstrained_params_after']} "
+                   "params after):")
+        if ch["changed"]:
+            typer.echo(table(["layer", "q/kv heads without", "with", "ffn without", "with"],
+                             [[c["layer"], f"{c['heads'][0]}/{c['kv_heads'][0]}", f"{c['heads'][1]}/{c['kv_heads'][1]}",
+                               c["ffn"][0], c["ffn"][1]] for c in ch["changed"]]))
     t = res["total"]
     typer.echo(table(["total", "before", "after", "after/before"],
                      [["params", t["params"], t["params_after"], t["params_after"] / t["params"]],
@@ -281,6 +295,55 @@ def methods(as_json: bool = typer.Option(False, "--json")):
 
 
 # --- more commands below ---
+
+
+def _checkpoint_folder(ref: str, tmp: Path) -> Path:
+    """A checkpoint folder from a folder path, or from a run (name / report.json): its checkpoint, fetched
+    from a remote store when needed."""
+    p = Path(ref).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    arts = _find_report(ref).get("artifacts", {})
+    cand = arts.get("checkpoint_local") or arts.get("checkpoint")
+    if cand and "://" not in cand and Path(cand).is_dir():
+        return Path(cand)
+    if cand and "://" in cand:
+        import fsspec
+
+        dst = tmp / "checkpoint"
+        try:
+            fs, path = fsspec.core.url_to_fs(cand)
+            fs.get(path.rstrip("/") + "/", str(dst), recursive=True)
+        except Exception as e:  # noqa: BLE001 - one line for the user
+            fail(f"run: got {ref!r}; accepted: a run whose checkpoint can be read ({cand}: {type(e).__name__}: {e})")
+        return dst
+    fail(f"run: got {ref!r}; accepted: a checkpoint folder or a run with a checkpoint (found {cand!r})")
+
+
+@app.command()
+@guarded
+def export(
+    source: str = typer.Argument(..., help="run name, report.json, or checkpoint folder"),
+    out: Path = typer.Argument(..., help="output folder (replaced atomically)"),
+    fmt: str = typer.Option("vllm", "--format", help="serving format: vllm"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """A folder vLLM serves: uniform -> the stock folder; per-layer sizes -> vLLM's DeciLM format
+    (`vllm serve OUT --trust-remote-code`)."""
+    import tempfile
+
+    from pruning_core.export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="pruneflow-export-") as d:
+        res = export_checkpoint(_checkpoint_folder(source, Path(d)), out, fmt)
+    if as_json:
+        typer.echo(json.dumps(res, indent=1))
+        return
+    how = "stock Hugging Face folder" if res["layout"] == "stock" else \
+        f"vLLM DeciLM / Nemotron-NAS format, {res['blocks']} blocks"
+    flag = "" if res["layout"] == "stock" else " --trust-remote-code"
+    typer.echo(f"exported {source} -> {res['path']} ({how})")
+    typer.echo(f"serve it: vllm serve {res['path']}{flag}")
 
 
 def _gate_value(opt: str, v: str | None):

@@ -28,7 +28,7 @@ from .spec import RunSpec, validate
 
 log = logging.getLogger("pruneflow.flow")
 
-STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "recover", "evaluate_dense", "evaluate")
+STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "recover", "evaluate_dense", "evaluate", "export")
 
 
 def _host_memory() -> dict:
@@ -221,11 +221,11 @@ class _RunLog:
             self.handler.close()
 
 
-def _link_checkpoint(run_dir: Path, ckpt: dict, store_url: str) -> str:
-    """`<run_dir>/checkpoint` -> the checkpoint object (local store); the URI for a remote store."""
+def _link_checkpoint(run_dir: Path, ckpt: dict, store_url: str, name: str = "checkpoint") -> str:
+    """`<run_dir>/<name>` -> the checkpoint object (local store); the URI for a remote store."""
     if "://" in store_url and not store_url.startswith("file://"):
         return ckpt["uri"]
-    link = run_dir / "checkpoint"
+    link = run_dir / name
     try:
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -271,6 +271,14 @@ def compress(spec: dict, run_dir: str | None = None) -> dict:
                    dtype=model["dtype"])
         report = build_report(s, sl, ckpt, dense, after, str(rd))
         report["artifacts"]["checkpoint_local"] = _link_checkpoint(rd, ckpt, ctx["store"])
+        if s.export.format != "none":  # a folder vLLM serves as is (`vllm serve <run_dir>/servable-vllm`)
+            served = sl("export", steps.export_task, checkpoint=ckpt, fmt=s.export.format,
+                        model_revision=model["sha256"])
+            report["timings"]["export"], report["cache"]["export"] = sl.timings["export"], sl.cache["export"]
+            report["artifacts"]["servable"] = served["uri"]
+            report["artifacts"]["servable_local"] = _link_checkpoint(rd, served, ctx["store"],
+                                                                     f"servable-{s.export.format}")
+            report["servable"] = {"format": s.export.format, "layout": served.get("layout")}
         rman = steps.report_task(ctx=ctx, report=report, run_dir=str(rd))
         report["artifacts"]["report"] = rman["uri"]
         tr = track(s, report, str(rd))

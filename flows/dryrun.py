@@ -2,8 +2,12 @@
 
 The model is built from its config on the `meta` device (no weights read or allocated). The kept
 sizes of every layer depend only on the ratio, schedule and GQA rule, not on the scores, so the
-method's own selection is run on random scores; methods whose selection needs real data (or that are
-coupled) fall back to the same uniform rule `select.plan_from_scores` applies, marked as an estimate.
+method's own selection is run on random scores; coupled methods give their kept sizes through
+`Method.sizes` (SlimGPT's solved schedule, FLAP's uniform structure); the others fall back to the same
+uniform rule `select.plan_from_scores` applies, marked as an estimate.
+
+Servability: whether vLLM's per-layer format can hold the sizes (one query-head count for every layer),
+and with `servable: vllm` the layers whose sizes the constraint changes against the same method without it.
 """
 
 from __future__ import annotations
@@ -31,17 +35,11 @@ def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None 
     return model
 
 
-def dry_run(spec: RunSpec, context: int = 0) -> dict:
-    from pruning_core.adapters import adapter_for
-    from pruning_core.methods import get_method
-    from pruning_core.metrics import flops_per_token, layer_table
+def _plan(model, adapter, meth, settings, ratio: float):
+    """(plan, basis): the method's kept sizes without calibration data."""
     from pruning_core.plan import PrunePlan
     from pruning_core.select import layer_ratios, plan_from_scores
 
-    model = _meta_model(spec.model.ref, spec.model.trust_remote_code, spec.model.revision)
-    adapter = adapter_for(model)
-    meth = get_method(spec.method.name)
-    settings = meth.parse_settings(spec.method.settings)
     g = torch.Generator().manual_seed(0)
     scores = {}
     shapes = adapter.shapes(model)
@@ -52,26 +50,67 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
     basis = "the method's selection on random scores (kept sizes do not depend on the scores)"
     if meth.select is not None and "layers" not in meth.targets:
         try:
-            plan = meth.select(model, adapter, scores, spec.ratio, settings)
+            plan = meth.select(model, adapter, scores, ratio, settings)
         except (RuntimeError, NotImplementedError, KeyError, ValueError, TypeError):
             plan = None
+    elif meth.sizes is not None:
+        plan = meth.sizes(model, adapter, ratio, settings)
+        basis = "the method's own schedule (kept sizes; which units go depends on the data)"
     if plan is None:
         basis = "estimate: uniform removal of round(n x ratio) units per layer"
         sd = settings.model_dump()
         if "layers" in meth.targets:
             n = len(shapes)
-            k = int(n * spec.ratio + 0.5)
+            k = int(n * ratio + 0.5)
             plan = PrunePlan.identity(n, meth.name, sd)
             for lp in plan.layers[max(0, n - 1 - k):n - 1]:
                 lp.keep = False
             basis = f"estimate: a block of {k} consecutive layers removed"
         else:
-            per_layer = layer_ratios(sd.get("schedule", "uniform"), spec.ratio, len(shapes)) \
+            per_layer = layer_ratios(sd.get("schedule", "uniform"), ratio, len(shapes)) \
                 if isinstance(sd.get("schedule", "uniform"), str) else None
-            plan = plan_from_scores(model, adapter, scores, spec.ratio,
+            plan = plan_from_scores(model, adapter, scores, ratio,
                                     targets=tuple(t for t in meth.targets if t in ("heads", "ffn")),
-                                    gqa=sd.get("gqa", "kv_group"), per_layer=per_layer, method=meth.name, settings=sd)
+                                    gqa=sd.get("gqa", "kv_group"), per_layer=per_layer, method=meth.name, settings=sd,
+                                    uniform_heads=sd.get("servable") == "vllm")
+    return plan, basis
+
+
+def servable_check(rows: list[dict]) -> dict:
+    """Whether vLLM's per-layer format can hold these sizes: one query-head count for every kept layer."""
+    heads = [(r["layer"], r["heads_after"]) for r in rows if r.get("heads_after")]
+    first = heads[0] if heads else None
+    bad = next(((i, h) for i, h in heads if h != first[1]), None)
+    if bad is None:
+        return {"vllm": True, "query_heads": first[1] if first else None}
+    return {"vllm": False, "reason": f"layer {bad[0]} keeps {bad[1]} query heads, layer {first[0]} keeps {first[1]}; "
+                                     "set servable: vllm"}
+
+
+def dry_run(spec: RunSpec, context: int = 0) -> dict:
+    from pruning_core.adapters import adapter_for
+    from pruning_core.methods import get_method
+    from pruning_core.metrics import flops_per_token, layer_table
+
+    model = _meta_model(spec.model.ref, spec.model.trust_remote_code, spec.model.revision)
+    adapter = adapter_for(model)
+    meth = get_method(spec.method.name)
+    settings = meth.parse_settings(spec.method.settings)
+    plan, basis = _plan(model, adapter, meth, settings, spec.ratio)
+    constraint = None
+    if settings.servable == "vllm":  # what the constraint changes, against the same method without it
+        free, _ = _plan(model, adapter, meth, settings.model_copy(update={"servable": "none"}), spec.ratio)
+        free_rows = {r["layer"]: r for r in layer_table(model, free, context=context)}
+        constraint = {"unconstrained_params_after": free.params_after, "changed": []}
     rows = layer_table(model, plan, context=context)
+    if constraint is not None:
+        for r in rows:
+            f = free_rows[r["layer"]]
+            if (f["heads_after"], f["kv_heads_after"], f["ffn_after"]) != (r["heads_after"], r["kv_heads_after"],
+                                                                           r["ffn_after"]):
+                constraint["changed"].append({"layer": r["layer"], "heads": [f["heads_after"], r["heads_after"]],
+                                              "kv_heads": [f["kv_heads_after"], r["kv_heads_after"]],
+                                              "ffn": [f["ffn_after"], r["ffn_after"]]})
     # embeddings / lm_head / final norm are untouched by structured pruning of the decoder layers
     other_params = sum(p.numel() for p in model.parameters()) - sum(r["params"] for r in rows)
     other_flops = flops_per_token(model, context=context) - sum(r["flops"] for r in rows)
@@ -83,7 +122,9 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
     }
     memory = memory_plan(spec, model.config, meth)
     return {"model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
-            "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after], **memory}
+            "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after],
+            "servable": {**servable_check(rows), "constraint": settings.servable, "changes": constraint}, **memory}
+
 
 
 def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None) -> dict:

@@ -5,6 +5,10 @@
     method:       {name, settings}        settings validated by the method's own settings model
     ratio:        target fraction of heads / FFN channels removed, in [0, 1)
     schedule:     per-layer ratio schedule (None: the method's default, usually uniform)
+    servable:     none|vllm: plan for vLLM (the same query-head count in every layer; FFN widths free);
+                  copied into method.settings.servable. Default: vllm when export is vllm, else none
+    export:       {format: none|vllm} (or `export: vllm`): the run ends with a servable folder
+                  (<run_dir>/servable-vllm; uniform: the stock folder, else vLLM's DeciLM format)
     recovery:     {kind: none|lora|replacement, settings}
     evaluation:   {source, ppl_seq_len, ppl_windows, tasks, limit, efficiency, batch_size}
     store:        {url}                   local folder (default $PRUNEFLOW_HOME/artifacts) or s3://bucket/prefix
@@ -70,6 +74,10 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(1, ge=1)
 
 
+class ExportSpec(_Strict):
+    format: Literal["none", "vllm"] = "none"
+
+
 class StoreSpec(_Strict):
     url: str | None = None
 
@@ -88,6 +96,8 @@ class RunSpec(_Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     ratio: float = Field(0.2, ge=0.0, lt=1.0)
     schedule: str | None = None
+    servable: Literal["none", "vllm"] | None = None
+    export: ExportSpec = Field(default_factory=ExportSpec)
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
@@ -99,6 +109,11 @@ class RunSpec(_Strict):
     @classmethod
     def _store_str(cls, v):
         return {"url": v} if isinstance(v, str) or v is None else v
+
+    @field_validator("export", mode="before")
+    @classmethod
+    def _export_str(cls, v):
+        return {"format": v} if isinstance(v, str) or v is None else v
 
     @field_validator("device")
     @classmethod
@@ -117,6 +132,9 @@ class RunSpec(_Strict):
             if "schedule" not in m.settings.model_fields:
                 raise ConfigError("schedule", self.schedule, f"no schedule (method {m.name!r} has none)")
             raw["schedule"] = self.schedule
+        servable = self.servable or ("vllm" if self.export.format == "vllm" else None)
+        if servable is not None:
+            raw["servable"] = servable
         self.method.settings = m.parse_settings(raw).model_dump(mode="json")
         sched = self.method.settings.get("schedule")
         if isinstance(sched, str):

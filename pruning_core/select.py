@@ -86,8 +86,10 @@ def plan_from_scores(
     per_layer: list[float] | None = None,
     method: str = "",
     settings: dict | None = None,
+    uniform_heads: bool = False,
 ) -> PrunePlan:
-    """Remove the lowest-scoring units in every layer: round(n * r_i) of them."""
+    """Remove the lowest-scoring units in every layer: round(n * r_i) of them. `uniform_heads`
+    (the `servable: vllm` constraint): heads at the target ratio in every layer, FFN at r_i."""
     check_ratio(ratio)
     shapes = adapter.shapes(model)
     ratios = per_layer if per_layer is not None else [ratio] * len(shapes)
@@ -95,8 +97,9 @@ def plan_from_scores(
     for i, s in enumerate(shapes):
         lp = LayerPlan(i)
         r = ratios[i]
-        if "heads" in targets and f"heads.{i}" in scores and r > 0:
-            lp.heads, lp.kv_heads = keep_heads(scores[f"heads.{i}"], s.n_heads, s.n_kv_heads, r, gqa, i)
+        rh = ratio if uniform_heads else r
+        if "heads" in targets and f"heads.{i}" in scores and rh > 0:
+            lp.heads, lp.kv_heads = keep_heads(scores[f"heads.{i}"], s.n_heads, s.n_kv_heads, rh, gqa, i)
         if "ffn" in targets and f"ffn.{i}" in scores and r > 0:
             lp.ffn = keep_channels(scores[f"ffn.{i}"], r, i)
         lps.append(lp)
@@ -173,16 +176,24 @@ def _removed(u: dict, r: float, head_scale: float = 1.0) -> tuple[int, int]:
 
 
 def solve_schedule(model, adapter, target: float, schedule: str = "log_increase", r0_fraction: float = 0.25,
-                   gqa: str = "kv_group", head_scale: float = 1.0) -> dict:
+                   gqa: str = "kv_group", head_scale: float = 1.0, uniform_heads: bool = False) -> dict:
     """Per-layer ratios and removal counts whose realised parameter reduction over the decoder layers
     equals `target` after rounding (bisection on r_last, then the FFN absorbs the head residual).
     `head_scale` removes heads at that multiple of each layer's ratio (0: FFN only).
-    Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last, realised}."""
+    `uniform_heads` (`servable: vllm`): every layer removes the same number of head units, the mean
+    (rounded) of what the schedule alone would remove; the FFN widths follow the schedule and absorb
+    the difference. Returns {ratios, heads (units removed per layer), ffn (channels removed), r_last,
+    realised}."""
     check_ratio(target)
     units = unit_counts(model, adapter, gqa)
     L = len(units)
     total = sum(u["total"] for u in units if u)
     goal = target * total
+    fixed = None
+    if uniform_heads and schedule != "uniform":
+        free = solve_schedule(model, adapter, target, schedule, r0_fraction, gqa, head_scale)["heads"]
+        hs = [h for h, u in zip(free, units) if u]
+        fixed = int(math.floor(sum(hs) / max(len(hs), 1) + 0.5))
 
     def count(r_last):
         rs = schedule_ratios(schedule, r_last, L, r0_fraction)
@@ -192,6 +203,8 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
                 kh.append(0), kf.append(0)
                 continue
             a, b = _removed(u, min(r, 1.0), head_scale)
+            if fixed is not None:
+                a = min(fixed, (u["per_group"] or u["units"]) - 1)
             kh.append(a), kf.append(b)
             rem += a * u["unit_params"] + b * u["ch_params"]
         return rs, kh, kf, rem

@@ -16,6 +16,7 @@ Two cache layers, one key:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -123,7 +124,9 @@ def cache_key_fn_for(step: str):
         if not _valid(store, man):
             log.warning("step %s: cached artifact missing or corrupt; recomputing", step)
             return None
-        return f"pruneflow-{step}-{key}"
+        # Prefect keeps its result records in one place for every store: the record names the store, or a
+        # run on store B would be handed a manifest that points into store A
+        return f"pruneflow-{step}-{key}-{hashlib.sha256(store.url.encode()).hexdigest()[:10]}"
 
     fn.__name__ = f"cache_key_{step}"
     return fn

@@ -355,6 +355,32 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
 
 
 # ================================================================================================
+# export: a servable folder (pruning_core.export) of the final checkpoint
+# ================================================================================================
+def _export_keyparts(p):
+    return {"format": p["fmt"]}, [p["checkpoint"]], p.get("model_revision")
+
+
+define_step("export", _export_keyparts, lambda p: [_export_keyparts, export_task])
+
+
+@_task("export")
+def export_task(ctx: dict, checkpoint: dict, fmt: str, model_revision: str | None = None) -> dict:
+    params = {"ctx": ctx, "checkpoint": checkpoint, "fmt": fmt, "model_revision": model_revision}
+
+    def compute():
+        from pruning_core.export import export_checkpoint
+
+        store = open_store(ctx.get("store"))
+        with scratch_dir() as d:
+            res = export_checkpoint(store.local_path(checkpoint), Path(d) / f"servable-{fmt}", fmt)
+            man = store.put_dir(res["path"], "servable", f"export:{fmt}")
+        return {**man, "format": fmt, "layout": res["layout"]}
+
+    return run_step("export", params, compute)
+
+
+# ================================================================================================
 # recover: LoRA (peft) or replacement-layer training; `none` passes the checkpoint through
 # ================================================================================================
 def _recover_keyparts(p):

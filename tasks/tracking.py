@@ -451,7 +451,7 @@ def log_checkpoint_model(checkpoint: str | Path, name: str | None, max_new_token
     """Log a checkpoint folder as an MLflow model in the active run (and register it when ``name``)."""
     from pruning_core.checkpoint import is_uniform, load_pruned
 
-    ckpt = Path(checkpoint)
+    ckpt = Path(checkpoint).resolve()  # the run folder's link -> the store object (MLflow refuses links out)
     reqs = pip_requirements()
     if is_uniform(ckpt):
         model, tok = load_pruned(ckpt, device="cpu")
@@ -639,10 +639,30 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
                         result.update(model_name=name, model_uri=info.model_uri, model_version=version)
                         mlflow.set_tag(f"{TAG}registered_model", f"{name}/{version}")
                         tag_model_version(client, name, version, report, parent.info.run_id)
+                        served = _log_servable(client, info, name, version, arts, tmp)
+                        if served:
+                            result["servable_uri"] = served
                         if key:
                             client.set_model_version_tag(name, version, f"{TAG}checkpoint_key", key)
     log.info("MLflow run %s (%s) logged to %s", result.get("run_id"), run_name, uri)
     return result
+
+
+SERVABLE_DIR = "servable-vllm"
+
+
+def _log_servable(client: MlflowClient, info, name: str, version: str, arts: Mapping[str, str], tmp: Path) -> str | None:
+    """Put the run's servable folder (spec `export: vllm`) inside the registered model's artifacts, so
+    `mlflow artifacts download -u models:/<name>/<version>/servable-vllm` gives a folder `vllm serve` loads.
+    Tagged on the version as ``pruneflow.servable``."""
+    ref = arts.get("servable_local") or arts.get("servable")
+    local = _local_copy(ref, tmp) if ref else None
+    if local is None or not (local / "config.json").exists() or not getattr(info, "model_id", None):
+        return None
+    client.log_model_artifacts(info.model_id, str(local.resolve()), artifact_path=SERVABLE_DIR)
+    uri = f"models:/{name}/{version}/{SERVABLE_DIR}"
+    client.set_model_version_tag(name, version, f"{TAG}servable", uri)
+    return uri
 
 
 def checkpoint_key(report: Mapping[str, Any]) -> str | None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, validated
 
@@ -30,9 +30,16 @@ Scores = dict[str, torch.Tensor]  # e.g. {"heads.3": [n_q], "ffn.3": [d_ff], "la
 
 
 class MethodSettings(BaseModel):
-    """Base for every method's settings: unknown keys are an error, values are validated."""
+    """Base for every method's settings: unknown keys are an error, values are validated.
+
+    `servable` is the planning constraint every method honours: `vllm` keeps the same number of query
+    heads in every layer (vLLM's per-layer DeciLM format has one global query-head count; KV heads and
+    FFN widths stay free per layer), so the result can be exported with `pruneflow export --format vllm`.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    servable: Literal["none", "vllm"] = Field(
+        "none", description="none, or vllm: the same number of query heads in every layer (FFN widths free)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class Method:
     select: Callable[..., Any] | None = None
     # prune(model, adapter, calib_ids, ratio, settings, device=...) -> PrunePlan (coupled methods)
     prune: Callable[..., Any] | None = None
+    # optional, coupled methods: sizes(model, adapter, ratio, settings) -> PrunePlan with the kept *sizes*
+    # (not the data-chosen indices), so `pruneflow plan` shows them without calibration data
+    sizes: Callable[..., Any] | None = None
 
     @property
     def coupled(self) -> bool:

@@ -82,7 +82,8 @@ def _random(model, adapter, seed: int) -> dict[str, torch.Tensor]:
 def _select(model, adapter, scores, ratio, settings: BaselineSettings, name: str):
     per_layer = layer_ratios(settings.schedule, ratio, len(adapter.layers(model)))
     return plan_from_scores(model, adapter, scores, ratio, targets=tuple(settings.targets), gqa=settings.gqa,
-                            per_layer=per_layer, method=name, settings=settings.model_dump())
+                            per_layer=per_layer, method=name, settings=settings.model_dump(),
+                            uniform_heads=settings.servable == "vllm")
 
 
 def _make(name: str, summary: str, score, data_free: bool) -> Method:

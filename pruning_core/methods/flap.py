@@ -44,6 +44,7 @@ from ..plan import LayerPlan, PrunePlan
 from ..select import check_ratio, solve_schedule, unit_counts
 from ..surgery import settle_biases
 from .base import Method, MethodSettings, register
+from .slimgpt import sizes_plan
 
 
 class FLAPSettings(MethodSettings):
@@ -186,6 +187,29 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
     return plan
 
 
+def _global_removal(entries, units, collected, goal: float, heads_per_layer: int | None = None) -> dict:
+    """Units removed in ascending z order until the removed parameters get closest to `goal`.
+    `heads_per_layer`: every layer loses exactly its k lowest-z heads first; the FFN takes the rest."""
+    removed = 0
+    gone = {i: {"head": [], "ffn": []} for i in collected}
+    if heads_per_layer is not None:
+        for _z, w, i, kind, j in entries:
+            if kind == "head" and len(gone[i]["head"]) < min(heads_per_layer, units[i]["units"] - 1):
+                gone[i]["head"].append(j)
+                removed += w
+    for _z, w, i, kind, j in entries:
+        if heads_per_layer is not None and kind == "head":
+            continue
+        if removed + w / 2 > goal:  # stop at the unit that gets closest to the goal
+            continue
+        limit = units[i]["units"] if kind == "head" else units[i]["ffn"]
+        if len(gone[i][kind]) >= limit - 1:
+            continue
+        gone[i][kind].append(j)
+        removed += w
+    return gone
+
+
 def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress) -> list[float]:
     units = unit_counts(model, adapter, "kv_group")
     collected = {}
@@ -207,16 +231,10 @@ def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress
             entries += [(float(z[j]), w, i, kind, j) for j in range(sc.numel())]
     entries.sort(key=lambda e: e[0])
     total = sum(u["total"] for u in units if u)
-    goal, removed = ratio * total, 0
-    gone = {i: {"head": [], "ffn": []} for i in collected}
-    for _z, w, i, kind, j in entries:
-        if removed + w / 2 > goal:  # stop at the unit that gets closest to the goal
-            continue
-        limit = units[i]["units"] if kind == "head" else units[i]["ffn"]
-        if len(gone[i][kind]) >= limit - 1:
-            continue
-        gone[i][kind].append(j)
-        removed += w
+    gone = _global_removal(entries, units, collected, ratio * total)
+    if s.servable == "vllm":  # the same number of KV groups in every layer: the mean of the free choice
+        k = int(sum(len(g["head"]) for g in gone.values()) / max(len(gone), 1) + 0.5)
+        gone = _global_removal(entries, units, collected, ratio * total, heads_per_layer=k)
     ratios = []
     for i, layer in enumerate(adapter.layers(model)):
         lp = LayerPlan(i)
@@ -232,6 +250,15 @@ def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress
     return ratios
 
 
+def planned_sizes(model, adapter, ratio: float, settings: FLAPSettings | None = None) -> PrunePlan | None:
+    """Kept sizes of the uniform structure; None for al_am (its sizes depend on the calibration data)."""
+    s = settings or FLAPSettings()
+    if s.structure != "uniform":
+        return None
+    sched = solve_schedule(model, adapter, check_ratio(ratio), "uniform", gqa=s.gqa)
+    return sizes_plan(model, adapter, sched, s.gqa, "flap", s.model_dump(), ratio)
+
+
 register(Method(
     name="flap",
     summary="fluctuation metric (WIFV) + bias compensation, retraining-free (baseline)",
@@ -239,4 +266,5 @@ register(Method(
     paper="An et al., AAAI 2024, arXiv 2312.11983",
     targets=("heads", "ffn"),
     prune=prune,
+    sizes=planned_sizes,
 ))

@@ -83,7 +83,8 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     Returns the plan; `surgery.apply_plan(model, plan)` then removes the dead structures."""
     s = settings or SlimGPTSettings()
     ratio = check_ratio(ratio)
-    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale)
+    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
+                           uniform_heads=s.servable == "vllm")
     sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
     dev = torch.device(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -153,6 +154,38 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     return plan
 
 
+def sizes_plan(model, adapter, sched: dict, gqa: str, method: str, settings: dict, ratio: float) -> PrunePlan:
+    """A plan with the kept sizes of a solved schedule (lowest indices dropped: only sizes are meaningful)."""
+    lps = []
+    for i, layer in enumerate(adapter.layers(model)):
+        lp, shape = LayerPlan(i), adapter.layer_shape(model, layer)
+        kh, kf = sched["heads"][i], sched["ffn"][i]
+        if shape.kind == "decoder":
+            rep = shape.n_heads // shape.n_kv_heads
+            if kh and (gqa == "kv_group" or rep == 1):
+                lp.kv_heads = list(range(kh, shape.n_kv_heads))
+                lp.heads = [g * rep + j for g in lp.kv_heads for j in range(rep)]
+            elif kh:
+                lp.heads = [g * rep + j for g in range(shape.n_kv_heads) for j in range(kh, rep)]
+                lp.kv_heads = list(range(shape.n_kv_heads))
+            if kf:
+                lp.ffn = list(range(kf, shape.ffn))
+        lps.append(lp)
+    plan = PrunePlan(method=method, settings=settings, layers=lps, target_ratio=ratio,
+                     per_layer_ratio=[float(r) for r in sched["ratios"]])
+    from ..metrics import plan_params
+
+    plan.params_before, plan.params_after = plan_params(model, plan)
+    return plan
+
+
+def planned_sizes(model, adapter, ratio: float, settings: SlimGPTSettings | None = None) -> PrunePlan:
+    s = settings or SlimGPTSettings()
+    sched = solve_schedule(model, adapter, check_ratio(ratio), s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
+                           uniform_heads=s.servable == "vllm")
+    return sizes_plan(model, adapter, sched, s.gqa, "slimgpt", s.model_dump(), ratio)
+
+
 register(Method(
     name="slimgpt",
     summary="layer-wise structured OBS on heads and FFN channels with compensation, log-increasing ratio",
@@ -160,4 +193,5 @@ register(Method(
     paper="Ling et al., NeurIPS 2024, arXiv 2412.18110",
     targets=("heads", "ffn"),
     prune=prune,
+    sizes=planned_sizes,
 ))

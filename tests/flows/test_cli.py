@@ -76,8 +76,8 @@ def test_unreachable_store_and_missing_credentials(tmp_path, pf_home, monkeypatc
 
 
 def test_plan_is_a_dry_run_with_per_layer_sizes(tiny_llama_dir, pf_home):
-    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5", "--json",
-                              "--set", "method.settings.gqa=per_group"])
+    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--ratio", "0.5", "--json", "--method", "l2",
+                              "--set", "method.settings.gqa=per_group"])  # compared with l2's surgery below
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert len(out["layers"]) == 2

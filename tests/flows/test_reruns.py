@@ -216,7 +216,7 @@ def test_sigkill_during_prune_leaves_nothing_behind(tiny_spec, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # the run only: its temporary server would be orphaned
     proc.wait(timeout=30)
     t0 = time.time()
-    while _alive(server) and time.time() - t0 < 60:
+    while jfile.exists() and time.time() - t0 < 180:  # the watchdog drops the journal when it is done
         time.sleep(0.5)
     assert not _alive(server), "the orphaned temporary Prefect server is still running"
     assert not jfile.exists(), jfile.read_text()  # the watchdog did everything

