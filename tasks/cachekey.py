@@ -27,6 +27,7 @@ import importlib.metadata as md
 import importlib.util
 import inspect
 import textwrap
+import threading
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -149,8 +150,18 @@ def _function_parts(fn: types.FunctionType) -> tuple[dict[str, str], set[str]]:
     return sources, modules
 
 
+# CPython 3.11's AST constructor is not safe in concurrent threads ("AST constructor recursion depth
+# mismatch"): steps submitted to a thread pool or a threaded Dask worker compute their keys in parallel
+_AST_LOCK = threading.RLock()
+
+
 def code_parts(*roots: Any) -> dict[str, str]:
     """Per-part digests of everything the given functions / modules (objects or dotted names) run."""
+    with _AST_LOCK:
+        return _code_parts(roots)
+
+
+def _code_parts(roots: tuple) -> dict[str, str]:
     parts: dict[str, str] = {"epoch": STEP_EPOCH}
     modules: set[str] = set()
     for r in roots:
