@@ -273,6 +273,11 @@ def plan(
     typer.echo(table(["total", "before", "after", "after/before"],
                      [["params", t["params"], t["params_after"], t["params_after"] / t["params"]],
                       ["FLOPs/token", t["flops"], t["flops_after"], t["flops_after"] / t["flops"]]]))
+    if "memory" in res:
+        gib = 2**30
+        typer.echo(f"placement {res['placement']} ({res['placement_reason']}), dtype {res['dtype']}")
+        typer.echo(table(["step", "peak device GiB (est.)", "peak host GiB (est.)"],
+                         [[k, f"{v['device'] / gib:.2f}", f"{v['host'] / gib:.2f}"] for k, v in res["memory"].items()]))
 
 
 def _find_report(ref: str) -> dict:

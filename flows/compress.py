@@ -33,12 +33,28 @@ log = logging.getLogger("pruneflow.flow")
 STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "recover", "evaluate_dense", "evaluate", "export")
 
 
+def _host_memory() -> dict:
+    """{"peak_rss": this process's peak RSS so far, "rss": its RSS now} in bytes (Linux / macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        import psutil
+
+        now = psutil.Process().memory_info().rss
+    except (ImportError, OSError):
+        now = None
+    return {"peak_rss": peak, "rss": now}
+
+
 class StepLog:
     """Calls tasks in order, recording per-step wall time and cache hit / miss / skipped."""
 
     def __init__(self, ctx: dict, on_step=None):
         self.ctx, self.timings, self.cache, self.artifacts = ctx, {}, {}, {}
         self.why: dict[str, str] = {}  # step -> why it missed (which part of its cache key is new)
+        self.memory: dict[str, dict] = {}  # step -> host memory of this process after it (bytes)
         self.on_step = on_step
 
     def __call__(self, name: str, task, **kw) -> dict:
@@ -52,6 +68,7 @@ class StepLog:
             self.why[name] = format_reason(man["why"])
         if man.get("uri"):
             self.artifacts[name] = man["uri"]
+        self.memory[name] = _host_memory()
         if self.on_step:
             self.on_step(name, self.cache[name], dt)
         return man
@@ -68,7 +85,7 @@ class StepLog:
 
 
 def ctx_for(spec: RunSpec) -> dict:
-    return {"store": spec.store.url or default_store_url(), "device": spec.device}
+    return {"store": spec.store.url or default_store_url(), "device": spec.device, "placement": spec.model.placement}
 
 
 def eval_settings(spec: RunSpec) -> dict:
@@ -120,7 +137,8 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     else:  # none: the prune step's checkpoint as it is (an LLM-Streamline replacement stays untrained)
         sl.skip("recover")
     after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
-               model_revision=model["sha256"], label="pruned")
+               model_revision=model["sha256"], label="pruned",
+               dtype=model["dtype"])
     return ckpt, after
 
 
@@ -227,6 +245,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "retention": retention(mb, ma),  # after/before, perplexities inverted; 1.0 = as good as dense
         "timings": {k: sl.timings.get(k) for k in STEP_ORDER if k in sl.timings},
         "cache": {k: sl.cache.get(k) for k in STEP_ORDER if k in sl.cache},
+        "host_memory": {k: sl.memory[k] for k in STEP_ORDER if k in sl.memory},  # peak RSS so far after each step
         "cache_why": {k: sl.why[k] for k in STEP_ORDER if k in sl.why},
         "artifacts": {**sl.artifacts, "checkpoint": ckpt["uri"], "run_dir": run_dir,
                       "log": str(Path(run_dir) / "pruneflow.log")},
@@ -335,7 +354,8 @@ def compress(spec: dict, run_dir: str | None = None) -> dict:
         scores = score_once(s, sl, model, calib, s.method.name, s.method.settings)
         ckpt, after = prune_and_evaluate(s, sl, model, calib, scores, s.method.name, s.method.settings, s.ratio)
         dense = sl("evaluate_dense", steps.evaluate_task, target=model, settings=eval_settings(s),
-                   model_revision=model["sha256"], label="dense")
+                   model_revision=model["sha256"], label="dense",
+                   dtype=model["dtype"])
         report = build_report(s, sl, ckpt, dense, after, str(rd))
         report["artifacts"]["checkpoint_local"] = _link_checkpoint(rd, ckpt, ctx["store"])
         if s.export.format != "none":  # a folder vLLM serves as is (`vllm serve <run_dir>/servable-vllm`)

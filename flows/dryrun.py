@@ -19,12 +19,12 @@ from pruning_core import hfload
 from .spec import RunSpec
 
 
-def _meta_model(ref: str, trust_remote_code: bool = False):
+def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pruning_core.models import resolve_model_path
 
-    path = resolve_model_path(ref)
+    path = resolve_model_path(ref, revision)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if getattr(config, "pruneflow_layers", None):
         from pruning_core.errors import ConfigError
@@ -92,7 +92,7 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
     from pruning_core.methods import get_method
     from pruning_core.metrics import flops_per_token, layer_table
 
-    model = _meta_model(spec.model.ref, spec.model.trust_remote_code)
+    model = _meta_model(spec.model.ref, spec.model.trust_remote_code, spec.model.revision)
     adapter = adapter_for(model)
     meth = get_method(spec.method.name)
     settings = meth.parse_settings(spec.method.settings)
@@ -120,6 +120,35 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
         "flops": other_flops + sum(r["flops"] for r in rows),
         "flops_after": other_flops + sum(r["flops_after"] for r in rows),
     }
+    memory = memory_plan(spec, model.config, meth)
     return {"model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
             "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after],
-            "servable": {**servable_check(rows), "constraint": settings.servable, "changes": constraint}}
+            "servable": {**servable_check(rows), "constraint": settings.servable, "changes": constraint}, **memory}
+
+
+
+def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None) -> dict:
+    """{"placement", "placement_reason", "memory": {step: {device, host}}}; a one-line ConfigError
+    when a step cannot fit the free memory under the chosen placement."""
+    from pruning_core.models import resolve_device
+    from pruning_core.placement import check_fits, choose_placement, estimate_steps, free_memory, param_bytes
+    from pruning_core.placement import resolve_dtype as dtype_for
+
+    dev = resolve_device(spec.device)
+    dt = dtype_for(spec.model.dtype, config, dev)
+    free = free or free_memory(dev)
+    c, e = spec.calibration, spec.evaluation
+
+    def est(pl):
+        return estimate_steps(config, dt, pl, dev, meth, c.n_samples, c.seq_len, c.batch_size, e.ppl_seq_len,
+                              e.batch_size)
+
+    if spec.model.placement == "auto":
+        work = max(v["device"] or v["host"] for v in est("device").values()) - param_bytes(config, dt)["total"]
+        placement, why = choose_placement("auto", param_bytes(config, dt), work, dev, free)
+    else:
+        placement, why = spec.model.placement, "requested"
+    steps = est(placement)
+    check_fits(steps, free, placement, cuda=dev.type == "cuda")
+    return {"placement": placement, "placement_reason": why, "dtype": str(dt).removeprefix("torch."),
+            "memory": steps, "free_memory": {"device": free[0], "host": free[1]}}

@@ -1,6 +1,6 @@
 """The run spec: one typed, validated object (unknown keys rejected), from YAML + command-line overrides.
 
-    model:        {ref, dtype, revision, trust_remote_code}
+    model:        {ref, dtype, placement, revision, trust_remote_code}
     calibration:  {source, n_samples, seq_len, seed}
     method:       {name, settings}        settings validated by the method's own settings model
     ratio:        target fraction of decoder-layer parameters removed, in [0, 1) — the same meaning for
@@ -40,8 +40,11 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    ref: str = "smollm2-135m"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    ref: str = "smollm2-135m"  # embedded name, local folder, hub id org/name, or s3:// folder
+    # auto: the checkpoint's own dtype on CUDA, float32 on CPU (statistics are fp32/fp64 regardless)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # where the weights live while a step runs (pruning_core.placement); auto picks by free memory
+    placement: Literal["auto", "device", "offload", "disk"] = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
 

@@ -76,7 +76,7 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
         counts[k][sl.cache[k]] += 1
     ev = eval_settings(s)
     dense_f = steps.evaluate_task.submit(ctx=ctx, target=model, settings=ev, model_revision=model["sha256"],
-                                         label="dense")
+                                         label="dense", dtype=model["dtype"])
     branches = []
     from pruning_core.methods import get_method
 
@@ -98,7 +98,7 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
                 ck = steps.recover_task.submit(ctx=ctx, checkpoint=ck, **recover_args(s, model, calib, settings))
                 branches.append(("recover", method, r, ck))
             evf = steps.evaluate_task.submit(ctx=ctx, target=ck, settings=ev, model_revision=model["sha256"],
-                                             label="pruned")
+                                             label="pruned", dtype=model["dtype"])
             branches.append(("evaluate", method, r, evf))
             branches.append(("_ckpt", method, r, ck))
     dense = dense_f.result()

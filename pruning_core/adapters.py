@@ -226,6 +226,10 @@ class LlamaAdapter(Adapter):
         if kinds != {"decoder"} or len(uniq) != 1:
             return None
         n_q, n_kv, ffn = uniq.pop()
+        if int(config.hidden_size) % n_q:
+            # transformers' LlamaConfig rejects hidden_size % heads != 0 even with an explicit head_dim
+            # (e.g. 32 -> 24 heads of 128 at hidden 4096): the per-layer description loads it instead
+            return None
         upd = {
             "num_hidden_layers": len(shapes),
             "num_attention_heads": n_q,

@@ -128,7 +128,12 @@ class LayerStream:
         device: torch.device | str = "cpu",
         batch_size: int = 8,
         offload: bool = False,
+        write_back: bool | None = None,
     ):
+        """write_back (layers whose weights live on disk, `placement.disk`): True spills every layer
+        after its step, False never (read-only consumers such as `capture_stats`), None spills the
+        layers the consumer changed (a digest of the layer is compared)."""
+        self.write_back = write_back
         self.model, self.adapter = model, adapter
         self.device = torch.device(device)
         self.store = torch.device("cpu") if offload else self.device
@@ -188,20 +193,27 @@ class LayerStream:
         return hs, kws
 
     def __iter__(self) -> Iterator[LayerStep]:
+        from .placement import bring, home_of, release
+
         inputs, kwargs = self._catch_inputs()
         layers = self.adapter.layers(self.model)
         for i in range(len(layers)):
             layer = layers[i]
+            managed = home_of(layer) is not None  # placement offload / disk: the layer's home moves it
+            if managed:
+                bring(layer, self.device, track_changes=self.write_back is None)
             home = _device_of(layer)
-            if home != self.device:
+            if not managed and home != self.device:
                 layer.to(self.device)
             step = LayerStep(i, layer, inputs, kwargs[i], self.device, _store=self.store)
             yield step
-            layer = layers[i]  # the consumer may have replaced it
+            brought, layer = layer, layers[i]  # the consumer may have replaced it
             step.layer = layer
             if step.outputs is None:
                 step.outputs = step.run()
-            if home != self.device:
+            if managed:
+                release(brought, write_back=self.write_back)
+            elif home != self.device:
                 layer.to(home)
             inputs = step.outputs
         self.final_hidden = inputs
@@ -350,17 +362,21 @@ def capture_stats(
 
         raise ConfigError("capture.requests", sorted(unknown), ", ".join(sorted(REQUESTS)))
     acc = Accumulator(stat_dtype)
-    stream = LayerStream(model, adapter, input_ids, device=device, batch_size=batch_size, offload=offload)
+    stream = LayerStream(model, adapter, input_ids, device=device, batch_size=batch_size, offload=offload,
+                         write_back=False)
     n_layers = len(adapter.layers(model))
     want_cos = "cosine" in requests
     span = n_layers if cosine_span is None else int(cosine_span)
     cos = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
     ring: list[tuple[int, list[torch.Tensor]]] = []
 
+    host = torch.device("cpu")
+
     def push_state(idx: int, states: list[torch.Tensor]) -> None:
-        normed = [torch.nn.functional.normalize(s.float(), dim=-1) for s in states]
+        # only the states the method compares are kept (span), unit-normalised fp32 on the host
+        normed = [torch.nn.functional.normalize(s.float(), dim=-1).to(host) for s in states]
         for j, prev in ring:
-            tot = sum(float((p * n).sum()) for p, n in zip(prev, normed))
+            tot = sum(float((p * n).sum(dtype=torch.float64)) for p, n in zip(prev, normed))
             cos[j, idx] = cos[idx, j] = tot / stream.n_tokens
         cos[idx, idx] = 1.0
         ring.append((idx, normed))

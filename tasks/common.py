@@ -168,25 +168,34 @@ def run_step(step: str, params: dict, compute: Callable[[], dict]) -> dict:
 
 # -- loaded models (one process may run several steps on the same model) ----------------------------
 _MODELS: dict[tuple, tuple] = {}
-_MODELS_LOCK = threading.Lock()
+_MODELS_LOCK = threading.RLock()
 
 
-def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: bool = False):
-    """(model, tokenizer) loaded once per process; callers that modify the model must deep-copy it."""
+def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: bool = False,
+                      placement: str = "device"):
+    """(model, tokenizer) loaded once per process, read-only: one model at a time (the previous one is
+    dropped before the next is read). A step that modifies the model opens its own (`placement.open_model`)."""
     from pruning_core.models import load_model
 
-    key = (str(path), dtype, str(device), trust_remote_code)
+    key = (str(path), dtype, str(device), trust_remote_code, placement)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            if len(_MODELS) >= 2:
-                _MODELS.pop(next(iter(_MODELS)))
-            _MODELS[key] = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            clear_models()
+            _MODELS[key] = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      placement=placement)
         return _MODELS[key]
 
 
 def clear_models() -> None:
+    """Drop the cached model and give its memory back before another is read (never two at once)."""
+    import gc
+
     with _MODELS_LOCK:
         _MODELS.clear()
+        gc.collect()
+    from pruning_core.placement import _trim
+
+    _trim()
 
 
 def progress_enabled() -> bool:

@@ -9,7 +9,6 @@ per worker. Retries only on network / storage errors (`retry_condition`).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from pruning_core.errors import ConfigError, StorageError
 
 from .common import (
     cache_key_fn_for,
+    clear_models,
     define_step,
     load_model_cached,
     progress_enabled,
@@ -62,6 +62,37 @@ def _device(ctx: dict):
 
 def _model_path(model: dict) -> str:
     return model["uri"]
+
+
+def _placement(ctx: dict, path: str, dtype: str, trust_remote_code: bool = False, working_set: int = 0,
+               step: str = "") -> str:
+    """`model.placement` for this step: auto resolved against free memory (logged with the reason)."""
+    from transformers import AutoConfig
+
+    from pruning_core.placement import choose_placement, param_bytes, resolve_dtype
+
+    req = ctx.get("placement", "auto")
+    if req != "auto":
+        return req
+    dev = _device(ctx)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    placement, why = choose_placement("auto", param_bytes(config, resolve_dtype(dtype, config, dev)), working_set, dev)
+    log.info("step %s: placement %s (%s)", step, placement, why)
+    return placement
+
+
+def _open(model: dict, ctx: dict, step: str, path: str | None = None, fresh: bool = False):
+    """(model, tokenizer) of `path` (default: the dense model) under the run's placement; shared by
+    the steps of one process unless `fresh` (a step that modifies it: prune)."""
+    path = path or _model_path(model)
+    trc = model.get("trust_remote_code", False)
+    placement = _placement(ctx, path, model["dtype"], trc, step=step)
+    if fresh:
+        from pruning_core.placement import open_model
+
+        clear_models()  # never two models in memory: the prune step starts from the stored checkpoint
+        return open_model(path, placement=placement, device=_device(ctx), dtype=model["dtype"], trust_remote_code=trc)
+    return load_model_cached(path, model["dtype"], str(_device(ctx)), trc, placement=placement)
 
 
 def _save_tensors(tensors: dict, name: str, kind: str, producer: str, ctx: dict, meta: dict | None = None) -> dict:
@@ -106,9 +137,20 @@ def _progress(desc: str, total: int, unit: str = "layer"):
 # ================================================================================================
 def _load_keyparts(p):
     # the folder's fingerprint is checked when the record is reused (`model_valid`): a changed folder
-    # makes the step recompute, and every later key follows the new revision
-    ref = p["ref"] if p["ref"].count("/") == 1 and not os.path.exists(p["ref"]) else _abs(p["ref"])
-    return {"ref": ref, "dtype": p["dtype"], "revision": p.get("revision")}, [], None
+    # makes the step recompute, and every later key follows the new revision. A hub id keys on the
+    # commit its revision resolves to; dtype auto on the device kind it resolves for.
+    from pruning_core.models import is_hub_id
+
+    ref = p["ref"]
+    parts = {"ref": ref if (is_hub_id(ref) or ref.startswith("s3://")) else _abs(ref), "dtype": p["dtype"],
+             "revision": p.get("revision")}
+    if is_hub_id(ref):
+        from pruning_core.models import hub_snapshot
+
+        parts["resolved"] = hub_snapshot(ref, p.get("revision"))[1]
+    if p["dtype"] == "auto":
+        parts["device_kind"] = _device(p.get("ctx") or {}).type
+    return parts, [], None
 
 
 def _abs(ref: str) -> str:
@@ -121,18 +163,28 @@ define_step("load", _load_keyparts, lambda p: [_load_keyparts, load_model_task],
 
 
 @_task("load")
-def load_model_task(ctx: dict, ref: str, dtype: str = "float32", revision: str | None = None,
+def load_model_task(ctx: dict, ref: str, dtype: str = "auto", revision: str | None = None,
                     trust_remote_code: bool = False) -> dict:
     params = {"ctx": ctx, "ref": ref, "dtype": dtype, "revision": revision}
 
     def compute():
-        from pruning_core.models import model_revision, resolve_model_path
+        import hashlib
 
-        path = resolve_model_path(ref)  # converts the embedded GGUF once
+        from transformers import AutoConfig
+
+        from pruning_core.models import model_revision, resolve_source
+        from pruning_core.placement import resolve_dtype
+
+        path, resolved = resolve_source(ref, revision)  # converts the embedded GGUF once; hub / s3 snapshots
         fp = model_revision(path)
         cfg = json.loads((Path(path) / "config.json").read_text())
-        return {"uri": path, "sha256": revision or fp, "fingerprint": fp, "bytes": _dir_bytes(path), "kind": "model",
-                "producer": "load", "external": True, "ref": ref, "dtype": dtype,
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        dt = str(resolve_dtype(dtype, config, _device(ctx))).removeprefix("torch.")
+        rev = resolved or revision or fp
+        # every later key follows the model revision and the dtype it is computed in
+        sha = hashlib.sha256(f"{rev}:{dt}".encode()).hexdigest()[:16]
+        return {"uri": path, "sha256": sha, "revision": rev, "fingerprint": fp, "bytes": _dir_bytes(path),
+                "kind": "model", "producer": "load", "external": True, "ref": ref, "dtype": dt,
                 "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
                 "trust_remote_code": trust_remote_code}
 
@@ -212,7 +264,7 @@ def capture_task(ctx: dict, model: dict, calib: dict, requests: list[str], batch
         from pruning_core.adapters import adapter_for
         from pruning_core.capture import capture_stats
 
-        m, _tok = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+        m, _tok = _open(model, ctx, "capture")
         ids = load_calibration(calib, ctx)
         bar, cb = _progress("capture", len(adapter_for(m).layers(m)))
         try:
@@ -253,7 +305,7 @@ def score_task(ctx: dict, model: dict, stats: dict | None, method: str, settings
         from pruning_core.methods import get_method
 
         meth = get_method(method)
-        m, _tok = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+        m, _tok = _open(model, ctx, "score")
         st = _load_tensors(stats, ctx) if stats else {}
         scores = meth.score(m, adapter_for(m), st, meth.parse_settings(settings))
         return _save_tensors(scores, "scores.safetensors", "scores", f"score:{method}", ctx)
@@ -280,41 +332,40 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
 
     def compute():
         from pruning_core.adapters import adapter_for
-        from pruning_core.checkpoint import save_pruned
         from pruning_core.methods import get_method
-        from pruning_core.surgery import apply_plan, count_params
+        from pruning_core.metrics import plan_params
+        from pruning_core.placement import save_streaming
+        from pruning_core.surgery import count_params
 
         meth = get_method(method)
         st = meth.parse_settings(settings)
-        base, tok = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
-        m = copy.deepcopy(base)
+        # the stored dense checkpoint under the run's placement (no copy of a cached model)
+        m, tok = _open(model, ctx, "prune", fresh=True)
         adapter = adapter_for(m)
         if meth.coupled:
             if calib is None:
                 raise ConfigError("method.name", method, "a coupled method run with a calibration set")
             ids = load_calibration(calib, ctx)
-            m.to(_device(ctx))
             bar, cb = _progress(method, len(adapter.layers(m)))
             try:
                 plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx), progress=cb)
             finally:
                 if bar is not None:
                     bar.close()
-            m.to("cpu")
         else:
             sc = _load_tensors(scores, ctx)
             plan = meth.select(m, adapter, sc, ratio, st)
-        before, dec_before = count_params(m), _decoder_params(m, adapter)
-        apply_plan(m, plan)
-        after = count_params(m)
+        dec_before = _decoder_params(m, adapter)
+        before, after = plan_params(m, plan)
         plan.params_before, plan.params_after = before, after
         store = open_store(ctx.get("store"))
         with scratch_dir() as d:
-            path = save_pruned(m, tok, plan, Path(d) / "checkpoint")
+            path = save_streaming(m, tok, plan, Path(d) / "checkpoint")  # layer by layer, shard by shard
+            after = count_params(m)
             from pruning_core.checkpoint import is_uniform
 
             uniform = bool(is_uniform(path))
-            man = store.put_dir(path, "checkpoint", f"prune:{method}")
+            man = store.put_dir(path, "checkpoint", f"prune:{method}", move=True)  # a rename on a local store
         del m
         return {**man, "params_before": before, "params_after": after, "target_ratio": ratio,
                 "removed_fraction": 1 - after / before if before else 0.0,
@@ -381,7 +432,12 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
 
         store = open_store(ctx.get("store"))
         src = store.local_path(checkpoint)
-        m, tok = load_pruned(src, device=_device(ctx))
+        if kind == "lora":
+            placement = _placement(ctx, str(src), checkpoint.get("dtype", "auto"), step="recover")
+            if placement == "disk" or (placement == "offload" and _device(ctx).type != "cpu"):
+                raise ConfigError("model.placement", placement,
+                                  "device for LoRA recovery (offload only on a CPU device)")
+        m, tok = load_pruned(src, device=_device(ctx), dtype=checkpoint.get("dtype"))
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
         if kind == "replacement":
             if model is None or calib is None or plan is None:
@@ -432,12 +488,12 @@ define_step("evaluate", _eval_keyparts, lambda p: [_eval_keyparts, evaluate_task
 
 
 @_task("evaluate", gpu=True)
-def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, label: str = "pruned") -> dict:
-    """Metrics of `target` (the dense model manifest or a checkpoint manifest), stored as JSON."""
-    params = {"ctx": ctx, "target": target, "settings": settings, "model_revision": model_revision}
+def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, label: str = "pruned",
+                  dtype: str = "float32") -> dict:
+    """Metrics of `target` (the dense model manifest or a checkpoint manifest) in `dtype`, stored as JSON."""
+    params = {"ctx": ctx, "target": target, "settings": settings, "model_revision": model_revision, "dtype": dtype}
 
     def compute():
-        from pruning_core.checkpoint import load_pruned
         from pruning_core.data import eval_tokens
         from pruning_core.metrics import flops_per_token, perplexity
         from pruning_core.surgery import count_params
@@ -445,7 +501,10 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
         store = open_store(ctx.get("store"))
         path = target["uri"] if target.get("external") else str(store.local_path(target))
         dev = _device(ctx)
-        m, tok = load_pruned(path, device=dev, trust_remote_code=target.get("trust_remote_code", False))
+        # dense and pruned at the same dtype (the dense model's), under the run's placement; this one
+        # model object serves perplexity, lm-eval and efficiency (no second load)
+        m, tok = _open({"dtype": dtype, "trust_remote_code": target.get("trust_remote_code", False)}, ctx,
+                       "evaluate", path=path)
         ids = eval_tokens(tok, settings.get("source", "pydoc"))
         t0 = time.perf_counter()
         ppl = perplexity(m, ids, seq_len=settings["ppl_seq_len"], max_windows=settings.get("ppl_windows"),
@@ -466,7 +525,7 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
             from pruning_core.evaluate import run_lm_eval
 
             with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's own bars: the step's bar shows progress
-                res = run_lm_eval(path, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev))
+                res = run_lm_eval(m, tasks, limit=settings.get("limit"), batch_size=8, device=str(dev), tokenizer=tok)
             for t, ms in res["results"].items():
                 for k, v in ms.items():
                     if isinstance(v, (int, float)):

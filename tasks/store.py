@@ -229,13 +229,15 @@ class ArtifactStore:
         man["uri"] = self._obj(sha) + "/" + man["name"]
         return self._commit(man, lambda dst: self._copy_in([(local, man["name"])], dst))
 
-    def put_dir(self, local: str | Path, kind: str, producer: str) -> dict:
+    def put_dir(self, local: str | Path, kind: str, producer: str, move: bool = False) -> dict:
+        """Commit a folder. `move`: the caller gives the files up (a local store renames them
+        instead of copying: a checkpoint larger than the free disk is never held twice)."""
         local = Path(local)
         sha, total = sha256_dir(local)
         man = {"uri": self._obj(sha), "sha256": sha, "bytes": total, "kind": kind, "producer": producer,
                "name": local.name, "dir": True}
         files = [(f, f.relative_to(local).as_posix()) for f in _dir_files(local)]
-        return self._commit(man, lambda dst: self._copy_in(files, dst))
+        return self._commit(man, lambda dst: self._copy_in(files, dst, move=move))
 
     def put_bytes(self, data: bytes, name: str, kind: str, producer: str) -> dict:
         with tempfile.TemporaryDirectory() as d:
@@ -246,7 +248,7 @@ class ArtifactStore:
     def put_json(self, obj: Any, name: str, kind: str, producer: str) -> dict:
         return self.put_bytes(json.dumps(obj, indent=1, sort_keys=True, default=str).encode(), name, kind, producer)
 
-    def _copy_in(self, files: list[tuple[Path, str]], dst: str) -> None:
+    def _copy_in(self, files: list[tuple[Path, str]], dst: str, move: bool = False) -> None:
         for src, rel in files:
             target = f"{dst}/{rel}"
             if self.remote:
@@ -256,6 +258,12 @@ class ArtifactStore:
                     self.fs.put_file(str(src), target, chunksize=S3_PART_BYTES)
             else:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
+                if move:
+                    try:
+                        os.replace(src, target)
+                        continue
+                    except OSError:  # another filesystem: copy
+                        pass
                 shutil.copyfile(src, target)
 
     def _commit(self, man: dict, copy) -> dict:

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from ..placement import resident_layers
 from ..select import layer_ratios, plan_from_scores
 from .base import Method, MethodSettings, register
 
@@ -34,7 +35,7 @@ def _per_head(v: torch.Tensor, hd: int) -> torch.Tensor:
 def _magnitude(model, adapter, p: int) -> dict[str, torch.Tensor]:
     out = {}
     hd = adapter.head_dim(model)
-    for i, layer in enumerate(adapter.layers(model)):
+    for i, layer in resident_layers(model, adapter):  # one layer's weights at a time (placement disk)
         s = adapter.layer_shape(model, layer)
         rep = s.n_heads // s.n_kv_heads
 
@@ -56,7 +57,7 @@ def _magnitude(model, adapter, p: int) -> dict[str, torch.Tensor]:
 def _activation(model, adapter, stats, wanda: bool) -> dict[str, torch.Tensor]:
     out = {}
     hd = adapter.head_dim(model)
-    for i, layer in enumerate(adapter.layers(model)):
+    for i, layer in resident_layers(model, adapter):
         a = stats[f"layer.{i}.attn_in_sq"].float().sqrt()
         f = stats[f"layer.{i}.mlp_in_sq"].float().sqrt()
         if wanda:

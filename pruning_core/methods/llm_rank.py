@@ -212,10 +212,17 @@ def _norm(stats: dict, key: str) -> torch.Tensor:
     return stats[key].to(_DT).clamp_min(0).sqrt()
 
 
-def _decoder_layers(model, adapter):
+def _decoder_layers(model, adapter, weights: bool = False):
+    """(index, layer) of the decoder layers; `weights`: each resident while it is used (placement disk)."""
+    from ..placement import resident
+
     for i, layer in enumerate(adapter.layers(model)):
         if getattr(layer, "pruneflow_kind", "decoder") == "decoder":
-            yield i, layer
+            if weights:
+                with resident(layer):
+                    yield i, layer
+            else:
+                yield i, layer
 
 
 def rank_ffn(model, adapter, stats: dict, settings, kind: str = "wpr") -> dict[str, torch.Tensor]:
@@ -227,7 +234,7 @@ def rank_ffn(model, adapter, stats: dict, settings, kind: str = "wpr") -> dict[s
     scores: dict[str, torch.Tensor] = {}
     prior = None  # importance of the residual-stream nodes entering the next FFN (chained)
     with torch.no_grad():
-        for i, layer in _decoder_layers(model, adapter):
+        for i, layer in _decoder_layers(model, adapter, weights=True):
             up = adapter.proj(layer, adapter.mlp_in[-1]).weight.detach()
             down = adapter.proj(layer, adapter.mlp_out).weight.detach()
             node = _norm(stats, f"layer.{i}.{node_key}")

@@ -94,6 +94,7 @@ def train_replacement(
     settings: StreamlineSettings | dict | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, float], None] | None = None,
+    module: nn.Module | None = None,
 ) -> dict:
     """Train the replacement module of `pruned_model` (in place) to map x^(l*) to x^(l*+m) of the
     frozen `dense_model`; inputs and targets are computed on the fly per batch by the dense prefix
@@ -110,12 +111,18 @@ def train_replacement(
         raise DataError("recovery.train_ids", tuple(train_ids.shape), "[N, T] token blocks with N >= 2")
     n_val = max(1, round(train_ids.shape[0] * s.val_fraction))
     val_ids, tr_ids = train_ids[:n_val], train_ids[n_val:]
-    module = adapter.layers(pruned_model)[new_idx]
-    dense_model.to(device).eval()
-    module.to(device)
+    if module is None:  # the replacement inside a pruned model (else: given on its own, `pruned_model` None)
+        module = adapter.layers(pruned_model)[new_idx]
+    from ...placement import placement_of
 
-    flags = {id(p): p.requires_grad for p in pruned_model.parameters()}
-    for p in pruned_model.parameters():
+    if placement_of(dense_model) == "device":  # offload / disk: each layer moves in when it runs
+        dense_model.to(device)
+    dense_model.eval()
+    module.to(device)
+    owner = pruned_model if pruned_model is not None else module
+
+    flags = {id(p): p.requires_grad for p in owner.parameters()}
+    for p in owner.parameters():
         p.requires_grad_(False)
     params = list(module.parameters())
     for p in params:
@@ -192,7 +199,7 @@ def train_replacement(
     finally:
         module.load_state_dict(best_state)
         module.eval()
-        for p in pruned_model.parameters():
+        for p in owner.parameters():
             p.requires_grad_(flags.get(id(p), True))
     return {
         "kind": kind,

@@ -1,0 +1,245 @@
+"""Memory and time of `pruneflow run` on random-weight Llamas of growing depth, per placement.
+
+Every configuration is one `pruneflow run` in a subprocess (its own PRUNEFLOW_HOME, tracking off);
+the peak RSS of its whole process tree is sampled every 50 ms (psutil) and the kernel's own
+per-process maximum (ru_maxrss of the children) is printed beside it. Checkpoints are written with
+random bf16 weights shard by shard (one decoder layer per shard), so a checkpoint larger than this
+machine's memory is never held in memory; the tokenizer is SmolLM2's (vocab 49152).
+
+    # 4 -> 16 layers, hidden 1536 / FFN 6144 / 12 q / 4 kv heads, bf16 (the issue's must-show)
+    python benchmarks/bench_scale.py growth --layers 4 16 --placements disk device
+    # 8B-shaped layers (hidden 4096 / FFN 14336 / 32 q / 8 kv), 2, 4, 8 layers, four methods
+    python benchmarks/bench_scale.py matrix --layers 2 4 8 --methods wanda llm-rank slimgpt llm-streamline
+    # one checkpoint larger than memory, pruned with wanda and llm-rank under placement=disk
+    python benchmarks/bench_scale.py big --layers 58 --methods wanda llm-rank --delete
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "1536": dict(hidden_size=1536, intermediate_size=6144, num_attention_heads=12, num_key_value_heads=4),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+def write_random_llama(folder: Path, shape: str, n_layers: int, seed: int = 0) -> int:
+    """A random bf16 Llama checkpoint written one decoder layer per shard; returns its weight bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from pruning_core.models import embedded_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_src = embedded_path("smollm2-135m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_src / f, folder / f)
+    cfg = LlamaConfig(vocab_size=49152, num_hidden_layers=n_layers, max_position_embeddings=4096,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5, dtype="bfloat16", **SHAPES[shape])
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+    h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    # one bank of N(0, 1) values; every tensor is a window at a random offset, scaled by 1/sqrt(fan_in)
+    # (drawing 26 GB of normals on two cores would take longer than the benchmark itself)
+    bank = torch.randn(max(cfg.vocab_size * h, f * h) + 2**20, generator=g).to(torch.bfloat16)
+
+    def rnd(*s):
+        n = s[0] * s[1]
+        off = int(torch.randint(0, bank.numel() - n + 1, (1,), generator=g))
+        return (bank[off:off + n].view(*s) * (1.0 / s[-1] ** 0.5)).to(torch.bfloat16)
+
+    shards = []
+    n_files = n_layers + 1
+    total = 0
+    other = {"model.embed_tokens.weight": rnd(cfg.vocab_size, h), "lm_head.weight": rnd(cfg.vocab_size, h),
+             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    pieces = [other] + [None] * n_layers
+    for i in range(n_files):
+        t = pieces[i]
+        if t is None:
+            p = f"model.layers.{i - 1}."
+            t = {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+                 p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
+                 p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
+                 p + "mlp.down_proj.weight": rnd(h, f),
+                 p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                 p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        name = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+        save_file(t, str(folder / name), metadata={"format": "pt"})
+        shards.append((name, list(t)))
+        total += sum(v.numel() * v.element_size() for v in t.values())
+        del t
+        pieces[i] = None
+    wm = {k: n for n, ks in shards for k in ks}
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1))
+    return total
+
+
+def run_cli(args: list[str], home: Path, env_extra: dict | None = None) -> dict:
+    """`pruneflow run ...` under /usr/bin/time: rc, seconds, the peak RSS of the pruneflow process
+    (the kernel's ru_maxrss, what `time -v` calls "Maximum resident set size"), the sampled peak sum
+    over its process tree (it counts the pages a fork shares twice), and the run's report."""
+    env = {**os.environ, "PRUNEFLOW_HOME": str(home), "PRUNEFLOW_QUIET": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    exe = str(Path(sys.executable).parent / "pruneflow")
+    home.mkdir(parents=True, exist_ok=True)
+    tfile = home / "time.txt"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(tfile), exe, "run", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            rss = sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    dt = time.perf_counter() - t0
+    try:
+        maxrss = int(tfile.read_text().strip().splitlines()[-1]) * 1024
+    except (OSError, ValueError, IndexError):
+        maxrss = None
+    report = None
+    runs = sorted((home / "runs").glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    if runs:
+        report = json.loads(runs[-1].read_text())
+    return {"rc": proc.returncode, "seconds": dt, "peak_tree_rss": peak, "max_rss": maxrss, "report": report,
+            "output": out[-3000:]}
+
+
+def base_args(model: Path, method: str, placement: str, a) -> list[str]:
+    sets = {
+        # the default spec carries wanda's settings: start every method from its own defaults
+        "method.settings": "{}",
+        "model.dtype": a.dtype, "model.placement": placement, "method.name": method, "ratio": a.ratio,
+        "calibration.n_samples": a.n_samples, "calibration.seq_len": a.seq_len, "calibration.batch_size": a.n_samples,
+        "evaluation.ppl_windows": a.ppl_windows, "evaluation.ppl_seq_len": a.seq_len,
+        "evaluation.batch_size": a.ppl_windows, "tracking.enabled": "false", "device": a.device,
+    }
+    if a.tasks:
+        sets["evaluation.tasks"] = "[" + ",".join(a.tasks) + "]"
+        sets["evaluation.limit"] = a.limit
+    else:
+        sets["evaluation.tasks"] = "[]"
+    if method == "llm-streamline":
+        sets["method.settings.steps"] = a.streamline_steps
+    if method in ("wanda", "l2"):
+        sets["method.settings.gqa"] = "per_group"
+    out = ["--model", str(model)]
+    for k, v in sets.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def gib(b) -> str:
+    return "–" if b is None else f"{b / 2**30:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["growth", "matrix", "big"])
+    ap.add_argument("--shape", default=None, choices=list(SHAPES))
+    ap.add_argument("--layers", type=int, nargs="+", default=None)
+    ap.add_argument("--placements", nargs="+", default=None)
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--ppl-windows", type=int, default=4)
+    ap.add_argument("--tasks", nargs="*", default=None)
+    ap.add_argument("--limit", type=int, default=10)
+    ap.add_argument("--streamline-steps", type=int, default=4)
+    ap.add_argument("--workdir", default=None, help="where checkpoints and homes go (default: a temporary folder)")
+    ap.add_argument("--delete", action="store_true", help="delete each pruned checkpoint after its run (disk space)")
+    a = ap.parse_args()
+    defaults = {
+        "growth": ("1536", [4, 16], ["disk", "device"], ["wanda"], ["pydoc_next_sentence"]),
+        "matrix": ("8b", [2, 4, 8], ["device", "offload", "disk"], ["wanda", "llm-rank", "slimgpt", "llm-streamline"], []),
+        "big": ("8b", [58], ["disk"], ["wanda", "llm-rank"], []),
+    }[a.mode]
+    shape = a.shape or defaults[0]
+    layers = a.layers or defaults[1]
+    placements = a.placements or defaults[2]
+    methods = a.methods or defaults[3]
+    if a.tasks is None:
+        a.tasks = defaults[4]
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"# bench_scale {a.mode}: shape {shape} {SHAPES[shape]}, dtype {a.dtype}, device {a.device}, "
+          f"calibration {a.n_samples}x{a.seq_len}, ppl {a.ppl_windows}x{a.seq_len}, tasks {a.tasks or 'none'}",
+          flush=True)
+    for n in layers:
+        ckpt = work / f"llama-{shape}-{n}L"
+        t0 = time.perf_counter()
+        if not (ckpt / "config.json").exists():
+            size = write_random_llama(ckpt, shape, n)
+        else:
+            size = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        print(f"checkpoint {ckpt.name}: {size / 1e9:.2f} GB of bf16 weights ({time.perf_counter() - t0:.0f} s to write)",
+              flush=True)
+        for method in methods:
+            for pl in placements:
+                home = work / f"home-{n}L-{method}-{pl}"
+                shutil.rmtree(home, ignore_errors=True)
+                r = run_cli(base_args(ckpt, method, pl, a), home)
+                rep = r["report"] or {}
+                ok = r["rc"] == 0
+                row = {"layers": n, "weights_bytes": size, "method": method, "placement": pl, "rc": r["rc"],
+                       "seconds": round(r["seconds"], 1), "peak_tree_rss": r["peak_tree_rss"], "max_rss": r["max_rss"],
+                       "timings": rep.get("timings"), "host_memory": rep.get("host_memory"), "ppl_before": (rep.get("metrics_before") or {}).get("ppl"),
+                       "ppl_after": (rep.get("metrics_after") or {}).get("ppl"),
+                       "params_before": rep.get("params_before"), "params_after": rep.get("params_after")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if not ok:
+                    print(r["output"], flush=True)
+                if a.delete:
+                    shutil.rmtree(home, ignore_errors=True)
+        if a.delete and a.mode == "big":
+            shutil.rmtree(ckpt, ignore_errors=True)
+    print("\n| layers | weights GiB | method | placement | peak RSS GiB | peak RSS so far after each step (GiB) | wall s | steps (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        steps = ", ".join(f"{k} {v:.0f}" for k, v in (r["timings"] or {}).items() if v)
+        mem = ", ".join(f"{k} {v['peak_rss'] / 2**30:.2f}" for k, v in (r["host_memory"] or {}).items())
+        print(f"| {r['layers']} | {r['weights_bytes'] / 2**30:.2f} | {r['method']} | {r['placement']} | "
+              f"{gib(r['max_rss'])} | {mem} | {r['seconds']:.0f} | {steps} |")
+    if a.mode == "growth":
+        by = {(r["layers"], r["placement"], r["method"]): r for r in rows}
+        lo, hi = min(layers), max(layers)
+        for pl in placements:
+            for method in methods:
+                r0, r1 = by.get((lo, pl, method)), by.get((hi, pl, method))
+                if r0 and r1 and r1 is not r0:
+                    added = r1["weights_bytes"] - r0["weights_bytes"]
+                    grow = r1["max_rss"] - r0["max_rss"]
+                    print(f"{method} {pl}: {lo}->{hi} layers add {added / 2**20:.0f} MiB of weights; peak RSS grows "
+                          f"{grow / 2**20:.0f} MiB = {100 * grow / added:.0f} % of the added weights")
+    (work / f"bench_scale_{a.mode}.json").write_text(json.dumps(rows, indent=1))
+    print(f"rows: {work / f'bench_scale_{a.mode}.json'}")
+
+
+if __name__ == "__main__":
+    main()
