@@ -12,7 +12,6 @@ Writes are atomic: everything goes to a temporary sibling folder which is rename
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path

@@ -40,7 +40,6 @@ from __future__ import annotations
 from ...replacements import ResidualFFN, collapse_block, ffn_from_layer
 from ..base import Method, register
 from .selection import (
-    _depth_budget,
     best_block,
     block_cosines,
     block_influence,
