@@ -40,6 +40,7 @@ from torch import nn
 
 from . import hfload
 from .errors import ConfigError, DataError, StorageError
+from .util import replace_dir
 
 PLACEMENTS = ("auto", "device", "offload", "disk")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -652,13 +653,7 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
             tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp / "plan.json")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except OSError as e:
         raise StorageError("output", str(path), "a writable folder", str(e)) from None
     finally:
