@@ -52,7 +52,8 @@ def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
            "PREFECT_HOME": str(tmp_path / "prefect")}
     for k in ("PREFECT_API_URL", "PRUNEFLOW_QUIET", "PRUNEFLOW_CONSOLE"):
         env.pop(k, None)
-    args = ["run", "--model", str(tiny_llama_dir), "--ratio", "0.5", "--name", "console", "--device", "cpu",
+    args = ["run", "--model", str(tiny_llama_dir), "--method", "wanda", "--ratio", "0.5", "--name", "console",
+            "--device", "cpu",
             "--set", "calibration.n_samples=4", "--set", "calibration.seq_len=32", "--set", "evaluation.tasks=[]",
             "--set", "evaluation.ppl_seq_len=32", "--set", "evaluation.ppl_windows=2", "--set", "tracking.enabled=false"]
     r = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
