@@ -77,6 +77,7 @@ def test_a_library_version_changes_every_step_key(monkeypatch, tiny_llama_dir):
         "prune": {**PRUNE_PARAMS, "method": "wanda"},
         "recover": {"checkpoint": m, "kind": "lora", "settings": {}, "model_revision": "r", "calib": m},
         "evaluate": {"target": m, "settings": {"ppl_seq_len": 32}, "model_revision": "r"},
+        "export": {"checkpoint": m, "fmt": "vllm", "model_revision": "r"},
     }
     assert set(params) == set(STEPS)
     before = {s: STEPS[s].key(p) for s, p in params.items()}
