@@ -50,9 +50,16 @@ def model_config(ref: str) -> tuple[dict[str, Any], Path | None]:
         raise DataError("model.ref", ref, "an existing model folder, a hub id 'org/name', or " + ", ".join(EMBEDDED))
     from pruning_core.evaluate import hub_reachable
 
-    if not hub_reachable():
-        raise DataError("model.ref", ref, "a local folder or " + ", ".join(EMBEDDED),
-                        "the hub is offline: HF_HUB_OFFLINE=1")
+    if not hub_reachable():  # offline: a hub id is usable when the Hugging Face cache holds it
+        from pruning_core.errors import PruneflowError
+        from pruning_core.models import resolve_source
+
+        try:
+            folder = Path(resolve_source(ref)[0])
+        except PruneflowError:
+            raise DataError("model.ref", ref, "a local folder, a hub id in the Hugging Face cache or "
+                            + ", ".join(EMBEDDED), "the hub is offline: HF_HUB_OFFLINE=1") from None
+        return _read_config(ref, folder), folder
     try:
         from transformers import AutoConfig
 
