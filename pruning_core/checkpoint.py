@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from .errors import StorageError
-from .placement import _check_writable, _load_tokenizer  # noqa: F401 - re-exported for callers
+from .placement import _check_writable, _load_tokenizer, finish_checkpoint  # noqa: F401 - re-exported
 from .plan import PrunePlan
-from .surgery import settle_biases, sync_config
-from .util import replace_dir
+from .surgery import sync_config
 
 
 def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str | Path) -> Path:
@@ -36,14 +35,7 @@ def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str |
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        config = settle_biases(model) if stock else None
-        if config is not None and config is not model.config:  # e.g. Qwen2 + FLAP's biases, saved as Llama
-            config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            plan.save(tmp / "plan.json")
-        replace_dir(tmp, path)
+        finish_checkpoint(model, tokenizer, plan, stock, tmp, path)
     except OSError as e:
         raise StorageError("output", str(path), "a writable folder", str(e)) from None
     finally:

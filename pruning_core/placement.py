@@ -580,7 +580,7 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
     one layer at a time under `offload` / `disk`; under `disk` every layer is its own shard. After the
     call `model` describes the pruned shapes (under `disk` its layers hold no data any more)."""
     from .adapters import adapter_for
-    from .surgery import apply_layer_plan, set_layers, settle_biases, sync_config
+    from .surgery import apply_layer_plan, set_layers, sync_config
 
     path = Path(path).expanduser()
     _check_writable(path)
@@ -640,26 +640,34 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
         writer.add(rest)
         writer.close()
         model.config.save_pretrained(tmp)
-        config = settle_biases(model) if stock else None
-        if config is not None and config is not model.config:  # e.g. Qwen2 + FLAP's biases, saved as Llama
-            config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             try:
                 gen.save_pretrained(tmp)
             except (ValueError, OSError):
                 pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            plan.save(tmp / "plan.json")
-        replace_dir(tmp, path)
+        finish_checkpoint(model, tokenizer, plan, stock, tmp, path)
     except OSError as e:
         raise StorageError("output", str(path), "a writable folder", str(e)) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def finish_checkpoint(model, tokenizer, plan, stock: bool, tmp: Path, path: Path) -> None:
+    """The tail every checkpoint writer shares: the stock config with settled biases (e.g. Qwen2 + FLAP's
+    biases saved as Llama), tokenizer, plan.json, then `tmp` put in place of `path`."""
+    from .surgery import settle_biases
+
+    config = settle_biases(model) if stock else None
+    if config is not None and config is not model.config:
+        config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if plan is not None:
+        plan.save(tmp / "plan.json")
+    replace_dir(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
