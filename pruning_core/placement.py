@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,22 +328,31 @@ def layers_prefix(model: nn.Module, adapter) -> str:
 # loading
 
 
+_EMPTY_INIT = threading.local()
+
+
 @contextlib.contextmanager
 def empty_init():
     """Modules built inside get `meta` parameters (buffers stay real: rotary tables etc.). It swaps a
-    class attribute of nn.Module: hold `hfload.BUILD_LOCK` around it in threaded processes."""
+    class attribute of nn.Module, which every thread sees: the swapped method acts only in the thread
+    that entered (a Dask / Prefect thread building a pruned layer meanwhile gets real parameters), and
+    `hfload.BUILD_LOCK` is held around it so that two threads never swap at once."""
     orig = nn.Module.register_parameter
 
     def register(self, name, param):
         orig(self, name, param)
+        if not getattr(_EMPTY_INIT, "on", False):
+            return
         p = self._parameters.get(name)
         if p is not None and p.device.type != "meta":
             self._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
 
     nn.Module.register_parameter = register
+    _EMPTY_INIT.on = True
     try:
         yield
     finally:
+        _EMPTY_INIT.on = False
         nn.Module.register_parameter = orig
 
 

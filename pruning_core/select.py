@@ -331,3 +331,28 @@ def solve_schedule(model, adapter, target: float, schedule: str = "log_increase"
             break
     rem = sum(kh[i] * u["unit_params"] + kf[i] * u["ch_params"] for i, u in enumerate(units) if u)
     return dict(ratios=rs, heads=kh, ffn=kf, r_last=r_last, realised=rem / total)
+
+
+def sizes_plan(model, adapter, sched: dict, gqa: str, method: str, settings: dict, ratio: float) -> PrunePlan:
+    """A plan with the kept sizes of a solved schedule (lowest indices dropped: only sizes are meaningful)."""
+    lps = []
+    for i, layer in enumerate(adapter.layers(model)):
+        lp, shape = LayerPlan(i), adapter.layer_shape(model, layer)
+        kh, kf = sched["heads"][i], sched["ffn"][i]
+        if shape.kind == "decoder":
+            rep = shape.n_heads // shape.n_kv_heads
+            if kh and (gqa == "kv_group" or rep == 1):
+                lp.kv_heads = list(range(kh, shape.n_kv_heads))
+                lp.heads = [g * rep + j for g in lp.kv_heads for j in range(rep)]
+            elif kh:
+                lp.heads = [g * rep + j for g in range(shape.n_kv_heads) for j in range(kh, rep)]
+                lp.kv_heads = list(range(shape.n_kv_heads))
+            if kf:
+                lp.ffn = list(range(kf, shape.ffn))
+        lps.append(lp)
+    plan = PrunePlan(method=method, settings=settings, layers=lps, target_ratio=ratio,
+                     per_layer_ratio=[float(r) for r in sched["ratios"]])
+    from .metrics import plan_params
+
+    plan.params_before, plan.params_after = plan_params(model, plan)
+    return plan

@@ -41,10 +41,9 @@ from pydantic import Field, model_validator
 from ..capture import Accumulator, LayerStream
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
-from ..select import check_ratio, solve_schedule, unit_counts
+from ..select import check_ratio, sizes_plan, solve_schedule, unit_counts
 from ..surgery import settle_biases
 from .base import Method, MethodSettings, register
-from .slimgpt import sizes_plan
 
 
 class FLAPSettings(MethodSettings):

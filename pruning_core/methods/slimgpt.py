@@ -37,7 +37,7 @@ from pydantic import Field
 from .. import obs
 from ..capture import Accumulator, LayerStream
 from ..plan import LayerPlan, PrunePlan
-from ..select import SCHEDULE_NAMES, check_ratio, solve_schedule
+from ..select import SCHEDULE_NAMES, check_ratio, sizes_plan, solve_schedule
 from .base import Method, MethodSettings, register
 
 
@@ -151,31 +151,6 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     plan.notes = {"r_last": sched["r_last"], "realised_decoder_ratio": sched["realised"],
                   "removed_head_units": sched["heads"], "removed_ffn": sched["ffn"],
                   "relative_layer_loss": losses, "seconds": time.perf_counter() - t0}
-    return plan
-
-
-def sizes_plan(model, adapter, sched: dict, gqa: str, method: str, settings: dict, ratio: float) -> PrunePlan:
-    """A plan with the kept sizes of a solved schedule (lowest indices dropped: only sizes are meaningful)."""
-    lps = []
-    for i, layer in enumerate(adapter.layers(model)):
-        lp, shape = LayerPlan(i), adapter.layer_shape(model, layer)
-        kh, kf = sched["heads"][i], sched["ffn"][i]
-        if shape.kind == "decoder":
-            rep = shape.n_heads // shape.n_kv_heads
-            if kh and (gqa == "kv_group" or rep == 1):
-                lp.kv_heads = list(range(kh, shape.n_kv_heads))
-                lp.heads = [g * rep + j for g in lp.kv_heads for j in range(rep)]
-            elif kh:
-                lp.heads = [g * rep + j for g in range(shape.n_kv_heads) for j in range(kh, rep)]
-                lp.kv_heads = list(range(shape.n_kv_heads))
-            if kf:
-                lp.ffn = list(range(kf, shape.ffn))
-        lps.append(lp)
-    plan = PrunePlan(method=method, settings=settings, layers=lps, target_ratio=ratio,
-                     per_layer_ratio=[float(r) for r in sched["ratios"]])
-    from ..metrics import plan_params
-
-    plan.params_before, plan.params_after = plan_params(model, plan)
     return plan
 
 

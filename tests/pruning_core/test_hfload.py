@@ -37,3 +37,28 @@ def test_threaded_loads_leave_tie_weights_alone(tmp_path):
     m, _ = load_pruned(tmp_path, device="cpu")
     assert m.lm_head.weight.device.type == "cpu"
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+
+
+def test_empty_init_acts_only_in_its_own_thread():
+    """While one thread builds a model on `meta` (`placement.empty_init` swaps nn.Module's
+    register_parameter), a layer another thread builds — a Dask branch's pruned layer — gets real
+    parameters (the threaded sweep failed with 'Cannot copy out of meta tensor' when it did not)."""
+    from pruning_core.placement import empty_init
+
+    inside, done = threading.Event(), threading.Event()
+
+    def build_empty():
+        with empty_init():
+            assert torch.nn.Linear(4, 4).weight.device.type == "meta"
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=build_empty)
+    t.start()
+    try:
+        assert inside.wait(10)
+        assert torch.nn.Linear(4, 4).weight.device.type == "cpu"
+    finally:
+        done.set()
+        t.join()
+    assert torch.nn.Linear(4, 4).weight.device.type == "cpu"
