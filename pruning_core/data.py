@@ -77,6 +77,17 @@ def _prose_of(body: str) -> list[str]:
     return out
 
 
+def _long_description(dist) -> str:
+    """The body of a distribution's METADATA (its README), parsed from the file with the standard library:
+    importing mlflow swaps `importlib.metadata` for the `importlib_metadata` backport, whose `Message`
+    has no payload, so `dist.metadata.get_payload()` gave '' after it (and the text depended on imports)."""
+    import email
+
+    raw = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    body = email.message_from_string(raw).get_payload()
+    return body if isinstance(body, str) else ""
+
+
 @functools.cache
 def pkgdocs_documents() -> tuple[tuple[str, str], ...]:
     """[(distribution, prose)] for every installed distribution with prose in its long description,
@@ -93,7 +104,7 @@ def pkgdocs_documents() -> tuple[tuple[str, str], ...]:
     for key in sorted(dists):
         if key == "pruneflow":
             continue
-        paras = [p for p in _prose_of(dists[key].metadata.get_payload() or "") if not (p in seen or seen.add(p))]
+        paras = [p for p in _prose_of(_long_description(dists[key])) if not (p in seen or seen.add(p))]
         if paras:
             docs.append((key, "\n\n".join(paras)))
     return tuple(docs)

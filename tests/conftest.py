@@ -72,6 +72,20 @@ def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test ends with the environment it started with: the CLI, run in-process by CliRunner, sets
+    process-wide variables (`--quiet` sets TQDM_DISABLE=1), which leaked into later tests' subprocesses
+    (the console test saw no bars after one)."""
+    before = dict(os.environ)
+    yield
+    for k in set(os.environ) - set(before):
+        del os.environ[k]
+    for k, v in before.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def pf_home(tmp_path, monkeypatch) -> Path:
     """A fresh PRUNEFLOW_HOME for the test (artifacts, runs, models, caches)."""

@@ -50,7 +50,7 @@ def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
     home = tmp_path / "home"
     env = {**os.environ, "PRUNEFLOW_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PREFECT_HOME": str(tmp_path / "prefect")}
-    for k in ("PREFECT_API_URL", "PRUNEFLOW_QUIET", "PRUNEFLOW_CONSOLE"):
+    for k in ("PREFECT_API_URL", "PRUNEFLOW_QUIET", "PRUNEFLOW_CONSOLE", "TQDM_DISABLE"):
         env.pop(k, None)
     args = ["run", "--model", str(tiny_llama_dir), "--method", "wanda", "--ratio", "0.5", "--name", "console",
             "--device", "cpu",
