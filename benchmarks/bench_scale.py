@@ -140,8 +140,10 @@ def base_args(model: Path, method: str, placement: str, a) -> list[str]:
         sets["evaluation.limit"] = a.limit
     else:
         sets["evaluation.tasks"] = "[]"
-    if method == "llm-streamline":
+    if method == "llm-streamline":  # the replacement trained in the recover step (pruned model + dense block)
         sets["method.settings.steps"] = a.streamline_steps
+        sets["method.settings.replacement"] = "layer"
+        sets["recovery.kind"] = "replacement"
     if method in ("wanda", "l2"):
         sets["method.settings.gqa"] = "per_group"
     out = ["--model", str(model)]

@@ -100,6 +100,16 @@ def load_hint(report: dict) -> str:
     return f"pruning_core.load_pruned({str(path)!r})  (per-layer sizes: pruneflow's loader)"
 
 
+def serve_hint(report: dict) -> str:
+    """How to serve the checkpoint with vLLM: the stock folder as it is; per-layer sizes through
+    `pruneflow export` (vLLM's DeciLM / Nemotron-NAS format)."""
+    a = report.get("artifacts", {})
+    path = str(a.get("checkpoint_local") or a.get("checkpoint"))
+    if report.get("uniform"):
+        return f"vllm serve {path}"
+    return f"pruneflow export {path} {path}-vllm && vllm serve {path}-vllm --trust-remote-code"
+
+
 def summary(report: dict) -> str:
     """The end of a run on the console: what was removed, the figures, where everything is."""
     from pruning_core.evaluate import flatten_metrics  # canonical names, the ones retention uses
@@ -124,6 +134,7 @@ def summary(report: dict) -> str:
     ckpt = a.get("checkpoint_local") or a.get("checkpoint")
     out.append(f"checkpoint: {ckpt}")
     out.append(f"load it:    {load_hint(report)}")
+    out.append(f"serve it:   {serve_hint(report)}")
     out.append(f"report:     {Path(a.get('run_dir', '.')) / 'report.md'}  (report.json, plots/ beside it)")
     out.append(f"log:        {a.get('log')}")
     tr = report.get("tracking")

@@ -379,10 +379,13 @@ def resolve_dtype(spec, config, device: torch.device) -> torch.dtype:
 
 
 def open_model(path: str | Path, placement: str = "device", device: str | torch.device = "cpu",
-               dtype=None, trust_remote_code: bool = False, with_tokenizer: bool = True):
+               dtype=None, trust_remote_code: bool = False, with_tokenizer: bool = True,
+               only_layers: list[int] | None = None):
     """(model, tokenizer) of a checkpoint folder under `placement` (device | offload | disk; resolve
     `auto` first with `choose_placement`). Parameters start on `meta`; only what the placement keeps
-    resident is read. Non-uniform checkpoints (per-layer sizes in the config) take the same path."""
+    resident is read. Non-uniform checkpoints (per-layer sizes in the config) take the same path.
+    `only_layers`: read just these decoder layers (on `device`); every other tensor stays on `meta` —
+    a block of a model, e.g. the dense layers LLM-Streamline's replacement learns to stand for."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import adapter_for
@@ -426,6 +429,11 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
         raise DataError("model", str(p), "a checkpoint whose tensors match its config", f"unexpected {unknown[:3]}")
     in_layers = {n for n in names if n.startswith(prefix)}
     want = [n for n in names if (placement != "disk" or n not in in_layers) and names[n].device.type == "meta"]
+    if only_layers is not None:
+        if placement != "device":
+            raise ConfigError("model.placement", placement, "device when reading only some layers")
+        block = tuple(f"{prefix}{j}." for j in only_layers)
+        want = [n for n in want if n.startswith(block)]
     skip = {n for n in want if files.key(n) is None and tied and n.endswith("lm_head.weight")}
     missing = [n for n in want if files.key(n) is None and n not in skip]
     if missing:
@@ -437,7 +445,7 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
         dev = torch.device("cpu") if (placement == "offload" and n in in_layers) else device
         _set_tensor(model, n, t.to(device=dev, dtype=names[n].dtype))
         del t
-    if tied:
+    if tied and only_layers is None:
         model.tie_weights()
     for n, b in model.named_buffers():  # non-persistent buffers (rotary tables) follow the device
         if n.startswith(prefix) and placement != "device":
@@ -583,8 +591,10 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_bytes: int = 2 * 2**30) -> Path:
+def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_bytes: int = 2 * 2**30,
+                   apply: bool = True) -> Path:
     """Apply `plan` (or none) layer by layer and write the result to `path` (atomic), shard by shard.
+    `apply=False`: the model is already pruned; the plan is only recorded (plan.json).
 
     Each kept decoder layer is brought (read / moved), pruned, written and released, so memory holds
     one layer at a time under `offload` / `disk`; under `disk` every layer is its own shard. After the
@@ -596,7 +606,7 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
     _check_writable(path)
     adapter = adapter_for(model)
     layers = list(adapter.layers(model))
-    if plan is not None and len(plan.layers) != len(layers):
+    if plan is not None and apply and len(plan.layers) != len(layers):
         raise ConfigError("plan.layers", len(plan.layers), f"one entry per decoder layer ({len(layers)})")
     prefix = layers_prefix(model, adapter)
     mode = placement_of(model)
@@ -605,7 +615,7 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
         writer = ShardWriter(tmp, 0 if mode == "disk" else shard_bytes)
         kept: list[nn.Module] = []
         for i, layer in enumerate(layers):
-            lp = plan.layers[i] if plan is not None else None
+            lp = plan.layers[i] if plan is not None and apply else None
             if lp is not None and not lp.keep:
                 continue
             span = []

@@ -157,7 +157,8 @@ def replacement_recover(pruned_model: nn.Module, dense_model: nn.Module, plan, t
                         settings: dict | None = None, device: torch.device | str = "cpu",
                         progress=None) -> tuple[nn.Module, dict]:
     """LLM-Streamline's recovery: train the replacement module of `pruned_model` (in place) to map the
-    removed block's input to its output in the frozen `dense_model`, on `train_ids` [N, T] blocks,
+    removed block's input to its output in the frozen `dense_model` (or the list of the block's dense
+    layers: `train_replacement`), on `train_ids` [N, T] blocks,
     with the method's settings (`plan.settings` when `settings` is None). Returns (model, info with
     `loss_curve`, `val_curve`, `val_mse_before` / `val_mse_after`)."""
     from .methods.streamline import StreamlineSettings, train_replacement
@@ -165,6 +166,9 @@ def replacement_recover(pruned_model: nn.Module, dense_model: nn.Module, plan, t
     s = StreamlineSettings(**(settings if settings is not None else plan.settings))
     if s.max_blocks is not None:
         train_ids = train_ids[: s.max_blocks]
+    from .placement import placement_of
+
     info = train_replacement(dense_model, pruned_model, plan, train_ids, s, device=device, progress=progress)
-    pruned_model.to("cpu")
+    if placement_of(pruned_model) == "device":
+        pruned_model.to("cpu")
     return pruned_model, info

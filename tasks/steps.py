@@ -437,28 +437,37 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
             if placement == "disk" or (placement == "offload" and _device(ctx).type != "cpu"):
                 raise ConfigError("model.placement", placement,
                                   "device for LoRA recovery (offload only on a CPU device)")
-        m, tok = load_pruned(src, device=_device(ctx), dtype=checkpoint.get("dtype"))
+        clear_models()  # the pruned model is the only model this step holds
+        placement = "device"
+        if kind == "replacement":  # the pruned model under the run's placement; the trained layer stays resident
+            placement = _placement(ctx, str(src), checkpoint.get("dtype", "auto"), step="recover")
+        m, tok = load_pruned(src, device=_device(ctx), dtype=checkpoint.get("dtype"), placement=placement)
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
         if kind == "replacement":
             if model is None or calib is None or plan is None:
                 raise ConfigError("recovery.kind", kind, "lora or none (replacement needs the dense model, the "
                                   "calibration set and the checkpoint's plan)")
-            dense, _ = load_model_cached(_model_path(model), model["dtype"], "cpu", model.get("trust_remote_code", False))
+            block = _dense_block(model, ctx, plan)  # the removed layers only: no second copy of the model
             bar, cb = _progress("recover", 1, unit="step")
             try:
-                m, info = rec.replacement_recover(m, dense, plan, load_calibration(calib, ctx), settings,
+                m, info = rec.replacement_recover(m, block, plan, load_calibration(calib, ctx), settings,
                                                   device=_device(ctx), progress=cb)
             finally:
                 if bar is not None:
                     bar.close()
-                dense.to("cpu")
+                del block
         elif kind == "lora":
             train_ids = tokenize_text(tok, load_text(train_source, "train"))
             m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
         else:
             raise ConfigError("recovery.kind", kind, "lora or replacement (the recoveries run as their own step)")
         with scratch_dir() as d:
-            path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
+            if placement == "device":
+                path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
+            else:  # layer by layer, shard by shard; the plan is recorded, not applied again
+                from pruning_core.placement import save_streaming
+
+                path = save_streaming(m, tok, plan, Path(d) / "checkpoint", apply=False)
             man = store.put_dir(path, "checkpoint", f"recover:{kind}")
         keep = {k: checkpoint[k] for k in ("params_before", "params_after", "target_ratio", "removed_fraction",
                                            "decoder_params_before", "removed_decoder_fraction", "rounding", "uniform")
@@ -466,6 +475,20 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         return {**man, **keep, "recovery": _jsonable(info)}
 
     return run_step("recover", params, compute)
+
+
+def _dense_block(model: dict, ctx: dict, plan) -> list:
+    """The dense model's layers [start, end) that LLM-Streamline's replacement stands for, read from the
+    dense checkpoint on the step's device (every other tensor of the dense model stays on `meta`)."""
+    from pruning_core.adapters import adapter_for
+    from pruning_core.methods.streamline import replacement_of
+    from pruning_core.placement import open_model
+
+    _, start, end, _ = replacement_of(plan)
+    dense, _ = open_model(_model_path(model), placement="device", device=_device(ctx), dtype=model["dtype"],
+                          trust_remote_code=model.get("trust_remote_code", False), with_tokenizer=False,
+                          only_layers=list(range(start, end)))
+    return [adapter_for(dense).layers(dense)[j] for j in range(start, end)]
 
 
 def _jsonable(obj: Any) -> Any:

@@ -72,6 +72,7 @@ def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
     ckpt = next(ln for ln in out if ln.startswith("checkpoint:")).split(":", 1)[1].strip()
     assert (Path(ckpt) / "config.json").is_file()
     assert any(ln.startswith("load it:") and ckpt in ln for ln in out)
+    assert any(ln.startswith("serve it:") and f"vllm serve {ckpt}" in ln for ln in out)  # uniform: as it is
     assert any(ln.startswith("| ppl.fixed_window_32") for ln in out)
     log = home / "runs" / "console" / "pruneflow.log"
     text = log.read_text()

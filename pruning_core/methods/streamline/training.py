@@ -59,6 +59,34 @@ def block_io(dense: nn.Module, adapter: Adapter, ids: torch.Tensor, start: int, 
     return got["x"], got["kw"], got["y"]
 
 
+@torch.no_grad()
+def prefix_block_io(pruned: nn.Module, adapter: Adapter, index: int, block: list[nn.Module], ids: torch.Tensor):
+    """`block_io` without the dense model: the pruned model's layers before the replacement (index
+    `index`) are the dense model's layers before the removed block, unchanged, so the pruned prefix
+    gives x^(start) and the keyword arguments; the dense `block` layers, run in order on it, give
+    x^(end). Only the block's layers of the dense model need to be in memory."""
+    got: dict = {}
+
+    def pre(mod, args, kwargs):
+        got["x"] = args[0] if args else kwargs["hidden_states"]
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kw["use_cache"] = False
+        got["kw"] = kw
+        raise _Stop
+
+    h = adapter.layers(pruned)[index].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        pruned(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    y = got["x"]
+    for layer in block:
+        y = first_output(layer(y, **got["kw"]))
+    return got["x"], got["kw"], y
+
+
 def lr_at(step: int, total: int, s: StreamlineSettings) -> float:
     """Linear warm-up over `warmup_steps`, then cosine from `lr` down to `min_lr`, reached exactly
     at the last optimiser step (upstream counted micro-batches and stepped per update, so its decay
@@ -98,26 +126,43 @@ def train_replacement(
 ) -> dict:
     """Train the replacement module of `pruned_model` (in place) to map x^(l*) to x^(l*+m) of the
     frozen `dense_model`; inputs and targets are computed on the fly per batch by the dense prefix
-    (no_grad), with the real model's causal mask and rotary embeddings. `train_ids` [N, T] token
+    (no_grad), with the real model's causal mask and rotary embeddings. `dense_model` may instead be
+    the list of the removed block's dense layers [l*, l*+m): the pruned model's own prefix then gives
+    the inputs (`prefix_block_io`, the same numbers) and no second model is held. `train_ids` [N, T] token
     blocks; the first `val_fraction` of them (at least one) is held out for validation. Everything
     but the replacement stays frozen. Returns {"loss_curve", "lr_curve", "val_curve" [(step, mse)],
     "val_mse_before", "val_mse_after", "best_step", "seconds", "train_tokens"}; the weights with the
     best validation MSE are kept."""
     s = settings if isinstance(settings, StreamlineSettings) else StreamlineSettings(**(settings or {}))
     device = torch.device(device)
-    adapter = adapter_for(dense_model)
+    block = list(dense_model) if isinstance(dense_model, (list, tuple, nn.ModuleList)) else None
     new_idx, start, end, kind = replacement_of(plan)
+    if block is not None and (len(block) != end - start or pruned_model is None):
+        raise ConfigError("recovery", f"{len(block)} dense layers", f"the {end - start} layers of the removed "
+                          f"block [{start}, {end}) and the pruned model")
+    adapter = adapter_for(pruned_model if block is not None else dense_model)
     if train_ids.dim() != 2 or train_ids.shape[0] < 2:
         raise DataError("recovery.train_ids", tuple(train_ids.shape), "[N, T] token blocks with N >= 2")
     n_val = max(1, round(train_ids.shape[0] * s.val_fraction))
     val_ids, tr_ids = train_ids[:n_val], train_ids[n_val:]
+    from ...placement import bring, home_of, placement_of
+
     if module is None:  # the replacement inside a pruned model (else: given on its own, `pruned_model` None)
         module = adapter.layers(pruned_model)[new_idx]
-    from ...placement import placement_of
-
-    if placement_of(dense_model) == "device":  # offload / disk: each layer moves in when it runs
-        dense_model.to(device)
-    dense_model.eval()
+    if home_of(module) is not None:  # offload / disk: the trained layer stays resident on the device
+        bring(module, device)
+        module._pf_home = None
+    if block is not None:
+        for layer in block:
+            layer.to(device).eval()
+            for p in layer.parameters():
+                p.requires_grad_(False)
+        if placement_of(pruned_model) == "device":  # the replacement's inputs come from its own prefix
+            pruned_model.to(device)
+    else:
+        if placement_of(dense_model) == "device":  # offload / disk: each layer moves in when it runs
+            dense_model.to(device)
+        dense_model.eval()
     module.to(device)
     owner = pruned_model if pruned_model is not None else module
 
@@ -133,7 +178,10 @@ def train_replacement(
     def teacher(key, ids: torch.Tensor):
         if cache is not None and key in cache:
             return cache[key]
-        out = block_io(dense_model, adapter, ids.to(device), start, end)
+        if block is not None:
+            out = prefix_block_io(pruned_model, adapter, new_idx, block, ids.to(device))
+        else:
+            out = block_io(dense_model, adapter, ids.to(device), start, end)
         if cache is not None:
             cache[key] = out
         return out

@@ -20,6 +20,7 @@ from pruning_core.methods.streamline import (
     block_influence,
     block_io,
     lr_at,
+    replacement_of,
     select,
     select_shortgpt,
     train_replacement,
@@ -187,8 +188,6 @@ def test_training_inputs_are_causal_and_exact():
 
 
 def _heldout_mse(dense, pruned, plan, ids):
-    from pruning_core.methods.streamline import replacement_of
-
     ad = adapter_for(dense)
     new_idx, start, end, _ = replacement_of(plan)
     x, kw, y = block_io(dense, ad, ids, start, end)
@@ -367,3 +366,51 @@ def test_recover_step_trains_the_replacement_of_the_shared_prune_checkpoint(kind
     m2, _ = load_pruned(tmp_path / "replacement")
     trained = _heldout_mse(dense, m2, plan, heldout)
     assert trained < 0.7 * untrained, (untrained, trained)
+
+
+@pytest.mark.parametrize("kind", ["layer", "ffn"])
+def test_replacement_trains_from_the_dense_block_alone_exactly_as_from_the_dense_model(kind, tmp_path):
+    """The recover step holds the pruned model and only the removed block's dense layers (read with
+    `open_model(only_layers=...)`; the rest of the dense model stays on `meta`): the pruned prefix
+    gives the block's inputs, so training sees the same inputs and targets as with the whole dense
+    model — the same loss curve and the same trained weights."""
+    from pruning_core.placement import open_model
+
+    dense = tiny_model("llama", n_layers=6, seed=2, initializer_range=0.1)
+    dense.save_pretrained(tmp_path / "dense")
+    ad = adapter_for(dense)
+    plan = select(dense, ad, _scores(dense, ad), None, {"replacement": kind, "n_layers": 2})
+    _, start, end, _ = replacement_of(plan)
+    calib = _ids(24, 32, seed=7, vocab=16)
+    s = {"steps": 12, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_every": 4}
+    p_full = apply_plan(copy.deepcopy(dense), plan)
+    p_block = copy.deepcopy(p_full)
+    save_pruned(p_full, None, plan, tmp_path / "untrained")
+    full = train_replacement(dense, p_full, plan, calib, s)
+
+    opened, _ = open_model(tmp_path / "dense", with_tokenizer=False, only_layers=list(range(start, end)))
+    layers = adapter_for(opened).layers(opened)
+    assert all(p.device.type == "meta" for j, lyr in enumerate(layers) if not start <= j < end for p in lyr.parameters())
+    assert opened.get_input_embeddings().weight.device.type == "meta"
+    block = train_replacement([layers[j] for j in range(start, end)], p_block, plan, calib, s)
+
+    assert block["loss_curve"] == pytest.approx(full["loss_curve"], rel=1e-5, abs=1e-7)
+    assert block["val_mse_after"] == pytest.approx(full["val_mse_after"], rel=1e-5)
+    for (k, a), (_, b) in zip(p_full.state_dict().items(), p_block.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), k
+    with pytest.raises(ConfigError, match="recovery"):
+        train_replacement([layers[start]] * (end - start + 1), p_block, plan, calib, s)
+
+    # the recover step under offload / disk: the pruned model's layers come and go, the trained one stays;
+    # the result is written layer by layer (the plan recorded, not applied again) and reloads the same
+    from pruning_core.placement import save_streaming
+
+    for placement in ("offload", "disk"):
+        m, _ = load_pruned(tmp_path / "untrained", placement=placement)
+        res = train_replacement([layers[j] for j in range(start, end)], m, plan, calib, s)
+        assert res["loss_curve"] == pytest.approx(full["loss_curve"], rel=1e-5, abs=1e-7), placement
+        save_streaming(m, None, plan, tmp_path / placement, apply=False)
+        back, _ = load_pruned(tmp_path / placement)
+        for (k, a), (_, b) in zip(p_full.state_dict().items(), back.state_dict().items(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (placement, k)
+        assert (tmp_path / placement / "plan.json").is_file()
