@@ -86,22 +86,25 @@ def keep_channels(score: torch.Tensor, r: float, layer: int, k: int | None = Non
     return [i for i in range(n) if i not in drop]
 
 
+def _units(model: nn.Module, adapter: Adapter, layer: nn.Module, gqa: str) -> dict:
+    """One decoder layer's pruning units: its parameters, its head units (KV groups, or query heads per
+    group for `per_group`) and the parameters one unit holds, its FFN channels and the parameters of one."""
+    s = adapter.layer_shape(model, layer)
+    hidden = adapter.proj(layer, adapter.o).out_features
+    rep = max(s.n_heads // max(s.n_kv_heads, 1), 1)
+    per_head = 2 * s.head_dim * hidden  # q rows + o columns
+    if gqa == "per_group" and rep > 1:  # one query head in every group
+        n_units, unit_params, unit, group = rep, s.n_kv_heads * per_head, "query head per KV group", rep
+    else:  # a KV group: its query heads + k and v rows
+        n_units, unit_params, unit, group = s.n_kv_heads, rep * per_head + 2 * s.head_dim * hidden, "KV group", None
+    return dict(total=sum(p.numel() for p in layer.parameters()), n_units=n_units, unit_params=unit_params,
+                unit=unit, kv_groups=s.n_kv_heads, group_size=group, ffn=s.ffn,
+                ch_params=(len(adapter.mlp_in) + 1) * hidden)
+
+
 def unit_sizes(model: nn.Module, adapter: Adapter, gqa: str = "kv_group") -> list[dict]:
-    """Per decoder layer: its parameters, its head units (KV groups, or query heads per group for
-    `per_group`) and the parameters one unit holds, its FFN channels and the parameters of one."""
-    out = []
-    for layer in adapter.layers(model):
-        s = adapter.layer_shape(model, layer)
-        hidden = adapter.proj(layer, adapter.o).out_features
-        rep = max(s.n_heads // max(s.n_kv_heads, 1), 1)
-        per_head = 2 * s.head_dim * hidden  # q rows + o columns
-        if gqa == "per_group" and rep > 1:  # one query head in every group
-            n_units, unit_params, unit = rep, s.n_kv_heads * per_head, "query head per KV group"
-        else:  # a KV group: its query heads + k and v rows
-            n_units, unit_params, unit = s.n_kv_heads, rep * per_head + 2 * s.head_dim * hidden, "KV group"
-        out.append(dict(total=sum(p.numel() for p in layer.parameters()), n_units=n_units, unit_params=unit_params,
-                        unit=unit, ffn=s.ffn, ch_params=(len(adapter.mlp_in) + 1) * hidden))
-    return out
+    """`_units` of every decoder layer (what `removal_counts` converts a parameter fraction into)."""
+    return [_units(model, adapter, layer, gqa) for layer in adapter.layers(model)]
 
 
 def _too_many(r: float, k: int, n: int, unit: str, layer: int, share: float) -> ConfigError:
@@ -231,23 +234,17 @@ for _name in SCHEDULE_NAMES:
 
 
 def unit_counts(model, adapter, gqa: str) -> list[dict]:
-    """Per layer: number of head units, params per head unit, FFN size, params per channel."""
+    """Per layer, `_units` as the schedule solver counts them: KV groups (`units`), params per head
+    unit, query heads per group when a unit is one head in every group (`per_group`), FFN size, params
+    per channel; None for a layer that is not a decoder layer."""
     out = []
     for layer in adapter.layers(model):
-        s = adapter.layer_shape(model, layer)
-        if s.kind != "decoder":
+        if adapter.layer_shape(model, layer).kind != "decoder":
             out.append(None)
             continue
-        hidden = adapter.proj(layer, adapter.o).out_features
-        rep = s.n_heads // s.n_kv_heads
-        per_head = 2 * s.head_dim * hidden  # q rows + o columns
-        if gqa == "kv_group" or rep == 1:
-            units, unit_params, per_unit_cap = s.n_kv_heads, rep * per_head + 2 * s.head_dim * hidden, None
-        else:
-            units, unit_params, per_unit_cap = s.n_kv_heads, s.n_kv_heads * per_head, rep  # m heads / group
-        ch = (len(adapter.mlp_in) + 1) * hidden
-        out.append(dict(units=units, unit_params=unit_params, per_group=per_unit_cap, ffn=s.ffn, ch_params=ch,
-                        total=sum(p.numel() for p in layer.parameters())))
+        u = _units(model, adapter, layer, gqa)
+        out.append(dict(units=u["kv_groups"], unit_params=u["unit_params"], per_group=u["group_size"], ffn=u["ffn"],
+                        ch_params=u["ch_params"], total=u["total"]))
     return out
 
 
