@@ -143,7 +143,7 @@ def test_cached_sweep_on_a_fresh_worker_downloads_no_checkpoint(prefect_harness,
     store_mod._STORES.clear()
     start = len(log.read_text(errors="replace"))
     second = run_sweep(spec, ["wanda"], [0.3, 0.5], "sequential")
-    assert all(v["miss"] == 0 for v in second["step_counts"].values()), second["step_counts"]
+    assert all(v["miss"] == 0 for v in second["step_counts"].values()), json.dumps(second["step_counts"])
     time.sleep(0.5)  # the server's access log is written after each response
     gets = _gets(log, start, bucket_path)
     assert not [g for g in gets if any(g.startswith(c) for c in ckpts)], f"checkpoint objects downloaded: {gets}"
