@@ -12,35 +12,26 @@ Writes are atomic: everything goes to a temporary sibling folder which is rename
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import StorageError
-from .placement import _check_writable, _load_tokenizer, finish_checkpoint  # noqa: F401 - re-exported
+from .placement import _load_tokenizer, finish_checkpoint  # noqa: F401 - re-exported
 from .plan import PrunePlan
 from .surgery import sync_config
+from .util import staged_dir
 
 
 def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str | Path) -> Path:
     """Write model (+ tokenizer, plan.json) to `path` atomically. Returns the path."""
     path = Path(path).expanduser()
-    _check_writable(path)
-    stock = sync_config(model)
-    if getattr(model.config, "architectures", None) is None:
-        model.config.architectures = [type(model).__name__]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
+        stock = sync_config(model)
+        if getattr(model.config, "architectures", None) is None:
+            model.config.architectures = [type(model).__name__]
         model.save_pretrained(tmp, safe_serialization=True)
         finish_checkpoint(model, tokenizer, plan, stock, tmp, path)
-    except OSError as e:
-        raise StorageError("output", str(path), "a writable folder", str(e)) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

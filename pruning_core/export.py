@@ -25,14 +25,12 @@ transformers. Writes are atomic (temporary sibling folder renamed into place).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, DataError, StorageError
-from .util import replace_dir
+from .util import replace_dir, staged_dir
 
 FORMATS = ("vllm",)
 DECI_ARCH = "DeciLMForCausalLM"
@@ -210,11 +208,7 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "vllm") -> di
                               f"served through vLLM's DeciLM model, which is Llama-based: {', '.join(_LLAMA_TYPES)})")
         positions = _plan_positions(src, len(layers))
         blocks, n_q = block_configs(config, positions)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise StorageError("export.out", str(out), "a writable folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out, "export.out") as tmp:
         for f in src.iterdir():  # tokenizer, generation config, plan.json, ...
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
                                                                           "model.safetensors.index.json"):
@@ -242,9 +236,4 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "vllm") -> di
             (tmp / "configuration_decilm.py").write_text(CONFIG_MODULE)
             result = {"format": fmt, "layout": "decilm", "blocks": len(blocks)}
         replace_dir(tmp, out)
-    except OSError as e:
-        raise StorageError("export.out", str(out), "a writable folder", str(e)) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"path": str(out), **result}

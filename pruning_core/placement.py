@@ -40,22 +40,12 @@ import torch
 from torch import nn
 
 from . import hfload
-from .errors import ConfigError, DataError, StorageError
-from .util import replace_dir
+from .errors import ConfigError, DataError
+from .util import replace_dir, staged_dir
 
 PLACEMENTS = ("auto", "device", "offload", "disk")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _check_writable(path: Path) -> None:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StorageError("output", str(path), "a folder whose parent can be created and written", str(e)) from None
-    if not os.access(parent, os.W_OK):
-        raise StorageError("output", str(path), "a writable folder")
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool):
@@ -603,15 +593,13 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
     from .surgery import apply_layer_plan, set_layers, sync_config
 
     path = Path(path).expanduser()
-    _check_writable(path)
     adapter = adapter_for(model)
     layers = list(adapter.layers(model))
     if plan is not None and apply and len(plan.layers) != len(layers):
         raise ConfigError("plan.layers", len(plan.layers), f"one entry per decoder layer ({len(layers)})")
     prefix = layers_prefix(model, adapter)
     mode = placement_of(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         writer = ShardWriter(tmp, 0 if mode == "disk" else shard_bytes)
         kept: list[nn.Module] = []
         for i, layer in enumerate(layers):
@@ -667,11 +655,6 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
             except (ValueError, OSError):
                 pass
         finish_checkpoint(model, tokenizer, plan, stock, tmp, path)
-    except OSError as e:
-        raise StorageError("output", str(path), "a writable folder", str(e)) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -1,11 +1,15 @@
-"""Small jobs every layer needs once: where pruneflow keeps its files, the code's git revision, and
-reading a number that may be missing or not finite."""
+"""Small jobs every layer needs once: where pruneflow keeps its files, the code's git revision,
+reading a number that may be missing or not finite, and writing a folder atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +46,6 @@ def finite_float(v: Any) -> float | None:
 def replace_dir(tmp: Path, path: Path) -> None:
     """Put the finished folder `tmp` at `path`, replacing what is there with two renames (readers see
     the old folder or the new one, never a half-written one)."""
-    import shutil
-
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -51,3 +53,26 @@ def replace_dir(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(path: Path, field: str = "output") -> Iterator[Path]:
+    """`with staged_dir(path) as tmp:` write into `tmp` (beside `path`) and end with `replace_dir(tmp,
+    path)`. An unwritable place or any OSError on the way is one StorageError naming `field`; the
+    temporary folder never outlives the block (nothing half-written is left at `path`)."""
+    from .errors import StorageError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(field, str(path), "a folder whose parent can be created and written", str(e)) from None
+    if not os.access(path.parent, os.W_OK):
+        raise StorageError(field, str(path), "a writable folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except OSError as e:
+        raise StorageError(field, str(path), "a writable folder", str(e)) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
