@@ -105,13 +105,18 @@ def prepare(spec: RunSpec, sl: StepLog) -> tuple[dict, dict]:
     return model, calib
 
 
-def capture_requests(meth) -> list[str]:
+def capture_args(meth, settings: dict, ratios: list[float]) -> dict:
     """What capture collects for `meth`: the cheap norm vectors always (so methods that differ only
-    there share one capture), plus whatever the method asks for (Gram matrices, cosines)."""
-    return sorted(set(meth.needs) | {"norms"})
+    there share one capture), plus whatever the method asks for (Gram matrices, cosines); a cosine
+    method's capture keeps only the span it compares at `ratios`."""
+    args = {"requests": sorted(set(meth.needs) | {"norms"})}
+    if meth.cosine_span is not None:
+        args["cosine_span"] = {"method": meth.name, "settings": settings, "ratios": sorted(ratios)}
+    return args
 
 
-def score_once(spec: RunSpec, sl: StepLog, model: dict, calib: dict, method: str, settings: dict) -> dict | None:
+def score_once(spec: RunSpec, sl: StepLog, model: dict, calib: dict, method: str, settings: dict,
+               ratios: list[float]) -> dict | None:
     """capture + score (skipped for coupled methods, which consume the calibration set in prune)."""
     from pruning_core.methods import get_method
 
@@ -120,7 +125,7 @@ def score_once(spec: RunSpec, sl: StepLog, model: dict, calib: dict, method: str
         sl.skip("capture")
         sl.skip("score")
         return None
-    stats = sl("capture", steps.capture_task, model=model, calib=calib, requests=capture_requests(meth),
+    stats = sl("capture", steps.capture_task, model=model, calib=calib, **capture_args(meth, settings, ratios),
                batch_size=spec.calibration.batch_size)
     return sl("score", steps.score_task, model=model, stats=stats, method=method, settings=settings)
 
@@ -351,7 +356,7 @@ def compress(spec: dict, run_dir: str | None = None) -> dict:
     with _RunLog(rd):
         sl = StepLog(ctx, on_step=lambda n, c, dt: log.info("step %-14s %-7s %7.2f s", n, c, dt))
         model, calib = prepare(s, sl)
-        scores = score_once(s, sl, model, calib, s.method.name, s.method.settings)
+        scores = score_once(s, sl, model, calib, s.method.name, s.method.settings, [s.ratio])
         ckpt, after = prune_and_evaluate(s, sl, model, calib, scores, s.method.name, s.method.settings, s.ratio)
         dense = sl("evaluate_dense", steps.evaluate_task, target=model, settings=eval_settings(s),
                    model_revision=model["sha256"], label="dense",

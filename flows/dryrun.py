@@ -120,14 +120,16 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
         "flops": other_flops + sum(r["flops"] for r in rows),
         "flops_after": other_flops + sum(r["flops_after"] for r in rows),
     }
-    memory = memory_plan(spec, model.config, meth)
+    span = meth.cosine_span(model, adapter, [spec.ratio], settings) if meth.cosine_span is not None else None
+    memory = memory_plan(spec, model.config, meth, cosine_span=span)
     return {"model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
             "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after],
             "servable": {**servable_check(rows), "constraint": settings.servable, "changes": constraint}, **memory}
 
 
 
-def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None) -> dict:
+def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None,
+                cosine_span: int | None = None) -> dict:
     """{"placement", "placement_reason", "memory": {step: {device, host}}}; a one-line ConfigError
     when a step cannot fit the free memory under the chosen placement."""
     from pruning_core.models import resolve_device
@@ -141,7 +143,7 @@ def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None
 
     def est(pl):
         return estimate_steps(config, dt, pl, dev, meth, c.n_samples, c.seq_len, c.batch_size, e.ppl_seq_len,
-                              e.batch_size)
+                              e.batch_size, cosine_span=cosine_span)
 
     if spec.model.placement == "auto":
         work = max(v["device"] or v["host"] for v in est("device").values()) - param_bytes(config, dt)["total"]

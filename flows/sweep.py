@@ -26,7 +26,7 @@ from tasks.store import open_store, pruneflow_home
 from .compress import (
     STEP_ORDER,
     StepLog,
-    capture_requests,
+    capture_args,
     ctx_for,
     eval_settings,
     prepare,
@@ -85,7 +85,7 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
         meth = get_method(method)
         scores_f = None
         if not meth.coupled:
-            stats_f = steps.capture_task.submit(ctx=ctx, model=model, calib=calib, requests=capture_requests(meth),
+            stats_f = steps.capture_task.submit(ctx=ctx, model=model, calib=calib, **capture_args(meth, settings, ratios),
                                                 batch_size=s.calibration.batch_size)
             scores_f = steps.score_task.submit(ctx=ctx, model=model, stats=stats_f, method=method, settings=settings)
             branches.append(("capture", None, None, stats_f))

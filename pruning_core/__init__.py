@@ -46,8 +46,9 @@ def prune(model, method_name: str, calib_ids, ratio: float, settings: dict | Non
         plan = m.prune(model, adapter, calib_ids, ratio, st, device=device)
     else:
         if stats is None:
+            span = m.cosine_span(model, adapter, [ratio], st) if m.cosine_span is not None else None
             stats = capture_stats(model, adapter, calib_ids, requests=m.needs & {"attn_gram", "mlp_gram", "cosine"},
-                                  device=device)
+                                  device=device, cosine_span=span)
         plan = m.select(model, adapter, m.score(model, adapter, stats, st), ratio, st)
     apply_plan(model, plan)
     return plan

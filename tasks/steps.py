@@ -250,26 +250,40 @@ def load_calibration(man: dict, ctx: dict):
 # capture: layer-wise streamed statistics (Gram matrices, norms, cosines)
 # ================================================================================================
 def _capture_keyparts(p):
-    return {"requests": sorted(p["requests"]), "batch_size": p["batch_size"]}, [p["model"], p["calib"]], p["model"]["sha256"]
+    settings = {"requests": sorted(p["requests"]), "batch_size": p["batch_size"]}
+    if p.get("cosine_span"):  # what a cosine method compares at its ratios (see capture_task)
+        settings["cosine_span"] = p["cosine_span"]
+    return settings, [p["model"], p["calib"]], p["model"]["sha256"]
 
 
 define_step("capture", _capture_keyparts, lambda p: [_capture_keyparts, capture_task])
 
 
 @_task("capture", gpu=True)
-def capture_task(ctx: dict, model: dict, calib: dict, requests: list[str], batch_size: int = 8) -> dict:
-    params = {"ctx": ctx, "model": model, "calib": calib, "requests": requests, "batch_size": batch_size}
+def capture_task(ctx: dict, model: dict, calib: dict, requests: list[str], batch_size: int = 8,
+                 cosine_span: dict | None = None) -> dict:
+    """Layer-streamed statistics. `cosine_span` {"method", "settings", "ratios"}: the hidden states kept
+    for cosines are only the method's span at those ratios (`Method.cosine_span`), not every layer's."""
+    params = {"ctx": ctx, "model": model, "calib": calib, "requests": requests, "batch_size": batch_size,
+              "cosine_span": cosine_span}
 
     def compute():
         from pruning_core.adapters import adapter_for
         from pruning_core.capture import capture_stats
 
         m, _tok = _open(model, ctx, "capture")
+        adapter = adapter_for(m)
+        span = None
+        if cosine_span:
+            from pruning_core.methods import get_method
+
+            meth = get_method(cosine_span["method"])
+            span = meth.cosine_span(m, adapter, cosine_span["ratios"], meth.parse_settings(cosine_span["settings"]))
         ids = load_calibration(calib, ctx)
-        bar, cb = _progress("capture", len(adapter_for(m).layers(m)))
+        bar, cb = _progress("capture", len(adapter.layers(m)))
         try:
-            stats = capture_stats(m, adapter_for(m), ids, requests=set(requests), device=_device(ctx),
-                                  batch_size=batch_size, progress=cb)
+            stats = capture_stats(m, adapter, ids, requests=set(requests), device=_device(ctx),
+                                  batch_size=batch_size, cosine_span=span, progress=cb)
         finally:
             if bar is not None:
                 bar.close()

@@ -59,6 +59,9 @@ class Method:
     # optional, coupled methods: sizes(model, adapter, ratio, settings) -> PrunePlan with the kept *sizes*
     # (not the data-chosen indices), so `pruneflow plan` shows them without calibration data
     sizes: Callable[..., Any] | None = None
+    # optional, methods that score hidden-state cosines: cosine_span(model, adapter, ratios, settings) -> the
+    # largest layer distance they compare at these ratios, so capture keeps only that many states
+    cosine_span: Callable[..., int] | None = None
 
     @property
     def coupled(self) -> bool:

@@ -106,3 +106,26 @@ def test_stream_gives_each_layer_its_own_mask_sliding_window_mix():
     full_kw = steps[0].kwargs[0]
     wrong = a.layers(m)[2](steps[2].inputs[0], **full_kw)
     assert not torch.allclose(wrong[0] if isinstance(wrong, tuple) else wrong, real[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("method,ratio", [("llm-streamline", 0.3), ("shortgpt", 0.3)])
+def test_cosine_capture_keeps_only_the_span_the_method_compares(method, ratio):
+    """A depth method's capture keeps the states of the layers it compares at its ratio (Streamline: a
+    block of m + 1 layers; ShortGPT: consecutive layers), not of every layer: the cosines inside that
+    band equal the full capture's, the rest are never computed, and the plan is the same."""
+    from pruning_core.methods import get_method
+
+    model = tiny_model("llama", n_layers=8, seed=4)
+    ad = adapter_for(model)
+    ids = torch.randint(0, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+    meth = get_method(method)
+    st = meth.parse_settings({"replacement": "layer"} if method == "llm-streamline" else {})
+    span = meth.cosine_span(model, ad, [ratio], st)
+    assert 1 <= span < len(ad.layers(model)) and (method != "shortgpt" or span == 1)
+    full = capture_stats(model, ad, ids, requests={"cosine"})["cosine"]
+    band = capture_stats(model, ad, ids, requests={"cosine"}, cosine_span=span)["cosine"]
+    dist = (torch.arange(9)[:, None] - torch.arange(9)[None, :]).abs()
+    assert torch.allclose(band[dist <= span], full[dist <= span], atol=1e-6)
+    assert torch.all(band[dist > span] == 0) and torch.all(full[dist > span] != 0)
+    plans = [meth.select(model, ad, meth.score(model, ad, {"cosine": c}, st), ratio, st) for c in (full, band)]
+    assert [lp.keep for lp in plans[0].layers] == [lp.keep for lp in plans[1].layers]

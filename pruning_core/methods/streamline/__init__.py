@@ -43,6 +43,7 @@ from .selection import (
     best_block,
     block_cosines,
     block_influence,
+    block_span,
     n_from_ratio,
     score,
     select,
@@ -52,7 +53,7 @@ from .settings import ShortGPTSettings, StreamlineSettings
 from .training import block_io, lr_at, prefix_block_io, replacement_of, replacement_recover, train_replacement
 
 __all__ = [
-    "ResidualFFN", "ShortGPTSettings", "StreamlineSettings", "best_block", "block_cosines", "block_influence",
+    "ResidualFFN", "ShortGPTSettings", "StreamlineSettings", "best_block", "block_cosines", "block_influence", "block_span",
     "block_io", "collapse_block", "ffn_from_layer", "lr_at", "n_from_ratio", "prefix_block_io", "replacement_of",
     "replacement_recover", "score", "select", "select_shortgpt", "train_replacement",
 ]
@@ -69,6 +70,7 @@ register(
         needs=frozenset({"cosine"}),
         score=score,
         select=select,  # the prune step is shared; `recovery: replacement` trains it (recover step)
+        cosine_span=block_span,
     )
 )
 
@@ -82,5 +84,6 @@ register(
         needs=frozenset({"cosine"}),
         score=score,
         select=select_shortgpt,
+        cosine_span=lambda *_: 1,  # BI compares each layer's input with its output
     )
 )

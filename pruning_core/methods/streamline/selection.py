@@ -44,8 +44,8 @@ def best_block(cos: torch.Tensor, m: int) -> int:
 
 
 def score(model: nn.Module, adapter: Adapter, stats: dict, settings) -> Scores:
-    """Scores from `capture_stats(..., requests={"cosine"})`: the full cosine matrix (every block
-    size is read off it, so one capture serves every ratio) and ShortGPT's per-layer BI."""
+    """Scores from `capture_stats(..., requests={"cosine"})`: the cosine matrix (within the span the
+    capture kept: `block_span` for the run's ratios, 1 for ShortGPT) and ShortGPT's per-layer BI."""
     if "cosine" not in stats:
         raise ConfigError(
             "capture.requests", sorted(k for k in stats if "." not in k), "statistics including 'cosine'"
@@ -116,6 +116,14 @@ def _removal_plan(method: str, settings, ratio, per: list[int], total: int, drop
                                                 len(per), total - after, sum(per))}
     return PrunePlan(method=method, settings=settings.model_dump(), layers=layers, target_ratio=ratio,
                      params_before=total, params_after=after, notes=notes)
+
+
+def block_span(model: nn.Module, adapter: Adapter, ratios, settings) -> int:
+    """The largest block LLM-Streamline compares at these ratios (m = n, or n + 1 with a replacement):
+    capture keeps the states of m + 1 consecutive layers, not of all of them."""
+    s = settings if isinstance(settings, StreamlineSettings) else StreamlineSettings(**(settings or {}))
+    extra = 0 if s.replacement == "none" else 1
+    return max(_depth_budget(model, adapter, r, s.n_layers)[3] + extra for r in (list(ratios) or [None]))
 
 
 def select(model: nn.Module, adapter: Adapter, scores: Scores, ratio: float | None, settings) -> PrunePlan:
