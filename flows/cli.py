@@ -38,6 +38,7 @@ def _env(quiet: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow's own stderr handler: no INFO/WARNING lines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ["PRUNEFLOW_CONSOLE"] = "1"  # step bars on stderr (flows/console.py), unless --quiet
     if quiet:
         os.environ["PRUNEFLOW_QUIET"] = "1"

@@ -12,6 +12,8 @@ and not `--quiet`; flows run from Python or by a Prefect worker keep their usual
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -43,6 +45,43 @@ class _Ticker:
         self.thread.join(timeout=2)
 
 
+class _ToLog(io.TextIOBase):
+    """What libraries print on stderr during a step (GGUF conversion bars, MLflow's "Created version"
+    lines, artifact download bars) goes to the run's log, a line at a time."""
+
+    def __init__(self):
+        self.buf = ""
+        self.log = logging.getLogger("pruneflow.stderr")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.replace("\r", "\n").split("\n")
+        for ln in lines:
+            if ln.strip():
+                self.log.info("%s", ln.strip())
+        return len(text)
+
+
+@contextmanager
+def _stray_output_to_log():
+    """Send sys.stderr to the log for the block; pruneflow's own bars keep the terminal
+    (`tasks.common.console_stream`). Nested steps share the outermost redirection."""
+    from tasks import common
+
+    if common.CONSOLE_STREAM[0] is not None:
+        yield
+        return
+    common.CONSOLE_STREAM[0] = sys.stderr
+    try:
+        with contextlib.redirect_stderr(_ToLog()):
+            yield
+    finally:
+        common.CONSOLE_STREAM[0] = None
+
+
 class StepBars:
     """`with bars.step("prune") as done: ...; done("miss")` — one bar per step."""
 
@@ -55,8 +94,10 @@ class StepBars:
             return
         from tqdm.auto import tqdm
 
+        from tasks.common import console_stream
+
         bar = tqdm(total=None, desc=f"  {name:<{self.width}}", bar_format="{desc} {elapsed}", leave=True,
-                   file=sys.stderr, position=0, dynamic_ncols=True)
+                   file=console_stream(), position=0, dynamic_ncols=True)
         ticker = _Ticker(bar)
         outcome = {"status": "", "ok": True}
 
@@ -64,7 +105,8 @@ class StepBars:
             outcome["status"] = status
 
         try:
-            yield done
+            with _stray_output_to_log():
+                yield done
         except BaseException:
             outcome["ok"] = False
             raise
@@ -106,6 +148,8 @@ class WarningLine(logging.Handler):
         try:
             from tqdm.auto import tqdm
 
-            tqdm.write(" ".join(self.format(record).split()), file=sys.stderr)
+            from tasks.common import console_stream
+
+            tqdm.write(" ".join(self.format(record).split()), file=console_stream())
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)

@@ -75,10 +75,11 @@ def target_modules(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings: LoraSettings | dict | None = None,
-                 device: str | torch.device | None = None, progress: bool = False):
+                 device: str | torch.device | None = None, progress=None):
     """Fine-tune LoRA adapters on `train_ids` ([N, L] token blocks, or one 1-D stream cut into
     `settings.seq_len` blocks), merge them, return
     `(merged_model, {"loss_curve": [...], "seconds": s, "trainable_params": n, "targets": [...]})`.
+    `progress(step, steps, loss)` is called after every optimiser step.
 
     `model` is modified in place (the adapters are merged into its weights) and returned in eval mode;
     its shapes are unchanged. `tokenizer` is not needed for training on token ids (kept for the API).
@@ -119,12 +120,7 @@ def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings:
     curve: list[float] = []
     t0 = time.perf_counter()
     peft_model.train()
-    it = range(s.steps)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="lora", leave=False)
-    for _ in it:
+    for step in range(s.steps):
         if pos + s.batch_size > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos:pos + s.batch_size]
@@ -141,6 +137,8 @@ def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings:
         opt.step()
         sched.step()
         curve.append(value)
+        if progress:
+            progress(step + 1, s.steps, value)
     seconds = time.perf_counter() - t0
     merged = peft_model.merge_and_unload()
     merged.eval()

@@ -200,3 +200,14 @@ def clear_models() -> None:
 
 def progress_enabled() -> bool:
     return os.environ.get("PRUNEFLOW_QUIET", "") not in ("1", "true")
+
+
+# The terminal's stream while the console (flows/console.py) sends stray library output on stderr
+# to the run's log: progress bars are drawn on this one.
+CONSOLE_STREAM: list = [None]
+
+
+def console_stream():
+    import sys
+
+    return CONSOLE_STREAM[0] or sys.stderr

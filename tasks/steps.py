@@ -23,6 +23,7 @@ from pruning_core.errors import ConfigError, StorageError
 from .common import (
     cache_key_fn_for,
     clear_models,
+    console_stream,
     define_step,
     load_model_cached,
     progress_enabled,
@@ -119,7 +120,7 @@ def _progress(desc: str, total: int, unit: str = "layer"):
         return None, lambda *a: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=f"  {desc}", unit=unit, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"  {desc}", unit=unit, leave=False, dynamic_ncols=True, file=console_stream())
 
     def cb(done, total_=None, *extra):
         if total_ and bar.total != total_:
@@ -472,7 +473,12 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
                 del block
         elif kind == "lora":
             train_ids = tokenize_text(tok, load_text(train_source, "train"))
-            m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=progress_enabled())
+            bar, cb = _progress("lora", settings.get("steps", 0) or 1, unit="step")
+            try:
+                m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=cb)
+            finally:
+                if bar is not None:
+                    bar.close()
         else:
             raise ConfigError("recovery.kind", kind, "lora or replacement (the recoveries run as their own step)")
         with scratch_dir() as d:
