@@ -152,7 +152,7 @@ def recover_args(spec: RunSpec, model: dict, calib: dict, method_settings: dict)
     replacement (LLM-Streamline) takes the method's settings, the calibration blocks and the dense model."""
     r = spec.recovery
     args = {"kind": r.kind, "model_revision": model["sha256"], "train_source": spec.calibration.source,
-            "seq_len": spec.calibration.seq_len, "calib": calib}
+            "seq_len": spec.calibration.seq_len, "calib": calib, "dtype": model["dtype"]}
     if r.kind == "replacement":
         return {**args, "settings": method_settings, "model": model}
     return {**args, "settings": r.settings}

@@ -423,7 +423,8 @@ def export_task(ctx: dict, checkpoint: dict, fmt: str, model_revision: str | Non
 # recover: LoRA (peft) or replacement-layer training; `none` passes the checkpoint through
 # ================================================================================================
 def _recover_keyparts(p):
-    return {"kind": p["kind"], "settings": p["settings"]}, [p["checkpoint"], p.get("calib")], p["model_revision"]
+    return ({"kind": p["kind"], "settings": p["settings"], "dtype": p.get("dtype")}, [p["checkpoint"], p.get("calib")],
+            p["model_revision"])
 
 
 define_step("recover", _recover_keyparts, lambda p: [_recover_keyparts, recover_task], libraries=("peft",))
@@ -432,12 +433,13 @@ define_step("recover", _recover_keyparts, lambda p: [_recover_keyparts, recover_
 @_task("recover", gpu=True)
 def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_revision: str,
                  train_source: str = "pydoc", seq_len: int = 256, calib: dict | None = None,
-                 model: dict | None = None) -> dict:
+                 model: dict | None = None, dtype: str | None = None) -> dict:
     """`lora`: LoRA on the training text, merged. `replacement` (LLM-Streamline): the replacement of
     the removed block is trained on the calibration blocks against the dense model (`model`), with
     the method's settings; the prune step before it is the same as for `recovery: none`."""
     params = {"ctx": ctx, "checkpoint": checkpoint, "kind": kind, "settings": settings,
-              "model_revision": model_revision, "calib": calib}
+              "model_revision": model_revision, "calib": calib, "dtype": dtype}
+    dt = dtype or checkpoint.get("dtype")  # the run's dtype: the dense model's, as in every other step
 
     def compute():
         from pruning_core import recover as rec
@@ -448,15 +450,15 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         store = open_store(ctx.get("store"))
         src = store.local_path(checkpoint)
         if kind == "lora":
-            placement = _placement(ctx, str(src), checkpoint.get("dtype", "auto"), step="recover")
+            placement = _placement(ctx, str(src), dt or "auto", step="recover")
             if placement == "disk" or (placement == "offload" and _device(ctx).type != "cpu"):
                 raise ConfigError("model.placement", placement,
                                   "device for LoRA recovery (offload only on a CPU device)")
         clear_models()  # the pruned model is the only model this step holds
         placement = "device"
         if kind == "replacement":  # the pruned model under the run's placement; the trained layer stays resident
-            placement = _placement(ctx, str(src), checkpoint.get("dtype", "auto"), step="recover")
-        m, tok = load_pruned(src, device=_device(ctx), dtype=checkpoint.get("dtype"), placement=placement)
+            placement = _placement(ctx, str(src), dt or "auto", step="recover")
+        m, tok = load_pruned(src, device=_device(ctx), dtype=dt, placement=placement)
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
         if kind == "replacement":
             if model is None or calib is None or plan is None:

@@ -87,6 +87,18 @@ def prefix_block_io(pruned: nn.Module, adapter: Adapter, index: int, block: list
     return got["x"], got["kw"], y
 
 
+def _fp32(kw):
+    """The layer's keyword arguments with floating tensors (rotary tables, additive masks) in fp32, the
+    dtype the replacement trains in."""
+    if isinstance(kw, dict):
+        return {k: _fp32(v) for k, v in kw.items()}
+    if isinstance(kw, (tuple, list)):
+        return type(kw)(_fp32(v) for v in kw)
+    if isinstance(kw, torch.Tensor) and kw.is_floating_point():
+        return kw.float()
+    return kw
+
+
 def lr_at(step: int, total: int, s: StreamlineSettings) -> float:
     """Linear warm-up over `warmup_steps`, then cosine from `lr` down to `min_lr`, reached exactly
     at the last optimiser step (upstream counted micro-batches and stepped per update, so its decay
@@ -163,7 +175,8 @@ def train_replacement(
         if placement_of(dense_model) == "device":  # offload / disk: each layer moves in when it runs
             dense_model.to(device)
         dense_model.eval()
-    module.to(device)
+    work_dtype = next(module.parameters()).dtype
+    module.to(device=device, dtype=torch.float32)  # fp32 master weights; back to the model's dtype at the end
     owner = pruned_model if pruned_model is not None else module
 
     flags = {id(p): p.requires_grad for p in owner.parameters()}
@@ -187,7 +200,7 @@ def train_replacement(
         return out
 
     def mse(x, kw, y) -> torch.Tensor:
-        out = first_output(module(x, **kw))
+        out = first_output(module(x.float(), **_fp32(kw)))
         return torch.nn.functional.mse_loss(out[:, skip:].float(), y[:, skip:].float())
 
     val_batches = [val_ids[b : b + s.batch_size] for b in range(0, val_ids.shape[0], s.batch_size)]
@@ -246,6 +259,7 @@ def train_replacement(
                     best_state = {k: t.detach().clone() for k, t in module.state_dict().items()}
     finally:
         module.load_state_dict(best_state)
+        module.to(dtype=work_dtype)
         module.eval()
         for p in owner.parameters():
             p.requires_grad_(flags.get(id(p), True))

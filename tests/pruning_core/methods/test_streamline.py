@@ -414,3 +414,21 @@ def test_replacement_trains_from_the_dense_block_alone_exactly_as_from_the_dense
         for (k, a), (_, b) in zip(p_full.state_dict().items(), back.state_dict().items(), strict=True):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (placement, k)
         assert (tmp_path / placement / "plan.json").is_file()
+
+
+def test_a_bf16_model_trains_its_replacement_in_fp32_and_keeps_bf16():
+    """bf16 weights (the GPU path): the replacement trains on fp32 master weights (inputs, rotary
+    tables and masks cast for it) and goes back to bf16; the rest of the model is untouched."""
+    dense = tiny_model("llama", n_layers=6, seed=2, initializer_range=0.1).to(torch.bfloat16)
+    ad = adapter_for(dense)
+    plan = select(dense, ad, _scores(dense.float(), ad), None, {"replacement": "layer", "n_layers": 2})
+    dense = dense.to(torch.bfloat16)
+    pruned = apply_plan(copy.deepcopy(dense), plan)
+    _, start, end, _ = replacement_of(plan)
+    new_idx = replacement_of(plan)[0]
+    others = {k: v.clone() for k, v in pruned.state_dict().items() if f"layers.{new_idx}." not in k}
+    res = train_replacement([ad.layers(dense)[j] for j in range(start, end)], pruned, plan, _ids(24, 32, seed=7, vocab=16),
+                            {"steps": 12, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2})
+    assert res["val_mse_after"] < res["val_mse_before"]
+    assert all(p.dtype == torch.bfloat16 for p in pruned.parameters())
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in others.items())
