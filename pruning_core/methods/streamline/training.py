@@ -27,6 +27,13 @@ class _Stop(Exception):
     pass
 
 
+def _layer_call(args, kwargs) -> tuple[torch.Tensor, dict]:
+    """(hidden states, keyword arguments) a decoder layer was called with, without the KV cache."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+    kw["use_cache"] = False
+    return (args[0] if args else kwargs["hidden_states"]), kw
+
+
 @torch.no_grad()
 def block_io(dense: nn.Module, adapter: Adapter, ids: torch.Tensor, start: int, end: int):
     """Run the frozen dense model on `ids` up to layer end−1 and return (x^(start), kwargs, x^(end)):
@@ -36,12 +43,7 @@ def block_io(dense: nn.Module, adapter: Adapter, ids: torch.Tensor, start: int, 
     got: dict = {}
 
     def pre(mod, args, kwargs):
-        got["x"] = args[0] if args else kwargs["hidden_states"]
-        kw = {
-            k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")
-        }
-        kw["use_cache"] = False
-        got["kw"] = kw
+        got["x"], got["kw"] = _layer_call(args, kwargs)
 
     def post(mod, args, kwargs, out):
         got["y"] = first_output(out)
@@ -68,10 +70,7 @@ def prefix_block_io(pruned: nn.Module, adapter: Adapter, index: int, block: list
     got: dict = {}
 
     def pre(mod, args, kwargs):
-        got["x"] = args[0] if args else kwargs["hidden_states"]
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        kw["use_cache"] = False
-        got["kw"] = kw
+        got["x"], got["kw"] = _layer_call(args, kwargs)
         raise _Stop
 
     h = adapter.layers(pruned)[index].register_forward_pre_hook(pre, with_kwargs=True)
