@@ -439,7 +439,6 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
     the method's settings; the prune step before it is the same as for `recovery: none`."""
     params = {"ctx": ctx, "checkpoint": checkpoint, "kind": kind, "settings": settings,
               "model_revision": model_revision, "calib": calib, "dtype": dtype}
-    dt = dtype or checkpoint.get("dtype")  # the run's dtype: the dense model's, as in every other step
 
     def compute():
         from pruning_core import recover as rec
@@ -449,16 +448,16 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
 
         store = open_store(ctx.get("store"))
         src = store.local_path(checkpoint)
+        # the run's dtype (the dense model's, as in every other step) and placement: LoRA trains on the
+        # device (offload on a CPU is the same memory); the replacement keeps its trained layer resident
+        placement = _placement(ctx, str(src), dtype or "auto", step="recover")
         if kind == "lora":
-            placement = _placement(ctx, str(src), dt or "auto", step="recover")
             if placement == "disk" or (placement == "offload" and _device(ctx).type != "cpu"):
                 raise ConfigError("model.placement", placement,
                                   "device for LoRA recovery (offload only on a CPU device)")
+            placement = "device"
         clear_models()  # the pruned model is the only model this step holds
-        placement = "device"
-        if kind == "replacement":  # the pruned model under the run's placement; the trained layer stays resident
-            placement = _placement(ctx, str(src), dt or "auto", step="recover")
-        m, tok = load_pruned(src, device=_device(ctx), dtype=dt, placement=placement)
+        m, tok = load_pruned(src, device=_device(ctx), dtype=dtype, placement=placement)
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
         if kind == "replacement":
             if model is None or calib is None or plan is None:
