@@ -54,6 +54,8 @@ GRIDS: dict[str, dict[str, dict]] = {
         "slimgpt per_group": dict(method="slimgpt", settings={"gqa": "per_group"}),
         "slimgpt per_group, heads at 0.75 r": dict(method="slimgpt", settings={"gqa": "per_group",
                                                                               "head_ratio_scale": 0.75}),
+        "slimgpt per_group, heads at 0.5 r": dict(method="slimgpt", settings={"gqa": "per_group",
+                                                                             "head_ratio_scale": 0.5}),
         "slimgpt FFN only (head_ratio_scale 0)": dict(method="slimgpt", settings={"head_ratio_scale": 0.0}),
         "slimgpt per_group, uniform": dict(method="slimgpt", settings={"gqa": "per_group", "schedule": "uniform"}),
         "slimgpt per_group, damp 0.1": dict(method="slimgpt", settings={"gqa": "per_group", "percdamp": 0.1}),
@@ -109,6 +111,14 @@ GRIDS: dict[str, dict[str, dict]] = {
 
 def _row_spec(spec: dict) -> dict:
     return dict(ratio=R20, calib="16x256", recover=None) | spec
+
+
+def _same_row(spec: dict) -> str:
+    """Rows of different grids that are one experiment (e.g. `slimgpt per_group` and `slimgpt 16x256`)
+    share a key, so a finished one is reused rather than rerun. Defaults are spelled out first."""
+    s = _row_spec(spec)
+    st = get_method(s["method"]).parse_settings(s["settings"]).model_dump()
+    return json.dumps(dict(s, settings=st), sort_keys=True, default=str)
 
 
 class Bench:
@@ -204,6 +214,8 @@ def run(a) -> None:
     path = Path(a.json)
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {(r["row"], r["seed"]) for r in rows}
+    same = {(_same_row(GRIDS[r["grid"]][r["row"]]), r["seed"]): r for r in rows
+            if r.get("grid") in GRIDS and r["row"] in GRIDS[r["grid"]]}
     bench = None
     grid = GRIDS[a.grid]
     names = list(grid)
@@ -215,6 +227,13 @@ def run(a) -> None:
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name in ([] if a.skip_dense else ["dense"]) + names:
             if (name, seed) in done or (name == "dense" and _dense(rows, a.id_windows, a.ood_windows)):
+                continue
+            twin = same.get((_same_row(grid[name]), seed)) if name != "dense" else None
+            if twin and (twin["id_windows"], twin["ood_windows"]) == (a.id_windows, a.ood_windows):
+                row = dict(twin, row=name, grid=a.grid, reused_from=f"{twin['grid']}: {twin['row']}")
+                _append(path, row)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
                 continue
             bench = bench or Bench(a.model, a.id_windows, a.ood_windows, a.threads)
             t0 = time.perf_counter()
