@@ -98,6 +98,14 @@ GRIDS: dict[str, dict[str, dict]] = {
                "lr 1e-3": {"lr": 1e-3, "min_lr": 1e-4},
                "loss skips token 0": {"loss_skip_tokens": 1},
                "100 steps, batch 8, lr 5e-4": {"steps": 100, "batch_size": 8, "lr": 5e-4},
+               # the reference's recipe on the same data: 10 epochs of the 56 training blocks at
+               # micro-batch 8, lr 2e-4 that barely decays (its scheduler bug), AdamW wd 1e-3
+               "reference recipe (70 steps × 8 = 10 epochs, lr 2e-4 flat)": {
+                   "steps": 70, "batch_size": 8, "lr": 2e-4, "min_lr": 2e-4, "warmup_steps": 0},
+               "56 steps × 4 (4 epochs), lr 1e-3 → 1e-4": {"steps": 56, "lr": 1e-3, "min_lr": 1e-4,
+                                                         "warmup_steps": 4, "eval_every": 14},
+               "112 steps × 4 (8 epochs), lr 1e-3 → 1e-4": {"steps": 112, "lr": 1e-3, "min_lr": 1e-4,
+                                                          "warmup_steps": 4, "eval_every": 28},
            }.items()},
     },
     # item 7: LoRA on pydoc, does it help out of domain?
@@ -267,11 +275,13 @@ def table(rows: list[dict], grid: str) -> str:
     lora = grid == "lora"
     head = ["row", "calib", "params (M)", "seeds", "in-domain PPL (pydoc)", "out-of-domain PPL (pkgdocs)"]
     head += ["OOD PPL before LoRA", "ID PPL before LoRA"] if lora else []
+    train = grid == "streamline"
+    head += ["train s", "val MSE before → best (step)"] if train else []
     head += ["cloze acc", "prune s (noisy)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if dense:
         out.append(f"| dense | – | {dense['params'] / 1e6:.1f} | – | {dense['ppl_id']:.2f} | {dense['ppl_ood']:.2f} | "
-                   + ("– | – | " if lora else "") + f"{_agg([dense['cloze']] if 'cloze' in dense else [], '{:.3f}')} | – |")
+                   + ("– | – | " if lora or train else "") + f"{_agg([dense['cloze']] if 'cloze' in dense else [], '{:.3f}')} | – |")
     for n in names:
         rs = [r for r in mine if r["row"] == n]
         spec = _row_spec(GRIDS[grid][n])
@@ -280,6 +290,11 @@ def table(rows: list[dict], grid: str) -> str:
         if lora:
             cells += [_agg([r["before"]["ppl_ood"] for r in rs if "before" in r], "{:.2f}"),
                       _agg([r["before"]["ppl_id"] for r in rs if "before" in r], "{:.2f}")]
+        if train:
+            tr = [r["training"] for r in rs if "training" in r]
+            cells += [_agg([t["seconds"] for t in tr], "{:.0f}"),
+                      "; ".join(f"{t['val_mse_before']:.2f} → {t['val_mse_after']:.2f} ({t['best_step']})" for t in tr)
+                      or "–"]
         cells += [_agg([r["cloze"] for r in rs if "cloze" in r], "{:.3f}"), _agg([r["prune_s"] for r in rs], "{:.0f}")]
         out.append("| " + " | ".join(cells) + " |")
     w = mine[0] if mine else dense or {}
