@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ood.py run --grid slimgpt --seeds 42,43,44
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ood.py table --grid slimgpt
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ood.py --write        # every grid, RESULTS.md sections
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ood.py table --grid slimgpt --write   # its RESULTS.md section
 
 Protocol (issue #13): calibration = N windows x L tokens of pydoc's *train* split, drawn as the
 Wanda / SparseGPT / LLM-Rank loaders do (`random.seed(seed)`, `randint` starts, with replacement:
@@ -59,6 +59,8 @@ GRIDS: dict[str, dict[str, dict]] = {
         "slimgpt FFN only (head_ratio_scale 0)": dict(method="slimgpt", settings={"head_ratio_scale": 0.0}),
         "slimgpt per_group, uniform": dict(method="slimgpt", settings={"gqa": "per_group", "schedule": "uniform"}),
         "slimgpt per_group, damp 0.1": dict(method="slimgpt", settings={"gqa": "per_group", "percdamp": 0.1}),
+        "slimgpt per_group, Hessians on dense inputs": dict(method="slimgpt", settings={"gqa": "per_group",
+                                                                                    "hessian_inputs": "dense"}),
         "slimgpt per_group, damp 0.001": dict(method="slimgpt", settings={"gqa": "per_group", "percdamp": 0.001}),
         "slimgpt heads at 0.75 r, damp 0.001": dict(method="slimgpt", settings={"head_ratio_scale": 0.75,
                                                                                "percdamp": 0.001}),
@@ -306,6 +308,31 @@ def table(rows: list[dict], grid: str) -> str:
     return "\n".join(out)
 
 
+TITLES = {
+    "slimgpt": "SlimGPT candidates against FLAP, Wanda-sp and random at 20 % (item 2)",
+    "calib": "calibration size: SlimGPT, FLAP and Wanda at 20 % (item 5)",
+    "streamline": "LLM-Streamline, 7 of 30 layers: `none` and replacement recipes (item 3)",
+    "llmrank": "LLM-Rank at 20 % and 30 % of FFN channels: does the PageRank term add anything? (item 4)",
+    "lora": "LoRA recovery on pydoc, measured in and out of domain (item 7)",
+}
+
+
+def section(grid: str, rows: list[dict]) -> str:
+    """A grid's RESULTS.md section: title, the command that regenerates every row it shows, the table."""
+    mine = [r for r in rows if r.get("grid") == grid]
+    names = [n for n in GRIDS[grid] if any(r["row"] == n for r in mine)]
+    by_seeds: dict[str, list[str]] = {}
+    for n in names:
+        by_seeds.setdefault(",".join(str(r["seed"]) for r in mine if r["row"] == n), []).append(n)
+    w = mine[0]
+    cmds = [f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ood.py run --grid {grid} --seeds {seeds} "
+            f"--threads 2 --id-windows {w['id_windows']} --ood-windows {w['ood_windows']} --rows \"{'|'.join(ns)}\""
+            for seeds, ns in by_seeds.items()]
+    return (f"## Out of domain (issue 13): {TITLES.get(grid, grid)}\n\nRegenerate (rows append to "
+            "`benchmarks/.bench_ood.json` and a rerun skips finished ones; a row that is the same experiment "
+            "as one of another grid is reused):\n\n```\n" + "\n".join(cmds) + "\n```\n\n" + table(rows, grid))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cmd", nargs="?", default="run", choices=("run", "table"))
@@ -319,18 +346,16 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-dense", action="store_true", help="leave the dense row to another run")
     ap.add_argument("--json", default=str(DEFAULT_JSON))
-    ap.add_argument("--write", action="store_true", help="run every grid and write the RESULTS.md sections")
+    ap.add_argument("--write", action="store_true", help="write the RESULTS.md section of --grid (with `table`) "
+                    "or of every grid with rows, from the JSON (nothing is run)")
     a = ap.parse_args(argv)
-    if a.write:
+    if a.write:  # the table of each grid that has rows, as its RESULTS.md section (the reading is in ood-<grid>-notes)
         from run_all import write_section
 
-        for g in GRIDS:
-            a.grid = g
-            run(a)
-            rows = json.loads(Path(a.json).read_text())
-            cmd = f"benchmarks/bench_ood.py run --grid {g} --seeds {a.seeds}"
-            write_section(f"ood-{g}", f"## Out of domain (issue 13): grid `{g}`\n\nRegenerate: `{cmd}`\n\n"
-                          + table(rows, g))  # the hand-written reading lives in the section ood-{g}-notes
+        rows = json.loads(Path(a.json).read_text())
+        for g in GRIDS if a.cmd == "run" and not a.rows else [a.grid]:
+            if any(r.get("grid") == g for r in rows):
+                write_section(f"ood-{g}", section(g, rows))
         return
     if a.cmd == "table":
         print(table(json.loads(Path(a.json).read_text()), a.grid))

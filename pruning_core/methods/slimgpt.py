@@ -14,7 +14,8 @@ For every decoder layer, in order, on the outputs of the already *pruned* previo
    group (`gqa="per_group"`);
 3. re-run the layer, accumulate H of the `down_proj` inputs, prune FFN channels by batched greedy
    with the dynamic group size schedule (§3.3), updating the surviving `down_proj` columns;
-4. the stream re-runs the modified layer; its outputs feed layer i+1.
+4. the stream re-runs the modified layer; its outputs feed layer i+1 (`hessian_inputs="dense"`: the
+   layer's dense outputs do, so no layer sees the pruning of the earlier ones — an ablation).
 
 Per-layer ratio: the incremental pruning ratio (§3.4) r_i = r_0 + (r_last − r_0)·ln(1+i)/ln(L) with
 the model's real L and r_0 = r0_fraction·r_last; r_last is *solved* (bisection) so the parameters
@@ -58,6 +59,9 @@ class SlimGPTSettings(MethodSettings):
     head_ratio_scale: float = Field(1.0, ge=0.0, le=1.0, description=(
         "heads are removed at this multiple of the layer's ratio (paper: 1; 0: FFN only); the ratios are "
         "solved so the parameter budget holds either way"))
+    hessian_inputs: Literal["pruned", "dense"] = Field("pruned", description=(
+        "pruned (paper, code: each layer's Hessians come from the outputs of the already pruned layers, so "
+        "errors are compensated downstream) or dense (every layer sees the dense model's activations)"))
     stat_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of Hessians and updates")
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
 
@@ -107,7 +111,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
             h_attn = {adapter.module_name(adapter.o): grams.gram_hook("attn")}
             h_mlp = {adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")}
             hooks = h_attn if kh > 0 else {**h_attn, **h_mlp}
-            step.run(hooks=hooks, keep_outputs=False)
+            dense_out = step.run(hooks=hooks, keep_outputs=s.hessian_inputs == "dense")
             loss = {}
             if kh > 0:
                 W = o_lin.weight.data.to(sdt).clone()
@@ -137,6 +141,8 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
                 lp.ffn = [j for j in range(shape.ffn) if j not in gone]
                 loss["ffn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
                 d_lin.weight.data.copy_(W.to(d_lin.weight.dtype))
+            if dense_out is not None:  # the next layer sees this layer's dense outputs
+                step.outputs = dense_out
             losses.append(loss)
             layers_plan.append(lp)
             if progress:

@@ -171,3 +171,40 @@ def test_log_increase_uses_the_real_number_of_layers():
         rs = layer_ratios(name, 0.2, L)
         assert sum(rs) / L == pytest.approx(0.2)
         assert (rs[-1] > rs[0]) == name.endswith("increase")
+
+
+@pytest.mark.parametrize("inputs", ["dense", "pruned"])
+def test_hessian_inputs_dense_sees_the_dense_activations_in_every_layer(inputs, monkeypatch):
+    """`hessian_inputs="dense"`: every layer's o_proj Hessian is the dense model's (2/T)·XᵀX; with the
+    paper's "pruned" inputs the layers after the first see the pruned layers' outputs instead."""
+    from pruning_core import obs
+
+    m = _model(n_layers=3)
+    ids = _ids(8, 32)
+    grams = {}
+
+    def hook(i):
+        def fn(mod, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            grams[i] = grams.get(i, 0) + x.T @ x
+        return fn
+
+    hs = [layer.self_attn.o_proj.register_forward_hook(hook(i)) for i, layer in enumerate(m.model.layers)]
+    _logits(m, ids)
+    for h in hs:
+        h.remove()
+    expected = [g * 2.0 / ids.numel() for _, g in sorted(grams.items())]
+    seen = []
+    real = obs.prepare_hessian
+
+    def record(H, W, percdamp):
+        if W.shape[1] == 64:  # o_proj (the FFN's down_proj has 128 inputs)
+            seen.append(H.double().clone())
+        return real(H, W, percdamp)
+
+    monkeypatch.setattr(obs, "prepare_hessian", record)
+    prune(m, adapter_for(m), ids, 0.3, SlimGPTSettings(schedule="uniform", hessian_inputs=inputs))
+    assert len(seen) == 3
+    torch.testing.assert_close(seen[0], expected[0], rtol=1e-4, atol=1e-4)  # layer 0: the same inputs either way
+    later = [torch.allclose(s, e, rtol=1e-4, atol=1e-4) for s, e in zip(seen[1:], expected[1:])]
+    assert all(later) if inputs == "dense" else not any(later)
