@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..capture import Accumulator, LayerStream
 from ..errors import ConfigError
@@ -50,16 +50,11 @@ class FLAPSettings(MethodSettings):
     metric: Literal["wifv", "ifv", "wifn"] = Field("wifv", description="wifv, ifv or wifn")
     structure: Literal["uniform", "al_am"] = Field("uniform", description="uniform (UL-UM) or al_am (global z-score)")
     bias_compensation: bool = Field(True, description="add W[:,S]·mean(x_S) to the o_proj / down_proj bias")
-    gqa: Literal["kv_group", "per_group"] = Field("per_group", description=(
-        "per_group (query heads, the same number per KV group; wins out of domain) or kv_group; "
-        "al_am pools whole KV groups, so it defaults to kv_group there"))
+    gqa: Literal["kv_group", "per_group"] = Field("kv_group", description=(
+        "kv_group (whole KV groups; wins out of domain for FLAP, which has no weight update: benchmarks/"
+        "RESULTS.md, ood-slimgpt) or per_group (query heads, the same number in every KV group); "
+        "al_am pools whole KV groups"))
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
-
-    @model_validator(mode="after")
-    def _al_am_pools_kv_groups(self):
-        if self.structure == "al_am" and "gqa" not in self.model_fields_set:
-            self.gqa = "kv_group"
-        return self
 
 
 # -- pure maths ----------------------------------------------------------------------------------

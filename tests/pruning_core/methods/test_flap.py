@@ -97,7 +97,7 @@ def test_registered_and_validated():
     assert meth.coupled
     with pytest.raises(ConfigError, match="method.settings.metric"):
         meth.parse_settings({"metric": "l3"})
-    assert FLAPSettings().gqa == "per_group" and FLAPSettings(structure="al_am").gqa == "kv_group"
+    assert FLAPSettings().gqa == "kv_group" and FLAPSettings(structure="al_am").gqa == "kv_group"
     with pytest.raises(ConfigError, match="gqa"):
         prune(_model(), adapter_for(_model()), torch.zeros(2, 8, dtype=torch.long), 0.2,
               FLAPSettings(structure="al_am", gqa="per_group"))
