@@ -49,23 +49,23 @@ DEFAULT_JSON = HERE / ".bench_ood.json"
 R20 = 0.2
 GRIDS: dict[str, dict[str, dict]] = {
     # item 2: SlimGPT candidates (and the other width methods at the same budget)
-    "slimgpt": {
-        "slimgpt kv_group (old default)": dict(method="slimgpt", settings={"gqa": "kv_group"}),
-        "slimgpt per_group": dict(method="slimgpt", settings={"gqa": "per_group"}),
+    "slimgpt": {  # rows without a head scale in the name remove heads at the layer's ratio (paper, scale 1.0)
+        "slimgpt kv_group (old default)": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "kv_group"}),
+        "slimgpt per_group": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group"}),
         "slimgpt per_group, heads at 0.75 r": dict(method="slimgpt", settings={"gqa": "per_group",
                                                                               "head_ratio_scale": 0.75}),
         "slimgpt per_group, heads at 0.5 r": dict(method="slimgpt", settings={"gqa": "per_group",
                                                                              "head_ratio_scale": 0.5}),
         "slimgpt FFN only (head_ratio_scale 0)": dict(method="slimgpt", settings={"head_ratio_scale": 0.0}),
-        "slimgpt per_group, uniform": dict(method="slimgpt", settings={"gqa": "per_group", "schedule": "uniform"}),
-        "slimgpt per_group, damp 0.1": dict(method="slimgpt", settings={"gqa": "per_group", "percdamp": 0.1}),
-        "slimgpt per_group, Hessians on dense inputs": dict(method="slimgpt", settings={"gqa": "per_group",
+        "slimgpt per_group, uniform": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "schedule": "uniform"}),
+        "slimgpt per_group, damp 0.1": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "percdamp": 0.1}),
+        "slimgpt per_group, Hessians on dense inputs": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group",
                                                                                     "hessian_inputs": "dense"}),
-        "slimgpt per_group, damp 0.001": dict(method="slimgpt", settings={"gqa": "per_group", "percdamp": 0.001}),
+        "slimgpt per_group, damp 0.001": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "percdamp": 0.001}),
         "slimgpt heads at 0.75 r, damp 0.001": dict(method="slimgpt", settings={"head_ratio_scale": 0.75,
                                                                                "percdamp": 0.001}),
-        "slimgpt per_group, floor 8": dict(method="slimgpt", settings={"gqa": "per_group", "ffn_group_floor": 8}),
-        "slimgpt per_group, no DGS": dict(method="slimgpt", settings={"gqa": "per_group", "dynamic_group_size": False}),
+        "slimgpt per_group, floor 8": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "ffn_group_floor": 8}),
+        "slimgpt per_group, no DGS": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "dynamic_group_size": False}),
         "flap kv_group (old default)": dict(method="flap", settings={"gqa": "kv_group"}),
         "flap per_group": dict(method="flap", settings={"gqa": "per_group"}),
         "wanda-sp kv_group": dict(method="wanda", settings={"gqa": "kv_group"}, match_slimgpt=True),

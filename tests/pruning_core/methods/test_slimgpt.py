@@ -38,7 +38,7 @@ def test_pruned_model_equals_zero_masked_compensated_model(gqa):
     m = _model()
     ids = _ids()
     dense = _logits(m, ids)
-    plan = prune(m, adapter_for(m), ids, 0.3, SlimGPTSettings(gqa=gqa, schedule="uniform"))
+    plan = prune(m, adapter_for(m), ids, 0.3, SlimGPTSettings(gqa=gqa, schedule="uniform", head_ratio_scale=1.0))
     masked = _logits(m, ids)
     assert not torch.allclose(masked, dense, atol=1e-3)  # something was pruned and compensated
     small = apply_plan(copy.deepcopy(m), plan)
