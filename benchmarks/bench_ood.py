@@ -61,6 +61,8 @@ GRIDS: dict[str, dict[str, dict]] = {
         "slimgpt per_group, damp 0.1": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "percdamp": 0.1}),
         "slimgpt per_group, Hessians on dense inputs": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group",
                                                                                     "hessian_inputs": "dense"}),
+        "slimgpt heads at 0.75 r, Hessians on dense inputs": dict(method="slimgpt", settings={
+            "head_ratio_scale": 0.75, "hessian_inputs": "dense"}),
         "slimgpt per_group, damp 0.001": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "percdamp": 0.001}),
         "slimgpt heads at 0.75 r, damp 0.001": dict(method="slimgpt", settings={"head_ratio_scale": 0.75,
                                                                                "percdamp": 0.001}),
