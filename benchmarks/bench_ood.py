@@ -113,6 +113,11 @@ GRIDS: dict[str, dict[str, dict]] = {
                                                          "warmup_steps": 4, "eval_every": 14},
                "112 steps × 4 (8 epochs), lr 1e-3 → 1e-4": {"steps": 112, "lr": 1e-3, "min_lr": 1e-4,
                                                           "warmup_steps": 4, "eval_every": 28},
+               "96 steps × 4, lr 1e-3 → 1e-4, loss skips token 0": {
+                   "steps": 96, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 4, "loss_skip_tokens": 1},
+               "96 steps × 4, lr 2e-3 → 2e-4, loss skips token 0": {
+                   "steps": 96, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 4, "loss_skip_tokens": 1},
+               "96 steps × 4, lr 2e-3 → 2e-4": {"steps": 96, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 4},
            }.items()},
     },
     # item 7: LoRA on pydoc, does it help out of domain?
