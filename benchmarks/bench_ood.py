@@ -70,6 +70,7 @@ GRIDS: dict[str, dict[str, dict]] = {
         "slimgpt per_group, no DGS": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "dynamic_group_size": False}),
         "flap kv_group (old default)": dict(method="flap", settings={"gqa": "kv_group"}),
         "flap per_group": dict(method="flap", settings={"gqa": "per_group"}),
+        "flap al_am (FLAP's adaptive structure)": dict(method="flap", settings={"structure": "al_am"}),
         "wanda-sp kv_group": dict(method="wanda", settings={"gqa": "kv_group"}, match_slimgpt=True),
         "wanda-sp per_group": dict(method="wanda", settings={"gqa": "per_group"}, match_slimgpt=True),
         "random per_group": dict(method="random", settings={"gqa": "per_group"}, match_slimgpt=True),
