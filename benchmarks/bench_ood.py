@@ -46,6 +46,7 @@ SECTION = "ood-quality"
 DEFAULT_JSON = HERE / ".bench_ood.json"
 
 # row name -> dict(method, settings, ratio, calib "NxL", recover: None | dict)
+_OLD_RECIPE = {"steps": 200, "lr": 2e-4, "min_lr": 5e-5, "warmup_steps": 10, "loss_skip_tokens": 0}
 R20 = 0.2
 GRIDS: dict[str, dict[str, dict]] = {
     # item 2: SlimGPT candidates (and the other width methods at the same budget)
@@ -68,7 +69,7 @@ GRIDS: dict[str, dict[str, dict]] = {
                                                                                "percdamp": 0.001}),
         "slimgpt per_group, floor 8": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "ffn_group_floor": 8}),
         "slimgpt per_group, no DGS": dict(method="slimgpt", settings={"head_ratio_scale": 1.0, "gqa": "per_group", "dynamic_group_size": False}),
-        "flap kv_group (old default)": dict(method="flap", settings={"gqa": "kv_group"}),
+        "flap kv_group (default)": dict(method="flap", settings={"gqa": "kv_group"}),
         "flap per_group": dict(method="flap", settings={"gqa": "per_group"}),
         "flap al_am (FLAP's adaptive structure)": dict(method="flap", settings={"structure": "al_am"}),
         "wanda-sp kv_group": dict(method="wanda", settings={"gqa": "kv_group"}, match_slimgpt=True),
@@ -98,10 +99,13 @@ GRIDS: dict[str, dict[str, dict]] = {
         "shortgpt 7 layers": dict(method="shortgpt", settings={"n_layers": 7}, calib="64x256"),
         "streamline none": dict(method="llm-streamline", settings={"n_layers": 7, "replacement": "none"},
                                 calib="64x256"),
+        "streamline layer, defaults": dict(method="llm-streamline", calib="64x256",
+                                           settings={"n_layers": 7, "replacement": "layer"}),
+        # every recipe row spells out what it ran with: the defaults before issue 13's runs, then its changes
         **{f"streamline layer, {k}": dict(method="llm-streamline", calib="64x256",
-                                          settings={"n_layers": 7, "replacement": "layer"} | v)
+                                          settings={"n_layers": 7, "replacement": "layer"} | _OLD_RECIPE | v)
            for k, v in {
-               "defaults": {},
+               "200 steps × 4, lr 2e-4 → 5e-5 (old defaults)": {},
                "140 steps (10 epochs of 56 blocks)": {"steps": 140},
                "lr 1e-3": {"lr": 1e-3, "min_lr": 1e-4},
                "loss skips token 0": {"loss_skip_tokens": 1},
