@@ -51,7 +51,7 @@ class ModelSpec(_Strict):
 
 class CalibrationSpec(_Strict):
     source: str = "pydoc"
-    n_samples: int = Field(32, ge=1, le=100_000)
+    n_samples: int = Field(64, ge=1, le=100_000)
     seq_len: int = Field(256, ge=2, le=131_072)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
@@ -176,10 +176,11 @@ class RunSpec(_Strict):
 
 
 DEFAULT_SPEC: dict[str, Any] = {
-    # the embedded default: SmolLM2-135M, pydoc text, SlimGPT (per_group, log-increase) at 20 % of the decoder
-    # layers' parameters: the papers' method with the lowest out-of-domain PPL (benchmarks/RESULTS.md, ood-slimgpt)
+    # the embedded default: SmolLM2-135M, pydoc text, SlimGPT (per_group, heads at 0.75 r, log-increase) at 20 %
+    # of the decoder layers' parameters: the papers' method with the lowest out-of-domain PPL
+    # (benchmarks/RESULTS.md, ood-slimgpt); 64 x 256 calibration tokens, the knee of ood-calib
     "model": {"ref": "smollm2-135m"},
-    "calibration": {"source": "pydoc", "n_samples": 32, "seq_len": 256, "seed": 0},
+    "calibration": {"source": "pydoc", "n_samples": 64, "seq_len": 256, "seed": 0},
     "method": {"name": "slimgpt", "settings": {}},
     "ratio": 0.2,
     # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)

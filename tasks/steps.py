@@ -226,7 +226,7 @@ define_step("calibration", _calib_keyparts, lambda p: [_calib_keyparts, calibrat
 
 
 @_task("calibration")
-def calibration_task(ctx: dict, model: dict, source: str = "pydoc", n_samples: int = 32, seq_len: int = 256,
+def calibration_task(ctx: dict, model: dict, source: str = "pydoc", n_samples: int = 64, seq_len: int = 256,
                      seed: int = 0) -> dict:
     params = {"ctx": ctx, "model": model, "source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
 
