@@ -123,6 +123,8 @@ GRIDS: dict[str, dict[str, dict]] = {
                "96 steps × 4, lr 2e-3 → 2e-4, loss skips token 0": {
                    "steps": 96, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 4, "loss_skip_tokens": 1},
                "96 steps × 4, lr 2e-3 → 2e-4": {"steps": 96, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 4},
+               "88 steps × 4, lr 2e-3 → 2e-4, loss skips token 0": {
+                   "steps": 88, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 4, "loss_skip_tokens": 1},
                "80 steps × 4, lr 2e-3 → 2e-4, loss skips token 0": {
                    "steps": 80, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 4, "loss_skip_tokens": 1},
                "80 steps × 4, lr 3e-3 → 3e-4, loss skips token 0": {
