@@ -33,8 +33,8 @@ class StreamlineSettings(MethodSettings):
     val_fraction: float = Field(0.125, gt=0, lt=1, description="fraction of the training blocks held out")
     eval_every: int = Field(50, ge=1, description="validate every this many steps (and at the end)")
     loss_skip_tokens: int = Field(1, ge=0, description=(
-        "leading tokens of each block left out of the MSE (1: the first token, whose outsized states would "
-        "dominate the loss)"))
+        "leading tokens of each block left out of the MSE (default 1: the first position, the attention "
+        "sink; leaving it out won out of domain in benchmarks/RESULTS.md, ood-streamline)"))
     seq_len: int = Field(128, ge=2, description="block length when the training ids come as one 1-D stream")
     max_blocks: int | None = Field(None, ge=2, description="at most this many training blocks (None: all)")
     cache_targets: bool = Field(
