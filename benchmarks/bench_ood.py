@@ -330,7 +330,8 @@ TITLES = {
     "slimgpt": "SlimGPT candidates against FLAP, Wanda-sp and random at 20 % (item 2)",
     "calib": "calibration size: SlimGPT, FLAP and Wanda at 20 % (item 5)",
     "streamline": "LLM-Streamline, 7 of 30 layers: `none` and replacement recipes (item 3)",
-    "llmrank": "LLM-Rank at 20 % and 30 % of FFN channels: does the PageRank term add anything? (item 4)",
+    "llmrank": ("LLM-Rank at 20 % and 30 % of the decoder-layer parameters, all from FFN channels: does the "
+                "PageRank term add anything? (item 4)"),
     "lora": "LoRA recovery on pydoc, measured in and out of domain (item 7)",
 }
 

@@ -198,13 +198,14 @@ def start_watchdog() -> None:
 def watch(pid: int) -> None:
     while journal.pid_alive(pid):
         time.sleep(1.0)
+    # scratch first: the journal goes last, so its disappearance means everything is done
+    for p in journal.dead_scratch():
+        if journal.owner_tag(pid) in p.name:
+            shutil.rmtree(p, ignore_errors=True)
     path = journal.journal_dir() / f"{journal.owner_tag(pid)}.json"
     dead = [p for p in journal.journal_dir().glob("*.json") if p == path]
     for p in dead:
         reap(p, journal.read(p), {"uploads_aborted": [], "flow_runs_crashed": [], "servers_stopped": []})
-    for p in journal.dead_scratch():
-        if journal.owner_tag(pid) in p.name:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 if __name__ == "__main__":  # python -m tasks.cleanup watch PID HOME
