@@ -20,8 +20,8 @@ class StreamlineSettings(MethodSettings):
     n_layers: int | None = Field(None, ge=1, description="layers to remove (net); overrides the ratio")
     # training of the replacement (recovery step)
     # defaults: the recipe that won out of domain on calibration-sized data (64 × 256 tokens, 1/8 held
-    # out) in half the reference's time (benchmarks/RESULTS.md, ood-streamline); the paper's 2e-4 suits
-    # its 30,000 samples and many more steps
+    # out) in half the reference's time (benchmarks/RESULTS.md, ood-streamline); the reference trains at
+    # 2e-4 on 30,000 samples with many more steps, a regime not measured here
     steps: int = Field(88, ge=0, description="optimiser steps")
     batch_size: int = Field(4, ge=1, description="token blocks per step")
     lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW)")
