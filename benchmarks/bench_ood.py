@@ -259,18 +259,20 @@ def run(a) -> None:
         for name in ([] if a.skip_dense else ["dense"]) + names:
             if (name, seed) in done or (name == "dense" and _dense(rows, a.id_windows, a.ood_windows)):
                 continue
-            twin = same.get((_same_row(grid[name]), seed)) if name != "dense" else None
-            if twin and (twin["id_windows"], twin["ood_windows"]) == (a.id_windows, a.ood_windows):
+            key = (_same_row(grid[name]), seed) if name != "dense" else None
+            twin = same.get(key)
+            if twin and (twin["id_windows"], twin["ood_windows"]) == (a.id_windows, a.ood_windows) \
+                    and (not a.cloze or "cloze" in twin):
                 row = dict(twin, row=name, grid=a.grid, reused_from=f"{twin['grid']}: {twin['row']}")
-                _append(path, row)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                continue
-            bench = bench or Bench(a.model, a.id_windows, a.ood_windows, a.threads)
-            t0 = time.perf_counter()
-            row = bench.evaluate(bench.model, a.cloze) if name == "dense" else bench.run_row(name, grid[name], seed, a.cloze)
-            row |= dict(row=name, seed=seed, grid=a.grid if name != "dense" else "*", wall_s=time.perf_counter() - t0,
-                        id_windows=a.id_windows, ood_windows=a.ood_windows)
+            else:
+                bench = bench or Bench(a.model, a.id_windows, a.ood_windows, a.threads)
+                t0 = time.perf_counter()
+                row = (bench.evaluate(bench.model, a.cloze) if name == "dense"
+                       else bench.run_row(name, grid[name], seed, a.cloze))
+                row |= dict(row=name, seed=seed, grid=a.grid if name != "dense" else "*",
+                            wall_s=time.perf_counter() - t0, id_windows=a.id_windows, ood_windows=a.ood_windows)
+            if key:
+                same.setdefault(key, row)
             _append(path, row)
             rows.append(row)
             print(json.dumps(row), flush=True)

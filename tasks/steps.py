@@ -226,8 +226,8 @@ define_step("calibration", _calib_keyparts, lambda p: [_calib_keyparts, calibrat
 
 
 @_task("calibration")
-def calibration_task(ctx: dict, model: dict, source: str = "pydoc", n_samples: int = 64, seq_len: int = 256,
-                     seed: int = 0) -> dict:
+def calibration_task(ctx: dict, model: dict, source: str, n_samples: int, seq_len: int, seed: int) -> dict:
+    """The calibration blocks (defaults live in one place: `flows.spec.CalibrationSpec` / DEFAULT_SPEC)."""
     params = {"ctx": ctx, "model": model, "source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
 
     def compute():
