@@ -228,6 +228,7 @@ class Bench:
             m, info = lora_recover(m, self.tok, train, spec["recover"] | {"seed": seed})
             row["recover_s"] = info["seconds"]
         row |= self.evaluate(m, cloze)
+        self.last_model = m  # bench_distill recovers this pruned model in several ways
         return row
 
 

@@ -285,6 +285,10 @@ def plan(
     typer.echo(table(["total", "before", "after", "after/before"],
                      [["params", t["params"], t["params_after"], t["params_after"] / t["params"]],
                       ["FLOPs/token", t["flops"], t["flops_after"], t["flops_after"] / t["flops"]]]))
+    if "teacher" in res:
+        tt = res["teacher"]
+        typer.echo(f"distillation: teacher over {tt['tokens']} tokens of {tt['source']!r}, top-{tt['top_k']}: "
+                   f"{tt['bytes'] / 2**20:.1f} MiB on disk; trains {tt['train']}")
     if "memory" in res:
         gib = 2**30
         typer.echo(f"placement {res['placement']} ({res['placement_reason']}), dtype {res['dtype']}")

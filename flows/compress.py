@@ -30,7 +30,7 @@ from .spec import RunSpec, validate
 
 log = logging.getLogger("pruneflow.flow")
 
-STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "recover", "evaluate_dense", "evaluate", "export")
+STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "distill_data", "teacher", "recover", "evaluate_dense", "evaluate", "export")
 
 
 def _host_memory() -> dict:
@@ -137,14 +137,35 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     coupled = get_method(method).coupled
     ckpt = sl("prune", steps.prune_task, model=model, method=method, settings=settings, ratio=ratio,
               scores=scores, calib=calib if coupled else None)
-    if spec.recovery.kind in ("lora", "replacement"):
-        ckpt = sl("recover", steps.recover_task, **recover_args(spec, model, calib, settings), checkpoint=ckpt)
+    if spec.recovery.kind in RECOVERIES:
+        ckpt = sl("recover", steps.recover_task, **recover_args(spec, model, calib, settings),
+                  **teacher_args(spec, sl, model, calib), checkpoint=ckpt)
     else:  # none: the prune step's checkpoint as it is (an LLM-Streamline replacement stays untrained)
         sl.skip("recover")
     after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
                model_revision=model["sha256"], label="pruned",
                dtype=model["dtype"])
     return ckpt, after
+
+
+RECOVERIES = ("lora", "replacement", "distill")  # the kinds that run the recover step
+
+
+def teacher_args(spec: RunSpec, run, model: dict, calib: dict) -> dict:
+    """For `distill`: the distillation blocks (the calibration's unless recovery.settings name others)
+    and the teacher over them, each through `run(step, task, **kw)` (a cached step: computed once per
+    model, text and k, whatever the method and ratio); {} for the other kinds."""
+    if spec.recovery.kind != "distill":
+        return {}
+    from .preflight import distill_data
+
+    d, c = distill_data(spec), spec.calibration
+    same = d == {"source": c.source, "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed}
+    blocks = calib if same else run("distill_data", steps.calibration_task, model=model, **d)
+    r = spec.recovery.settings
+    teacher = run("teacher", steps.teacher_task, model=model, blocks=blocks, top_k=r["top_k"],
+                  dtype=r["teacher_dtype"], batch_size=r["teacher_batch_size"])
+    return {"teacher": teacher, "blocks": blocks}
 
 
 def recover_args(spec: RunSpec, model: dict, calib: dict, method_settings: dict) -> dict:
@@ -155,6 +176,9 @@ def recover_args(spec: RunSpec, model: dict, calib: dict, method_settings: dict)
             "seq_len": spec.calibration.seq_len, "calib": calib, "dtype": model["dtype"]}
     if r.kind == "replacement":
         return {**args, "settings": method_settings, "model": model}
+    if r.kind == "distill" and method_settings.get("replacement") in ("layer", "ffn") \
+            and method_settings.get("steps", 1) > 0:  # LLM-Streamline: the replacement is trained first
+        return {**args, "settings": r.settings, "model": model, "replacement_settings": method_settings}
     return {**args, "settings": r.settings}
 
 

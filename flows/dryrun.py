@@ -124,8 +124,24 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
     memory = memory_plan(spec, model.config, meth, cosine_span=span)
     return {"model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
             "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after],
+            **distill_plan(spec, model.config),
             "servable": {**servable_check(rows), "constraint": settings.servable, "changes": constraint}, **memory}
 
+
+
+def distill_plan(spec: RunSpec, config) -> dict:
+    """`recovery: distill`: the teacher artifact's size on disk (tokens x k x (index + value bytes))."""
+    if spec.recovery.kind != "distill":
+        return {}
+    from pruning_core.distill import teacher_bytes
+
+    from .preflight import distill_data
+
+    d, r = distill_data(spec), spec.recovery.settings
+    k = min(r["top_k"] or config.vocab_size, config.vocab_size)
+    tokens = d["n_samples"] * d["seq_len"]
+    return {"teacher": {"tokens": tokens, "top_k": k, "source": d["source"], "train": r["train"],
+                        "bytes": teacher_bytes(tokens, k, 2 if r["teacher_dtype"] == "float16" else 4)}}
 
 
 def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None,

@@ -126,20 +126,46 @@ def _count_tokens(folder: Path | None, text: str, trust_remote_code: bool) -> in
     return len(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def check_calibration(spec: RunSpec, folder: Path | None) -> None:
-    c = spec.calibration
-    text = _text(c.source, "train", "calibration.source")
-    need = c.n_samples * c.seq_len
+def check_blocks(spec: RunSpec, folder: Path | None, source: str, n_samples: int, seq_len: int, field: str) -> None:
+    """`n_samples` blocks of `seq_len` tokens fit the training part of `source` (`field`: where it was set)."""
+    text = _text(source, "train", f"{field}.source")
+    need = n_samples * seq_len
     if need * CHARS_PER_TOKEN_MAX <= len(text):
         return
     n_tok = _count_tokens(folder, text, spec.model.trust_remote_code)
     if n_tok is None:  # not converted yet: a bound from characters (one token has at least one character)
         n_tok = len(text)
-    n_chunks = n_tok // c.seq_len
-    if n_chunks < c.n_samples:
-        raise DataError("calibration.n_samples", c.n_samples,
-                        f"at most {n_chunks} samples of {c.seq_len} tokens from {c.source!r} "
-                        f"({n_tok} tokens in its calibration part)")
+    n_chunks = n_tok // seq_len
+    if n_chunks < n_samples:
+        name = "n_samples" if field == "calibration" else "n_blocks"
+        raise DataError(f"{field}.{name}", n_samples, f"at most {n_chunks} samples of {seq_len} tokens from {source!r} "
+                        f"({n_tok} tokens in its training part)")
+
+
+def check_calibration(spec: RunSpec, folder: Path | None) -> None:
+    c = spec.calibration
+    check_blocks(spec, folder, c.source, c.n_samples, c.seq_len, "calibration")
+
+
+def distill_data(spec: RunSpec) -> dict:
+    """The distillation blocks as calibration-step arguments: the calibration's unless set."""
+    d, c = spec.recovery.settings, spec.calibration
+    return {"source": d.get("source") or c.source, "n_samples": d.get("n_blocks") or c.n_samples,
+            "seq_len": d.get("seq_len") or c.seq_len, "seed": c.seed if d.get("data_seed") is None else d["data_seed"]}
+
+
+def check_recovery(spec: RunSpec, folder: Path | None, data: bool = True) -> None:
+    """LoRA and distillation train with every weight resident: not under `disk`, nor `offload` on a GPU;
+    distillation's text is a training text (pkgdocs is evaluation-only) with enough blocks."""
+    kind = spec.recovery.kind
+    if kind not in ("lora", "distill"):
+        return
+    pl = spec.model.placement
+    if pl == "disk" or (pl == "offload" and spec.device not in ("cpu", "auto")):
+        raise ConfigError("model.placement", pl, f"device or auto for {kind} recovery (offload only on a CPU device)")
+    if kind == "distill" and data:
+        d = distill_data(spec)
+        check_blocks(spec, folder, d["source"], d["n_samples"], d["seq_len"], "recovery.settings")
 
 
 def check_evaluation(spec: RunSpec) -> None:
@@ -205,4 +231,5 @@ def preflight(spec: RunSpec, *, data: bool = True) -> dict[str, Any]:
     if data:
         check_calibration(spec, folder)
         check_evaluation(spec)
+    check_recovery(spec, folder, data)
     return {"config": cfg, "folder": folder}

@@ -12,7 +12,8 @@
                   copied into method.settings.servable. Default: vllm when export is vllm, else none
     export:       {format: none|vllm} (or `export: vllm`): the run ends with a servable folder
                   (<run_dir>/servable-vllm; uniform: the stock folder, else vLLM's DeciLM format)
-    recovery:     {kind: none|lora|replacement, settings}
+    recovery:     {kind: none|lora|replacement|distill, settings}  (distill: KL to the dense model's stored
+                  top-k log-probs, the `teacher` step; after LLM-Streamline's replacement is trained)
     evaluation:   {source, ppl_seq_len, ppl_windows, tasks, limit, efficiency, batch_size}
     store:        {url}                   local folder (default $PRUNEFLOW_HOME/artifacts) or s3://bucket/prefix
     tracking:     {enabled, uri, experiment, on_failure: warn|fail}
@@ -63,7 +64,7 @@ class MethodSpec(_Strict):
 
 
 class RecoverySpec(_Strict):
-    kind: Literal["none", "lora", "replacement"] = "none"
+    kind: Literal["none", "lora", "replacement", "distill"] = "none"
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -156,12 +157,16 @@ class RunSpec(_Strict):
             from pruning_core.recover import parse_settings
 
             self.recovery.settings = parse_settings(self.recovery.settings).model_dump(mode="json")
+        elif self.recovery.kind == "distill":
+            from pruning_core.distill import parse_settings as distill_settings
+
+            self.recovery.settings = distill_settings(self.recovery.settings).model_dump(mode="json")
         elif self.recovery.kind == "replacement":
             if "replacement" not in m.settings.model_fields:
                 raise ConfigError("recovery.kind", "replacement",
-                                  f"none or lora for {m.name!r} (replacement layers are trained by llm-streamline)")
+                                  f"none, lora or distill for {m.name!r} (replacement layers are trained by llm-streamline)")
             if self.method.settings.get("replacement") not in ("layer", "ffn"):
-                raise ConfigError("recovery.kind", "replacement", "none or lora with method.settings.replacement "
+                raise ConfigError("recovery.kind", "replacement", "none, lora or distill with method.settings.replacement "
                                   f"{self.method.settings.get('replacement')!r} (only layer and ffn are trained)")
             if self.recovery.settings:
                 raise ConfigError("recovery.settings", self.recovery.settings,

@@ -30,7 +30,9 @@ from .compress import (
     ctx_for,
     eval_settings,
     prepare,
+    RECOVERIES,
     recover_args,
+    teacher_args,
     versions,
 )
 from .spec import RunSpec, validate
@@ -94,8 +96,14 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
             ck = steps.prune_task.submit(ctx=ctx, model=model, method=method, settings=settings, ratio=r,
                                          scores=scores_f, calib=calib if meth.coupled else None)
             branches.append(("prune", method, r, ck))
-            if s.recovery.kind in ("lora", "replacement"):
-                ck = steps.recover_task.submit(ctx=ctx, checkpoint=ck, **recover_args(s, model, calib, settings))
+            if s.recovery.kind in RECOVERIES:
+                def submit(step, task, **kw):  # per branch; the teacher's key is the same in every one
+                    fut = task.submit(ctx=ctx, **kw)
+                    branches.append((step, method, r, fut))
+                    return fut
+
+                ck = steps.recover_task.submit(ctx=ctx, checkpoint=ck, **recover_args(s, model, calib, settings),
+                                               **teacher_args(s, submit, model, calib))
                 branches.append(("recover", method, r, ck))
             evf = steps.evaluate_task.submit(ctx=ctx, target=ck, settings=ev, model_revision=model["sha256"],
                                              label="pruned", dtype=model["dtype"])

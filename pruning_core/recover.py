@@ -74,6 +74,23 @@ def target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     return out
 
 
+def wrap_lora(model: nn.Module, targets: list[str] | None, rank: int, alpha: float, dropout: float, seed: int):
+    """`model` wrapped with peft LoRA adapters on the non-empty decoder projections named in `targets`
+    (default: every one); returns (peft model, trainable adapter parameters, in fp32 even on a
+    half-precision base: their optimiser state is fp32)."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = target_modules(model, targets or default_targets(model))
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
+                     task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return peft_model, params
+
+
 def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings: LoraSettings | dict | None = None,
                  device: str | torch.device | None = None, progress=None):
     """Fine-tune LoRA adapters on `train_ids` ([N, L] token blocks, or one 1-D stream cut into
@@ -92,54 +109,24 @@ def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings:
         train_ids = train_ids[: n_blocks * s.seq_len].view(n_blocks, s.seq_len)
     if train_ids.ndim != 2 or train_ids.shape[1] < 2:
         raise DataError("recovery.data", tuple(train_ids.shape), "token blocks of shape [N, L] with L >= 2")
-    from peft import LoraConfig, get_peft_model
-
     targets = s.targets or default_targets(model)
-    modules = target_modules(model, targets)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     model.to(device)
     shapes_before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    torch.manual_seed(s.seed)
-    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=modules, bias="none",
-                     task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    peft_model, params = wrap_lora(model, targets, s.rank, s.alpha, s.dropout, s.seed)
     n_trainable = sum(p.numel() for p in params)
-    # adapters in fp32 even on a half-precision base (statistics and optimizer state in fp32)
-    for p in params:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / (s.warmup_steps + 1)))
-    g = torch.Generator().manual_seed(s.seed)
-    n = train_ids.shape[0]
-    order = torch.randperm(n, generator=g)
-    pos = 0
-    curve: list[float] = []
-    t0 = time.perf_counter()
-    peft_model.train()
-    for step in range(s.steps):
-        if pos + s.batch_size > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos:pos + s.batch_size]
-        pos += s.batch_size
+
+    def loss_of(idx):
         batch = train_ids[idx].to(device)
-        out = peft_model(input_ids=batch, labels=batch, use_cache=False)
-        loss = out.loss
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise DataError("recovery.settings.lr", s.lr, "a smaller learning rate (the loss became non-finite)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        opt.step()
-        sched.step()
-        curve.append(value)
-        if progress:
-            progress(step + 1, s.steps, value)
-    seconds = time.perf_counter() - t0
+        return peft_model(input_ids=batch, labels=batch, use_cache=False).loss, {}
+
+    from .distill import fit
+
+    info = fit(peft_model, params, train_ids.shape[0], loss_of, s, progress)
+    curve, seconds = info["loss_curve"], info["seconds"]
     merged = peft_model.merge_and_unload()
     merged.eval()
     for p in merged.parameters():

@@ -98,6 +98,20 @@ def _loss_curve(report: dict) -> list[float] | None:
     return report.get("loss_curve") if isinstance(report.get("loss_curve"), list) else None
 
 
+def distill_lines(info: dict) -> list[str]:
+    """What a distillation cost and how faithful its teacher is: trained part, tokens, time, teacher size."""
+    out = [f"Trained `{info.get('train')}` ({info.get('trainable_params', 0) / 1e6:.2f} M parameters) on "
+           f"{info.get('tokens_seen')} tokens in {info.get('seconds', 0):.0f} s ({info.get('tokens_per_s', 0):.0f} tokens/s)."]
+    if info.get("teacher_bytes") is not None:
+        out.append(f"Teacher: top-{info.get('top_k')} log-probs, {info['teacher_bytes'] / 2**20:.1f} MiB on disk"
+                   + (f", mean kept probability {info['kept_mass']:.3f}" if info.get("kept_mass") is not None else "") + ".")
+    if info.get("k_faithful") is False:
+        kmin = (info.get("settings") or {}).get("min_kept_mass")
+        out.append(f"**Warning: k = {info.get('top_k')} keeps less than {kmin} of the teacher's probability on "
+                   "average: too small to be faithful (raise `recovery.settings.top_k`).**")
+    return out
+
+
 def _recovery_name(report: dict) -> str:
     r = report.get("recovery")
     if isinstance(r, dict):
@@ -271,8 +285,11 @@ def _figures(report: dict, pdir: Path) -> list[str]:
     info = report.get("recovery_info") or {}
     if curve:
         kind = info.get("kind") or _recovery_name(report)
-        what = "replacement (MSE to the removed block's output)" if kind == "replacement" else "LoRA (LM loss)"
+        what = {"replacement": "replacement (MSE to the removed block's output)",
+                "distill": "distillation (KL to the dense model's next-token distribution)"}.get(kind, "LoRA (LM loss)")
         md += ["", "## Recovery", "", f"{what}: training loss {curve[0]:.4g} → {curve[-1]:.4g} over {len(curve)} steps."]
+        if kind == "distill":
+            md += distill_lines(info)
         if isinstance(info.get("val_mse_before"), (int, float)):
             md.append(f"Validation MSE {info['val_mse_before']:.4g} → {info['val_mse_after']:.4g} "
                       f"(best step {info.get('best_step')}).")

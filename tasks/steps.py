@@ -420,11 +420,51 @@ def export_task(ctx: dict, checkpoint: dict, fmt: str, model_revision: str | Non
 
 
 # ================================================================================================
-# recover: LoRA (peft) or replacement-layer training; `none` passes the checkpoint through
+# teacher: the dense model's top-k next-token log-probs over the distillation blocks (one artifact,
+# computed once per model, text and k; every method and ratio of a sweep distils from it)
+# ================================================================================================
+def _teacher_keyparts(p):
+    return {"top_k": p["top_k"], "dtype": p["dtype"]}, [p["model"], p["blocks"]], p["model"]["sha256"]
+
+
+define_step("teacher", _teacher_keyparts, lambda p: [_teacher_keyparts, teacher_task])
+
+
+@_task("teacher", gpu=True)
+def teacher_task(ctx: dict, model: dict, blocks: dict, top_k: int | None, dtype: str = "float16",
+                 batch_size: int = 4) -> dict:
+    """`indices` int32 / `values` (fp16 log-probs) [N, T, k] and `kept_mass` [N, T] of the dense model
+    over the blocks of `blocks` (a calibration artifact); the student's training never loads the teacher."""
+    params = {"ctx": ctx, "model": model, "blocks": blocks, "top_k": top_k, "dtype": dtype}
+
+    def compute():
+        import torch
+
+        from pruning_core.distill import teacher_topk
+
+        m, _ = _open(model, ctx, "teacher")
+        ids = load_calibration(blocks, ctx)
+        with _bar("teacher", ids.shape[0], "block") as cb:
+            t = teacher_topk(m, ids, top_k, batch_size=batch_size, progress=cb, dtype=getattr(torch, dtype))
+        kept = float(t["kept_mass"].float().mean())
+        man = _save_tensors(t, "teacher.safetensors", "teacher", "teacher", ctx,
+                            meta={"top_k": t["indices"].shape[-1], "kept_mass": kept})
+        return {**man, "top_k": int(t["indices"].shape[-1]), "kept_mass": kept,
+                "tokens": int(ids.numel())}
+
+    return run_step("teacher", params, compute)
+
+
+# ================================================================================================
+# recover: LoRA (peft), replacement-layer training, or distillation from the teacher; `none` passes
+# the checkpoint through
 # ================================================================================================
 def _recover_keyparts(p):
-    return ({"kind": p["kind"], "settings": p["settings"], "dtype": p.get("dtype")}, [p["checkpoint"], p.get("calib")],
-            p["model_revision"])
+    settings = {"kind": p["kind"], "settings": p["settings"], "dtype": p.get("dtype")}
+    if p.get("replacement_settings") is not None:
+        settings["replacement_settings"] = p["replacement_settings"]
+    inputs = [p["checkpoint"], p.get("calib")] + ([p["teacher"], p["blocks"]] if p.get("teacher") else [])
+    return settings, inputs, p["model_revision"]
 
 
 define_step("recover", _recover_keyparts, lambda p: [_recover_keyparts, recover_task], libraries=("peft",))
@@ -433,12 +473,16 @@ define_step("recover", _recover_keyparts, lambda p: [_recover_keyparts, recover_
 @_task("recover", gpu=True)
 def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_revision: str,
                  train_source: str = "pydoc", seq_len: int = 256, calib: dict | None = None,
-                 model: dict | None = None, dtype: str | None = None) -> dict:
+                 model: dict | None = None, dtype: str | None = None, teacher: dict | None = None,
+                 blocks: dict | None = None, replacement_settings: dict | None = None) -> dict:
     """`lora`: LoRA on the training text, merged. `replacement` (LLM-Streamline): the replacement of
     the removed block is trained on the calibration blocks against the dense model (`model`), with
-    the method's settings; the prune step before it is the same as for `recovery: none`."""
+    the method's settings; the prune step before it is the same as for `recovery: none`. `distill`:
+    the student learns the stored `teacher` on its `blocks` (after the replacement is trained, when
+    `replacement_settings` are given)."""
     params = {"ctx": ctx, "checkpoint": checkpoint, "kind": kind, "settings": settings,
-              "model_revision": model_revision, "calib": calib, "dtype": dtype}
+              "model_revision": model_revision, "calib": calib, "dtype": dtype, "teacher": teacher, "blocks": blocks,
+              "replacement_settings": replacement_settings}
 
     def compute():
         from pruning_core import recover as rec
@@ -448,40 +492,43 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
 
         store = open_store(ctx.get("store"))
         src = store.local_path(checkpoint)
-        # the run's dtype (the dense model's, as in every other step) and placement: LoRA trains on the
-        # device (offload on a CPU is the same memory); the replacement keeps its trained layer resident
+        # the run's dtype (the dense model's, as in every other step) and placement: LoRA and distillation
+        # train on the device (offload on a CPU is the same memory); the replacement keeps its layer resident
         placement = _placement(ctx, str(src), dtype or "auto", step="recover")
-        if kind == "lora":
+        if kind in ("lora", "distill"):
             if placement == "disk" or (placement == "offload" and _device(ctx).type != "cpu"):
                 raise ConfigError("model.placement", placement,
-                                  "device for LoRA recovery (offload only on a CPU device)")
+                                  f"device for {kind} recovery (offload only on a CPU device)")
             placement = "device"
         clear_models()  # the pruned model is the only model this step holds
         m, tok = load_pruned(src, device=_device(ctx), dtype=dtype, placement=placement)
         plan = PrunePlan.load(src / "plan.json") if (src / "plan.json").exists() else None
-        if kind == "replacement":
+        info = {}
+        if kind == "replacement" or replacement_settings is not None:
             if model is None or calib is None or plan is None:
                 raise ConfigError("recovery.kind", kind, "lora or none (replacement needs the dense model, the "
                                   "calibration set and the checkpoint's plan)")
             block = _dense_block(model, ctx, plan)  # the removed layers only: no second copy of the model
-            bar, cb = _progress("recover", 1, unit="step")
-            try:
-                m, info = rec.replacement_recover(m, block, plan, load_calibration(calib, ctx), settings,
+            with _bar("recover", 1, "step") as cb:
+                m, info = rec.replacement_recover(m, block, plan, load_calibration(calib, ctx),
+                                                  settings if kind == "replacement" else replacement_settings,
                                                   device=_device(ctx), progress=cb)
-            finally:
-                if bar is not None:
-                    bar.close()
-                del block
-        elif kind == "lora":
+            del block
+        if kind == "lora":
             train_ids = tokenize_text(tok, load_text(train_source, "train"))
-            bar, cb = _progress("lora", settings.get("steps", 0) or 1, unit="step")
-            try:
+            with _bar("lora", settings.get("steps", 0) or 1, "step") as cb:
                 m, info = rec.lora_recover(m, tok, train_ids, settings, device=_device(ctx), progress=cb)
-            finally:
-                if bar is not None:
-                    bar.close()
-        else:
-            raise ConfigError("recovery.kind", kind, "lora or replacement (the recoveries run as their own step)")
+        elif kind == "distill":
+            from pruning_core.distill import distill_recover
+
+            if teacher is None or blocks is None:
+                raise ConfigError("recovery.kind", kind, "lora, replacement or none (distill needs the teacher step)")
+            with _bar("distill", settings.get("steps", 0) or 1, "step") as cb:
+                m, dinfo = distill_recover(m, load_calibration(blocks, ctx), _load_tensors(teacher, ctx), settings,
+                                           device=_device(ctx), progress=cb)
+            info = {**dinfo, "replacement": info or None, "teacher_uri": teacher["uri"]}
+        elif kind != "replacement":
+            raise ConfigError("recovery.kind", kind, "lora, replacement or distill (the recoveries run as their own step)")
         with scratch_dir() as d:
             if placement == "device":
                 path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
@@ -496,6 +543,20 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
         return {**man, **keep, "recovery": _jsonable(info)}
 
     return run_step("recover", params, compute)
+
+
+class _bar:
+    """`with _bar(desc, total, unit) as cb:` a step's transient progress bar, closed on any exit."""
+
+    def __init__(self, desc: str, total: int, unit: str):
+        self.bar, self.cb = _progress(desc, total, unit=unit)
+
+    def __enter__(self):
+        return self.cb
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _dense_block(model: dict, ctx: dict, plan) -> list:

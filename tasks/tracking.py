@@ -238,6 +238,10 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     for step, secs in (report.get("timings") or {}).items():
         if _num(secs) is not None:
             m[sanitize_metric_name(f"time.{step}")] = _num(secs)
+    info = report.get("recovery_info") or {}
+    for k in ("seconds", "tokens_seen", "tokens_per_s", "trainable_params", "teacher_bytes", "kept_mass"):
+        if isinstance(info, Mapping) and _num(info.get(k)) is not None:
+            m[f"recovery.{k}"] = _num(info.get(k))
     m.update({f"gate.{k}": v for k, v in gate_figures(report).items()})
     return m
 
@@ -490,6 +494,8 @@ def curve_metrics(report: Mapping[str, Any]) -> dict[str, list[tuple[int, float]
     if isinstance(info, Mapping):
         loss = [(i + 1, _num(v)) for i, v in enumerate(info.get("loss_curve") or [])]
         out["recovery.loss"] = [(i, v) for i, v in loss if v is not None]
+        kl = [(i + 1, _num(v)) for i, v in enumerate(info.get("kl_curve") or [])]
+        out["recovery.kl"] = [(i, v) for i, v in kl if v is not None]
         val = [(int(st), _num(v)) for st, v in (info.get("val_curve") or [])]
         out["recovery.val_mse"] = [(i, v) for i, v in val if v is not None]
     layers = report.get("layers") or []

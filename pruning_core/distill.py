@@ -1,0 +1,296 @@
+"""Recovery by distillation from the dense model: the pruned student learns the dense teacher's
+next-token distribution.
+
+Loss: forward KL(teacher ‖ student) on next-token distributions at temperature T, scaled by T²
+(Hinton et al., "Distilling the Knowledge in a Neural Network", 2015), plus an optional cross-entropy
+term on the text's own next tokens (`ce_weight`, default 0: Minitron distils with the KL alone —
+Sreenivas et al., "LLM Pruning and Distillation in Practice: The Minitron Approach", 2024, §3; Muralidharan
+et al., "Compact Language Models via Pruning and Knowledge Distillation", 2024, §3.3).
+
+The teacher is not run beside the student. Its top-k log-probs (indices and values, half precision) over
+the training blocks are computed once (`teacher_topk`) and stored; training then holds only the student.
+With k below the vocabulary the loss is the *sparse* KL over the teacher's top-k, the teacher's kept
+probabilities renormalised at temperature T (the student's are its full-vocabulary log-probs, so the
+student is also pushed to put no mass outside the teacher's top-k); with k = vocabulary it is the exact
+KL. `kept_mass` (the teacher's probability inside its top-k, averaged over tokens) says how faithful a
+given k is.
+
+What is trained (`train`):
+- `full`: every weight of the pruned model, AdamW on fp32 master copies when the model is half precision;
+- `lora`: peft adapters on the decoder's linear projections, merged afterwards (the pruned shapes stay);
+- `norms`: the RMS/LayerNorm weights and the biases only (a few thousand parameters: the cheapest).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .errors import DataError, validated
+
+
+class DistillSettings(BaseModel):
+    """Settings of `recovery.kind: distill` (unknown keys rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: Literal["full", "lora", "norms"] = Field("full", description="what is trained: every weight (fp32 "
+                                                    "masters), LoRA adapters (merged), or norms + biases")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student (loss x T^2)")
+    ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy term on the text's next tokens")
+    top_k: int | None = Field(64, ge=1, description="teacher log-probs kept per token (null: the whole vocabulary)")
+    min_kept_mass: float = Field(0.9, ge=0, le=1, description="below this mean teacher mass inside the top-k "
+                                 "the report says k is too small to be faithful")
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(5e-5, gt=0, description="peak learning rate")
+    min_lr: float = Field(5e-6, ge=0, description="learning rate at the last step (cosine schedule)")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    # the training text: any calibration source (null: the run's calibration text, blocks and seed)
+    source: str | None = Field(None, description="training text (a calibration source; null: calibration.source)")
+    n_blocks: int | None = Field(None, ge=1, description="training blocks (null: calibration.n_samples)")
+    seq_len: int | None = Field(None, ge=2, description="block length (null: calibration.seq_len)")
+    data_seed: int | None = Field(None, description="block sampling seed (null: calibration.seed)")
+    teacher_batch_size: int = Field(4, ge=1, description="blocks per teacher forward")
+    teacher_dtype: Literal["float16", "float32"] = Field("float16", description="storage of the teacher's log-probs")
+    # LoRA (train: lora)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | None = None
+
+
+def parse_settings(settings: DistillSettings | dict | None) -> DistillSettings:
+    if isinstance(settings, DistillSettings):
+        return settings
+    return validated(DistillSettings, settings, "recovery.settings")
+
+
+def teacher_bytes(n_tokens: int, k: int, value_bytes: int = 2) -> int:
+    """Size of the stored teacher: int32 indices + fp16 (or `value_bytes`) log-probs per kept entry."""
+    return n_tokens * k * (4 + value_bytes)
+
+
+@torch.no_grad()
+def teacher_topk(model: nn.Module, blocks: torch.Tensor, k: int | None, batch_size: int = 4,
+                 progress=None, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The dense model's top-k next-token log-probs over `blocks` [N, T]: `indices` int32 [N, T, k],
+    `values` [N, T, k] in `dtype` (fp16 by default; log-probs at temperature 1, computed in fp32), and `kept_mass` fp32 [N, T]
+    (the probability inside the top-k). k None or >= vocabulary keeps every entry."""
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise DataError("recovery.data", tuple(blocks.shape), "token blocks of shape [N, L] with L >= 2")
+    model.eval()
+    dev = _input_device(model)
+    idx_out, val_out, mass_out = [], [], []
+    n = blocks.shape[0]
+    for i in range(0, n, batch_size):
+        logits = model(input_ids=blocks[i:i + batch_size].to(dev), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        kk = logp.shape[-1] if k is None else min(k, logp.shape[-1])
+        vals, idx = logp.topk(kk, dim=-1, sorted=True)
+        idx_out.append(idx.to(torch.int32).cpu())
+        val_out.append(vals.to(dtype).cpu())
+        mass_out.append(vals.exp().sum(-1).cpu())
+        del logits, logp
+        if progress:
+            progress(min(i + batch_size, n), n)
+    return {"indices": torch.cat(idx_out), "values": torch.cat(val_out), "kept_mass": torch.cat(mass_out)}
+
+
+class _SparseKL(torch.autograd.Function):
+    """Mean over tokens of KL(p̂ ‖ q): q = softmax(z / T) over the vocabulary, p̂ the teacher's kept
+    distribution scattered onto it. The gradient is written out, d/dz = (q - p̂) / T per token: it is
+    exactly zero where the student's distribution is the teacher's (autograd through log_softmax
+    leaves a rounding residue there that AdamW would turn into steps of size lr)."""
+
+    @staticmethod
+    def forward(ctx, z, t_idx, t_logp, temperature):
+        s_logp = torch.log_softmax(z / temperature, dim=-1)
+        p = t_logp.exp()
+        kl = (p * (t_logp - s_logp.gather(-1, t_idx))).sum(-1).mean()
+        ctx.save_for_backward(s_logp, t_idx, p)
+        ctx.temperature = temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        s_logp, t_idx, p = ctx.saved_tensors
+        g = s_logp.exp_().scatter_add_(-1, t_idx, -p)  # q - p̂ (in place: s_logp is not needed again)
+        n_tok = g.numel() // g.shape[-1]
+        return g * (grad / (n_tok * ctx.temperature)), None, None, None
+
+
+def kl_loss(student_logits: torch.Tensor, t_idx: torch.Tensor, t_val: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL(teacher ‖ student) per token, averaged, times T². The teacher is given by its kept
+    log-probs `t_val` at indices `t_idx` ([..., k]), renormalised over the k entries at temperature T
+    (at T = 1 with k = vocabulary they are used as stored: already normalised)."""
+    T = float(temperature)
+    t_val = t_val.float()
+    full = t_val.shape[-1] == student_logits.shape[-1]
+    t_logp = t_val if (T == 1.0 and full) else torch.log_softmax(t_val / T, dim=-1)
+    return _SparseKL.apply(student_logits.float(), t_idx.long(), t_logp, T) * (T * T)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings()
+    w = getattr(emb, "weight", None)
+    return w.device if w is not None and w.device.type != "meta" else torch.device("cpu")
+
+
+def lr_lambda(s, steps: int):
+    """Multiplier of the peak lr at step k: linear warm-up, then constant or cosine down to min_lr."""
+    floor = (s.min_lr / s.lr) if getattr(s, "min_lr", None) is not None else 0.0
+
+    def f(k: int) -> float:
+        if k < s.warmup_steps:
+            return (k + 1) / (s.warmup_steps + 1)
+        if getattr(s, "schedule", "constant") == "constant":
+            return 1.0
+        t = (k - s.warmup_steps) / max(1, steps - s.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+class _Masters:
+    """fp32 master copies of half-precision trainable parameters (the optimiser steps the masters, the
+    model gets them back in its own dtype); fp32 parameters are their own masters."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
+                        for p in params]
+
+    def grads_to_masters(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def masters_to_params(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m.to(p.dtype))
+
+
+def fit(model: nn.Module, params: list[nn.Parameter], n: int, loss_of, s, progress=None) -> dict:
+    """The optimisation loop shared by every recovery that trains with AdamW on token blocks: `steps`
+    batches of `batch_size` block indices drawn without replacement (reshuffled each epoch, seeded),
+    `loss_of(idx) -> (loss, {name: float})`, gradient clipping, warm-up + schedule (`lr_lambda`).
+    Returns {loss_curve, parts (per-term curves), seconds, tokens/blocks seen}."""
+    masters = _Masters(params)
+    opt = torch.optim.AdamW(masters.masters, lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s, s.steps))
+    g = torch.Generator().manual_seed(s.seed)
+    order, pos = torch.randperm(n, generator=g), 0
+    curve: list[float] = []
+    parts: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(s.steps):
+        if pos + s.batch_size > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + s.batch_size]
+        pos += s.batch_size
+        loss, extra = loss_of(idx)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DataError("recovery.settings.lr", s.lr, "a smaller learning rate (the loss became non-finite)")
+        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        masters.grads_to_masters()
+        torch.nn.utils.clip_grad_norm_(masters.masters, s.grad_clip)
+        opt.step()
+        sched.step()
+        masters.masters_to_params()
+        curve.append(value)
+        for name, v in extra.items():
+            parts.setdefault(name, []).append(v)
+        if progress:
+            progress(step + 1, s.steps, value)
+    model.eval()
+    return {"loss_curve": curve, "parts": parts, "seconds": time.perf_counter() - t0}
+
+
+def _trainable(model: nn.Module, s: DistillSettings) -> tuple[nn.Module, list[nn.Parameter], int]:
+    """(module to call, trainable parameters, count) for `s.train`; LoRA wraps the model with peft."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if s.train == "lora":
+        from .recover import wrap_lora
+
+        wrapped, params = wrap_lora(model, s.targets, s.rank, s.alpha, s.dropout, s.seed)
+        return wrapped, params, sum(p.numel() for p in params)
+    if s.train == "full":
+        params = list(dict.fromkeys(model.parameters()))  # tied embeddings counted once
+    else:  # norms + biases
+        params = [p for name, p in model.named_parameters()
+                  if name.endswith(".bias") or "norm" in name.split(".")[-2].lower()]
+    for p in params:
+        p.requires_grad_(True)
+    return model, params, sum(p.numel() for p in params)
+
+
+def distill_recover(model: nn.Module, blocks: torch.Tensor, teacher: dict[str, torch.Tensor],
+                    settings: DistillSettings | dict | None = None, device: str | torch.device | None = None,
+                    progress=None) -> tuple[nn.Module, dict]:
+    """Train `model` (the pruned student, in place) towards the stored teacher on `blocks` [N, T]
+    (the blocks the teacher was computed on: `teacher["indices"]` [N, T, k], `teacher["values"]`).
+    Returns (model in eval mode with the pruned shapes, info: loss_curve (the total), kl_curve, ce_curve,
+    seconds, tokens_seen, tokens_per_s, trainable_params, train, kept_mass, teacher_bytes, settings)."""
+    s = parse_settings(settings)
+    t_idx, t_val = teacher["indices"], teacher["values"]
+    if blocks.ndim != 2 or t_idx.shape[:2] != blocks.shape or t_val.shape != t_idx.shape:
+        raise DataError("recovery.teacher", tuple(t_idx.shape),
+                        f"teacher log-probs for the training blocks {tuple(blocks.shape)} (recompute the teacher)")
+    device = torch.device(device) if device is not None else _input_device(model)
+    model.to(device)
+    shapes_before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    torch.manual_seed(s.seed)
+    net, params, n_trainable = _trainable(model, s)
+
+    def loss_of(idx):
+        ids = blocks[idx].to(device)
+        logits = net(input_ids=ids, use_cache=False).logits
+        kl = kl_loss(logits, t_idx[idx].to(device), t_val[idx].to(device), s.temperature)
+        parts = {"kl": float(kl.detach())}
+        loss = kl
+        if s.ce_weight > 0:
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            parts["ce"] = float(ce.detach())
+            loss = kl + s.ce_weight * ce
+        return loss, parts
+
+    info = fit(net, params, blocks.shape[0], loss_of, s, progress)
+    if s.train == "lora":
+        model = net.merge_and_unload()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    shapes_after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shapes_after != shapes_before:
+        raise RuntimeError("distillation changed the model's tensors: " + str(set(shapes_after) ^ set(shapes_before))[:200])
+    tokens = s.steps * s.batch_size * blocks.shape[1]
+    kept = float(teacher["kept_mass"].float().mean()) if "kept_mass" in teacher else None
+    k = t_idx.shape[-1]
+    return model, {
+        "loss_curve": info["loss_curve"], "kl_curve": info["parts"].get("kl", []),
+        "ce_curve": info["parts"].get("ce", []), "seconds": info["seconds"], "tokens_seen": tokens,
+        "tokens_per_s": tokens / max(info["seconds"], 1e-9), "trainable_params": n_trainable, "train": s.train,
+        "top_k": k, "kept_mass": kept, "k_faithful": None if kept is None else kept >= s.min_kept_mass,
+        "teacher_bytes": teacher_bytes(t_idx.shape[0] * t_idx.shape[1], k, t_val.element_size()), "settings": s.model_dump(),
+    }
