@@ -24,13 +24,13 @@ from tasks import cleanup, steps
 from tasks.store import open_store, pruneflow_home
 
 from .compress import (
+    RECOVERIES,
     STEP_ORDER,
     StepLog,
     capture_args,
     ctx_for,
     eval_settings,
     prepare,
-    RECOVERIES,
     recover_args,
     teacher_args,
     versions,
@@ -97,9 +97,9 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
                                          scores=scores_f, calib=calib if meth.coupled else None)
             branches.append(("prune", method, r, ck))
             if s.recovery.kind in RECOVERIES:
-                def submit(step, task, **kw):  # per branch; the teacher's key is the same in every one
+                def submit(step, task, _m=method, _r=r, **kw):  # per branch; the teacher's key is the same
                     fut = task.submit(ctx=ctx, **kw)
-                    branches.append((step, method, r, fut))
+                    branches.append((step, _m, _r, fut))
                     return fut
 
                 ck = steps.recover_task.submit(ctx=ctx, checkpoint=ck, **recover_args(s, model, calib, settings),

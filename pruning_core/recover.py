@@ -12,9 +12,6 @@ SlimGPT recover their pruned models with the same LoRA recipe.
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn

@@ -87,3 +87,13 @@ def test_distill_is_refused_before_any_step_where_it_cannot_run(tiny_spec):
         preflight(validate({**tiny_spec, "recovery": {"kind": "distill", "settings": {"source": "pkgdocs"}}}))
     with pytest.raises(ConfigError, match="recovery.settings.train"):
         build_spec(None, ["recovery.kind=distill", "recovery.settings.train=all"])
+
+
+def test_plan_estimates_the_teachers_size(tiny_spec):
+    from flows.dryrun import dry_run
+    from flows.spec import validate
+
+    res = dry_run(validate({**tiny_spec, "recovery": {"kind": "distill", "settings": {"top_k": 16, "n_blocks": 6}}}))
+    c = tiny_spec["calibration"]
+    assert res["teacher"] == {"tokens": 6 * c["seq_len"], "top_k": 16, "source": "pydoc", "train": "full",
+                              "bytes": 6 * c["seq_len"] * 16 * 6}
