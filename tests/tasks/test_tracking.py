@@ -164,6 +164,12 @@ def test_report_figures_params_and_names(tmp_path):
     assert cm["recovery.loss"] == [(1, 3.0), (3, 2.0)] and cm["recovery.val_mse"] == [(0, 1.5), (2, 1.0)]
     assert cm["layer.removed_fraction"] == [(0, 0.3), (1, 0.25)]
     assert curve_metrics({"model": "m"}) == {}  # nothing the flow did not write
+    distilled = {**rep, "recovery_info": {"loss_curve": [2.0, 1.0], "kl_curve": [2.0, 1.0], "tokens_seen": 2048,
+                                          "seconds": 4.0, "teacher_bytes": 6 * 2048 * 64, "kept_mass": 0.93}}
+    assert curve_metrics(distilled)["recovery.kl"] == [(1, 2.0), (2, 1.0)]
+    m = report_metrics(distilled)
+    assert m["recovery.tokens_seen"] == 2048 and m["recovery.teacher_bytes"] == 6 * 2048 * 64
+    assert m["recovery.kept_mass"] == 0.93
 
 
 # ------------------------------------------------------------------------------------ tracking a run
