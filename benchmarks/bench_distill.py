@@ -71,8 +71,17 @@ class DistillBench(Bench):
     def pruned(self, config: str, seed: int):
         """The pruned model of (config, seed) (Streamline: with its trained replacement) and its row."""
         key = (config, seed)
+        folder = HERE / ".bench_distill_models" / f"{config.replace(' ', '').replace('%', 'pct')}-{self.a.calib}-s{seed}"
+        if key not in self._pruned and (folder / "row.json").exists():  # pruned by an earlier (or parallel) run
+            from pruning_core.checkpoint import load_pruned
+
+            self._pruned = {key: (load_pruned(folder)[0], json.loads((folder / "row.json").read_text()))}
         if key not in self._pruned:
+            from pruning_core.checkpoint import save_pruned
+
             row = self.run_row(config, _row_spec(dict(CONFIGS[config], calib=self.a.calib)), seed, 0)
+            save_pruned(self.last_model, self.tok, None, folder)
+            (folder / "row.json").write_text(json.dumps(row))
             self._pruned = {key: (self.last_model, row)}
         m, row = self._pruned[key]
         return copy.deepcopy(m), dict(row)
