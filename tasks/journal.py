@@ -111,7 +111,7 @@ def _update(fn, create: bool = True) -> None:
         if not p.exists():
             atexit.register(_drop, p)  # a clean exit leaves nothing to reap
         j = read(p) or {"pid": os.getpid(), "host": host_id(), "started": time.time(),
-                        "flow_runs": [], "uploads": [], "prefect_server": None, "mlflow_runs": []}
+                        "flow_runs": [], "uploads": [], "objects": [], "prefect_server": None, "mlflow_runs": []}
         fn(j)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:6]}"
@@ -148,6 +148,17 @@ def uploading(store_url: str, key: str):
         yield
     finally:
         remove("uploads", item)
+
+
+@contextlib.contextmanager
+def committing(store_url: str, sha: str):
+    """An S3 object being written before its commit marker: collected if this process dies meanwhile."""
+    item = {"store": store_url, "sha": sha}
+    add("objects", item)
+    try:
+        yield
+    finally:
+        remove("objects", item)
 
 
 def dead_journals() -> list[tuple[Path, dict]]:
