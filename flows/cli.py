@@ -48,6 +48,14 @@ def _env(quiet: bool) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
+def _quiet_libraries() -> None:
+    """MLflow's and Prefect's import-time Python warnings (type hints of MLflow's own pyfunc classes, an
+    uncreated Prefect home) are not the user's business: the command's one line is all it prints."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(mlflow|prefect)(\.|$)")
+
+
 def fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
@@ -292,22 +300,28 @@ def plan(
                          [[k, f"{v['device'] / gib:.2f}", f"{v['host'] / gib:.2f}"] for k, v in res["memory"].items()]))
 
 
+def _read_report(c: Path) -> dict:
+    try:
+        return json.loads(c.read_text())
+    except (OSError, json.JSONDecodeError):
+        fail(f"run: got {str(c)!r}; accepted: a readable report.json")
+
+
 def _find_report(ref: str) -> dict:
+    """A run's report from a report.json path, a run folder, a run id (its folder under
+    $PRUNEFLOW_HOME/runs, or a unique prefix of one) or a run name (its latest run)."""
     p = Path(ref).expanduser()
-    cands = [p, p / "report.json", _home() / "runs" / ref / "report.json"]
-    for c in cands:
+    for c in (p, p / "report.json"):
         if c.is_file():
-            try:
-                return json.loads(c.read_text())
-            except json.JSONDecodeError:
-                fail(f"run: got {str(c)!r}; accepted: a readable report.json")
-    runs = sorted(d.name for d in (_home() / "runs").glob("*") if (d / "report.json").exists())
-    fail(f"run: got {ref!r}; accepted: a run name ({', '.join(runs[:10]) or 'none yet'}) or a report.json path")
+            return _read_report(c)
+    from .runs import resolve_run
+
+    return _read_report(resolve_run(_home() / "runs", ref))
 
 
 @app.command()
 @guarded
-def report(run: str = typer.Argument(..., help="run name or path to report.json"),
+def report(run: str = typer.Argument(..., help="run id, run name (its latest run) or path to report.json"),
            as_json: bool = typer.Option(False, "--json")):
     """Print a past run's report."""
     rep = _find_report(run)
@@ -316,7 +330,7 @@ def report(run: str = typer.Argument(..., help="run name or path to report.json"
 
 @app.command()
 @guarded
-def compare(runs: list[str] = typer.Argument(..., help="run names or report.json paths")):
+def compare(runs: list[str] = typer.Argument(..., help="run ids, run names (latest run) or report.json paths")):
     """Compare runs side by side."""
     reps = [_find_report(r) for r in runs]
     try:
@@ -435,6 +449,7 @@ def promote(
     """Candidate -> alias challenger; alias champion moves only if it passes the gate and beats the champion.
     Exit code 1 when the gate fails."""
     _env(quiet)
+    _quiet_libraries()
     import yaml
 
     gate: dict = {}
@@ -477,6 +492,7 @@ def rollback(
 ):
     """Move alias champion back to the previous champion (or --to VERSION); the old champion is retired."""
     _env(False)
+    _quiet_libraries()
     from .promote import rollback as do_rollback
 
     res = do_rollback(model, to_version=to, tracking_uri=tracking_uri)

@@ -531,6 +531,13 @@ def choose_placement(requested: str, sizes: dict, working_set: int, device: torc
         return "disk", f"model {sizes['total'] / gib:.2f} GiB + working set {working_set / gib:.2f} GiB exceed free memory {host_free / gib:.2f} GiB"
     if need_dev <= headroom * dev_free:
         return "device", f"model + working set {need_dev / gib:.2f} GiB fit free device memory {dev_free / gib:.2f} GiB"
+    # offload and disk both keep on the device everything but the decoder layers, one layer at a time
+    # and the working set
+    need_layerwise = sizes["other"] + sizes["layer_max"] + working_set
+    if need_layerwise > headroom * dev_free:
+        return "disk", (f"model + working set {need_dev / gib:.2f} GiB, and even the rest + one layer + working "
+                        f"set {need_layerwise / gib:.2f} GiB, exceed free device memory {dev_free / gib:.2f} GiB "
+                        "(the memory check refuses it)")
     if sizes["layers"] <= headroom * host_free:
         return "offload", (f"model + working set {need_dev / gib:.2f} GiB exceed free device memory "
                            f"{dev_free / gib:.2f} GiB; layers {sizes['layers'] / gib:.2f} GiB fit host memory")

@@ -73,13 +73,16 @@ class StepDef:
     `cachekey.BASE_LIBRARIES`."""
 
     def __init__(self, name: str, keyparts: Callable[[dict], tuple[dict, list, str | None]],
-                 code: Callable[[dict], list], libraries: tuple[str, ...] = ()):
+                 code: Callable[[dict], list], libraries: tuple[str, ...] = (),
+                 lineage: Callable[[dict], str | None] | None = None):
         self.name, self.keyparts, self.code, self.libraries = name, keyparts, code, libraries
+        self.lineage = lineage
 
     def parts(self, params: dict) -> KeyParts:
         settings, inputs, rev = self.keyparts(params)
         return KeyParts(self.name, settings, [None if m is None else m["sha256"] for m in inputs], rev,
-                        code=code_parts(*self.code(params)), libraries=library_versions(self.libraries))
+                        code=code_parts(*self.code(params)), libraries=library_versions(self.libraries),
+                        lineage=self.lineage(params) if self.lineage else None)
 
     def key(self, params: dict) -> str:
         return self.parts(params).key()
@@ -88,8 +91,8 @@ class StepDef:
 STEPS: dict[str, StepDef] = {}
 
 
-def define_step(name: str, keyparts, code, libraries: tuple[str, ...] = ()) -> StepDef:
-    STEPS[name] = StepDef(name, keyparts, code, libraries)
+def define_step(name: str, keyparts, code, libraries: tuple[str, ...] = (), lineage=None) -> StepDef:
+    STEPS[name] = StepDef(name, keyparts, code, libraries, lineage)
     return STEPS[name]
 
 

@@ -43,10 +43,28 @@ log = logging.getLogger("pruneflow.store")
 
 CHUNK = 1 << 20
 TMP_PREFIX = ".tmp-"
-S3_TIMEOUT_S = int(os.environ.get("PRUNEFLOW_S3_TIMEOUT", "20"))
+
+
+def env_int(name: str, default: int, least: int = 1) -> int:
+    """An integer setting from the environment; a ConfigError naming the variable otherwise (one line)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = None
+    if v is None or v < least:
+        from pruning_core.errors import ConfigError
+
+        raise ConfigError(name, raw, f"a whole number >= {least}")
+    return v
+
+
+S3_TIMEOUT_S = env_int("PRUNEFLOW_S3_TIMEOUT", 20)
 LOCK_TTL_S = 60.0
 # files larger than one part go up as S3 multipart uploads (parts of at least 5 MiB)
-S3_PART_BYTES = max(5, int(os.environ.get("PRUNEFLOW_S3_PART_MB", "50"))) << 20
+S3_PART_BYTES = max(5, env_int("PRUNEFLOW_S3_PART_MB", 50)) << 20
 
 
 class ArtifactMissing(StorageError):
