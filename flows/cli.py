@@ -49,11 +49,19 @@ def _env(quiet: bool) -> None:
 
 
 def _quiet_libraries() -> None:
-    """MLflow's and Prefect's import-time Python warnings (type hints of MLflow's own pyfunc classes, an
-    uncreated Prefect home) are not the user's business: the command's one line is all it prints."""
+    """MLflow's and Prefect's import-time Python warnings (type hints of a pyfunc class, which MLflow
+    shows under its own "once" filter, so filters cannot hide it; an uncreated Prefect home) are not the
+    user's business: the command's one line is all it prints. Other warnings are shown as before."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(mlflow|prefect)(\.|$)")
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if any(f"{os.sep}{lib}{os.sep}" in str(filename) for lib in ("mlflow", "prefect")):
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def fail(msg: str) -> None:
