@@ -38,7 +38,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pruning_core.errors import ConfigError
 
-
 _NAME_RE = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]{0,119}")
 
 

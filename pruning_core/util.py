@@ -57,14 +57,15 @@ def replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def _gone(pid: int) -> bool:
+    """Has process `pid` of this host ended? (Another user's live process counts as running.)"""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
         return False
-    except PermissionError:
+    except ProcessLookupError:
         return True
-    return True
+    except OSError:
+        return False
 
 
 def recover_dir(path: Path) -> bool:
@@ -73,7 +74,7 @@ def recover_dir(path: Path) -> bool:
     path = Path(path)
     try:
         olds = [p for p in path.parent.glob(f".{path.name}.old-*")
-                if p.name.rsplit("-", 1)[-1].isdigit() and not _pid_alive(int(p.name.rsplit("-", 1)[-1]))]
+                if p.name.rsplit("-", 1)[-1].isdigit() and _gone(int(p.name.rsplit("-", 1)[-1]))]
     except OSError:
         return False
     olds.sort(key=lambda p: p.stat().st_mtime, reverse=True)

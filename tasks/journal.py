@@ -141,24 +141,22 @@ def set_server(info: dict | None) -> None:
 
 
 @contextlib.contextmanager
-def uploading(store_url: str, key: str):
-    item = {"store": store_url, "key": key}
-    add("uploads", item)
+def _journaled(field: str, item: dict):
+    add(field, item)
     try:
         yield
     finally:
-        remove("uploads", item)
+        remove(field, item)
 
 
-@contextlib.contextmanager
+def uploading(store_url: str, key: str):
+    """An S3 upload in progress: aborted if this process dies meanwhile."""
+    return _journaled("uploads", {"store": store_url, "key": key})
+
+
 def committing(store_url: str, sha: str):
     """An S3 object being written before its commit marker: collected if this process dies meanwhile."""
-    item = {"store": store_url, "sha": sha}
-    add("objects", item)
-    try:
-        yield
-    finally:
-        remove("objects", item)
+    return _journaled("objects", {"store": store_url, "sha": sha})
 
 
 def dead_journals() -> list[tuple[Path, dict]]:
