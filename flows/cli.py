@@ -202,14 +202,15 @@ def run(
     typer.echo(json.dumps(report, indent=1, default=str) if as_json else summary(report))
 
 
-def _preflight(s, data: bool = True) -> None:
+def _preflight(s, data: bool = True) -> dict:
     """Every error knowable before computing, before Prefect is imported (flows/preflight.py)."""
     from tasks.store import open_store
 
     from .preflight import preflight
 
-    preflight(s, data=data)
+    info = preflight(s, data=data)
     open_store(s.store.url).check()
+    return info
 
 
 @app.command()
@@ -237,7 +238,7 @@ def sweep(
     if task_runner not in RUNNERS:
         fail(f"--task-runner: got {task_runner!r}; accepted: {', '.join(RUNNERS)}")
     check_sweep(s, ms, rs)
-    _preflight(s)
+    check_sweep(s, ms, rs, _preflight(s)["config"])  # and each ratio reachable for each method
     result = run_sweep(s.model_dump(mode="json"), ms, rs, task_runner)
     if as_json:
         typer.echo(json.dumps(result, indent=1, default=str))

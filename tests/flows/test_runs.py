@@ -39,6 +39,7 @@ def test_runs_differing_in_calibration_get_their_own_folders(prefect_harness, ti
     assert res.exit_code == 0 and json.loads(res.stdout)["id"] == b["id"]
     res = runner.invoke(app, ["compare", a["id"], b["id"]])
     assert res.exit_code == 0 and res.stdout.count("wanda") >= 2
+    assert a["id"] in res.stdout and b["id"] in res.stdout  # the two runs are told apart
     # a prefix both ids share is ambiguous: one line listing them
     res = runner.invoke(app, ["report", a["name"][:4]])
     assert res.exit_code == 2 and a["id"] in res.output and b["id"] in res.output
