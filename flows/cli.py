@@ -48,6 +48,22 @@ def _env(quiet: bool) -> None:
         os.environ["TQDM_DISABLE"] = "1"
 
 
+def _quiet_libraries() -> None:
+    """MLflow's and Prefect's import-time Python warnings (type hints of a pyfunc class, which MLflow
+    shows under its own "once" filter, so filters cannot hide it; an uncreated Prefect home) are not the
+    user's business: the command's one line is all it prints. Other warnings are shown as before."""
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if any(f"{os.sep}{lib}{os.sep}" in str(filename) for lib in ("mlflow", "prefect")):
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
@@ -186,14 +202,15 @@ def run(
     typer.echo(json.dumps(report, indent=1, default=str) if as_json else summary(report))
 
 
-def _preflight(s, data: bool = True) -> None:
+def _preflight(s, data: bool = True) -> dict:
     """Every error knowable before computing, before Prefect is imported (flows/preflight.py)."""
     from tasks.store import open_store
 
     from .preflight import preflight
 
-    preflight(s, data=data)
+    info = preflight(s, data=data)
     open_store(s.store.url).check()
+    return info
 
 
 @app.command()
@@ -221,7 +238,7 @@ def sweep(
     if task_runner not in RUNNERS:
         fail(f"--task-runner: got {task_runner!r}; accepted: {', '.join(RUNNERS)}")
     check_sweep(s, ms, rs)
-    _preflight(s)
+    check_sweep(s, ms, rs, _preflight(s)["config"])  # and each ratio reachable for each method
     result = run_sweep(s.model_dump(mode="json"), ms, rs, task_runner)
     if as_json:
         typer.echo(json.dumps(result, indent=1, default=str))
@@ -296,22 +313,28 @@ def plan(
                          [[k, f"{v['device'] / gib:.2f}", f"{v['host'] / gib:.2f}"] for k, v in res["memory"].items()]))
 
 
+def _read_report(c: Path) -> dict:
+    try:
+        return json.loads(c.read_text())
+    except (OSError, json.JSONDecodeError):
+        fail(f"run: got {str(c)!r}; accepted: a readable report.json")
+
+
 def _find_report(ref: str) -> dict:
+    """A run's report from a report.json path, a run folder, a run id (its folder under
+    $PRUNEFLOW_HOME/runs, or a unique prefix of one) or a run name (its latest run)."""
     p = Path(ref).expanduser()
-    cands = [p, p / "report.json", _home() / "runs" / ref / "report.json"]
-    for c in cands:
+    for c in (p, p / "report.json"):
         if c.is_file():
-            try:
-                return json.loads(c.read_text())
-            except json.JSONDecodeError:
-                fail(f"run: got {str(c)!r}; accepted: a readable report.json")
-    runs = sorted(d.name for d in (_home() / "runs").glob("*") if (d / "report.json").exists())
-    fail(f"run: got {ref!r}; accepted: a run name ({', '.join(runs[:10]) or 'none yet'}) or a report.json path")
+            return _read_report(c)
+    from .runs import resolve_run
+
+    return _read_report(resolve_run(_home() / "runs", ref))
 
 
 @app.command()
 @guarded
-def report(run: str = typer.Argument(..., help="run name or path to report.json"),
+def report(run: str = typer.Argument(..., help="run id, run name (its latest run) or path to report.json"),
            as_json: bool = typer.Option(False, "--json")):
     """Print a past run's report."""
     rep = _find_report(run)
@@ -320,7 +343,7 @@ def report(run: str = typer.Argument(..., help="run name or path to report.json"
 
 @app.command()
 @guarded
-def compare(runs: list[str] = typer.Argument(..., help="run names or report.json paths")):
+def compare(runs: list[str] = typer.Argument(..., help="run ids, run names (latest run) or report.json paths")):
     """Compare runs side by side."""
     reps = [_find_report(r) for r in runs]
     try:
@@ -439,6 +462,7 @@ def promote(
     """Candidate -> alias challenger; alias champion moves only if it passes the gate and beats the champion.
     Exit code 1 when the gate fails."""
     _env(quiet)
+    _quiet_libraries()
     import yaml
 
     gate: dict = {}
@@ -481,6 +505,7 @@ def rollback(
 ):
     """Move alias champion back to the previous champion (or --to VERSION); the old champion is retired."""
     _env(False)
+    _quiet_libraries()
     from .promote import rollback as do_rollback
 
     res = do_rollback(model, to_version=to, tracking_uri=tracking_uri)

@@ -260,6 +260,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
     }
     return {
         "name": spec.run_name(),
+        "id": Path(run_dir).name,  # the run folder (`pruneflow report <id>`; a name resolves to its latest id)
         "model": spec.model.ref,
         "method": spec.method.name,
         "settings": spec.method.settings,
@@ -286,7 +287,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
 
 
 def run_dir_for(spec: RunSpec) -> Path:
-    return pruneflow_home() / "runs" / spec.run_name()
+    return pruneflow_home() / "runs" / spec.run_id()
 
 
 class _RunLog:

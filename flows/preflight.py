@@ -5,6 +5,7 @@ Prefect is imported, so a bad input costs a second and prints one line (`error: 
 
 * the model: an embedded name, a folder with `config.json`, or a hub id (only when the hub is reachable);
 * its architecture (`config.json`'s `model_type`) has an adapter;
+* its safetensors files are whole (headers parse, tensor extents fit the file sizes; no weight is read);
 * the device exists here (`cuda` on a machine without one is refused);
 * the text sources exist / can be read (calibration and evaluation);
 * the calibration set fits the text: `n_samples` blocks of `seq_len` tokens (tokenised only when the
@@ -42,6 +43,10 @@ def model_config(ref: str) -> tuple[dict[str, Any], Path | None]:
         _gguf_location(pkg, fname)  # the package that ships it is installed (converted on first load)
         return {"architectures": [arch], "model_type": "llama"}, None
     p = Path(os.path.expanduser(ref))
+    if not p.exists() and ("/" in ref or ref.startswith((".", "~"))):
+        from pruning_core.util import recover_dir
+
+        recover_dir(p)  # a writer killed between replace_dir's renames left `.name.old-PID`
     if p.exists():
         if not p.is_dir() or not (p / "config.json").exists():
             raise DataError("model.ref", ref, "a folder with config.json (a Hugging Face checkpoint)")
@@ -225,6 +230,10 @@ def preflight(spec: RunSpec, *, data: bool = True) -> dict[str, Any]:
     config, "folder": local folder or None}. `data=False` skips the text and lm-eval checks."""
     cfg, folder = model_config(spec.model.ref)
     check_architecture(spec.model.ref, cfg)
+    if folder is not None:  # a truncated or garbage weight file: from the headers, no weight is read
+        from pruning_core.safetensors_check import check_weights
+
+        check_weights(folder, ref=spec.model.ref)
     check_device(spec.device)
     resolve_params_target(spec)
     check_target(spec, cfg)

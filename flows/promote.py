@@ -272,7 +272,10 @@ def resolve_candidate(model: str, version: str | None, tracking_uri: str | None)
     """``model`` is a registered model name, a run folder, or a run name under ``$PRUNEFLOW_HOME/runs``."""
     from tasks.tracking import pruneflow_home
 
-    for d in (Path(model).expanduser(), pruneflow_home() / "runs" / model):
+    from .runs import find_run
+
+    run = find_run(pruneflow_home() / "runs", model, prefixes=False)  # a run id, or a run name's latest run
+    for d in (Path(model).expanduser(), pruneflow_home() / "runs" / model, *([run.parent] if run else [])):
         if d.is_dir() and (d / "tracking.json").exists():
             name, v, uri = _from_run_dir(d)
             return name, version or v, tracking_uri or uri

@@ -18,8 +18,11 @@
     store:        {url}                   local folder (default $PRUNEFLOW_HOME/artifacts) or s3://bucket/prefix
     tracking:     {enabled, uri, experiment, on_failure: warn|fail}
     device:       auto|cpu|cuda|cuda:N
-    seed:         global seed
-    name:         run name (default: derived from model, method and ratio)
+    seed:         the run's seed: the default of every seed in it not given explicitly (calibration.seed,
+                  method.settings.seed of seeded methods, recovery.settings.seed of LoRA and distillation)
+    name:         run name: the folder under $PRUNEFLOW_HOME/runs (one path component). Default: the
+                  readable `<model>-<method>-<ratio>` plus a short digest of the resolved spec
+                  (`run_id`), so runs that differ in any setting never share a folder
 
 Every validation problem becomes a `ConfigError` naming the dotted field, the value and what is accepted.
 """
@@ -27,6 +30,7 @@ Every validation problem becomes a `ConfigError` naming the dotted field, the va
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +38,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pruning_core.errors import ConfigError
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]{0,119}")
 
 
 class _Strict(BaseModel):
@@ -125,6 +131,16 @@ class RunSpec(_Strict):
     def _params(cls, v):
         return parse_count(v, "params") if v is not None else None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _NAME_RE.fullmatch(v) or v in (".", ".."):
+            raise ConfigError("name", v, "one folder name of letters, digits and . _ - + = @ (no path "
+                              "separators, not starting with a dot), at most 120 characters")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -138,6 +154,11 @@ class RunSpec(_Strict):
 
         m = get_method(self.method.name)  # ConfigError for an unknown name
         raw = dict(self.method.settings)
+        # `seed` seeds whatever the spec does not seed explicitly (so it enters the steps' keys through them)
+        if "seed" not in self.calibration.model_fields_set:
+            self.calibration.seed = self.seed
+        if "seed" in m.settings.model_fields and "seed" not in raw:
+            raw["seed"] = self.seed
         if self.schedule is not None:
             if "schedule" not in m.settings.model_fields:
                 raise ConfigError("schedule", self.schedule, f"no schedule (method {m.name!r} has none)")
@@ -156,11 +177,11 @@ class RunSpec(_Strict):
         if self.recovery.kind == "lora":
             from pruning_core.recover import parse_settings
 
-            self.recovery.settings = parse_settings(self.recovery.settings).model_dump(mode="json")
+            self.recovery.settings = parse_settings({"seed": self.seed, **self.recovery.settings}).model_dump(mode="json")
         elif self.recovery.kind == "distill":
             from pruning_core.distill import parse_settings as distill_settings
 
-            self.recovery.settings = distill_settings(self.recovery.settings).model_dump(mode="json")
+            self.recovery.settings = distill_settings({"seed": self.seed, **self.recovery.settings}).model_dump(mode="json")
         elif self.recovery.kind == "replacement":
             if "replacement" not in m.settings.model_fields:
                 raise ConfigError("recovery.kind", "replacement",
@@ -174,10 +195,26 @@ class RunSpec(_Strict):
         return self
 
     def run_name(self) -> str:
+        """The readable name: `name`, or `<model>-<method>-<ratio>`."""
         if self.name:
             return self.name
-        model = Path(self.model.ref).name
+        model = Path(self.model.ref.rstrip("/")).name or "model"
         return f"{model}-{self.method.name}-{self.ratio:g}"
+
+    def digest(self) -> str:
+        """A short digest of everything that shapes the run's results (not its name, store, tracking,
+        device or placement, which change where and how, not what)."""
+        import hashlib
+        import json
+
+        d = self.model_dump(mode="json", exclude={"name", "store", "tracking", "device"})
+        d["model"].pop("placement", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_id(self) -> str:
+        """The run's folder under $PRUNEFLOW_HOME/runs: `name` when given, else the readable name and
+        the spec's digest (runs differing in settings, recovery or calibration never share a folder)."""
+        return self.name or f"{self.run_name()}-{self.digest()}"
 
 
 DEFAULT_SPEC: dict[str, Any] = {
@@ -185,7 +222,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     # of the decoder layers' parameters: the papers' method with the lowest out-of-domain PPL
     # (benchmarks/RESULTS.md, ood-slimgpt); 64 x 256 calibration tokens, the knee of ood-calib
     "model": {"ref": "smollm2-135m"},
-    "calibration": {"source": "pydoc", "n_samples": 64, "seq_len": 256, "seed": 0},
+    "calibration": {"source": "pydoc", "n_samples": 64, "seq_len": 256},  # seed: the run's `seed`
     "method": {"name": "slimgpt", "settings": {}},
     "ratio": 0.2,
     # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)
@@ -324,4 +361,7 @@ def build_spec(path: str | Path | None = None, overrides: list[str] | None = Non
     for k, v in direct.items():
         if v is not None:
             set_dotted(user, k, v)
+    if user.get("params") is not None and user.get("ratio") is not None:
+        raise ConfigError("params", user["params"], f"either params or ratio, not both (ratio {user['ratio']!r} "
+                          "is given too; params sets the ratio)")
     return validate(with_defaults(user))

@@ -13,6 +13,8 @@ submitted to the flow's task runner: sequential (default), threads, or a Dask cl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -40,8 +42,11 @@ from .spec import RunSpec, validate
 RUNNERS = ("sequential", "threads", "dask")
 
 
-def check_sweep(spec: RunSpec, methods: list[str], ratios: list[float]) -> None:
-    """Validate every (method, ratio) combination before anything runs."""
+def check_sweep(spec: RunSpec, methods: list[str], ratios: list[float], cfg: dict | None = None) -> None:
+    """Validate every (method, ratio) combination before anything runs (with the model's config `cfg`:
+    also that each ratio is reachable for each method, `preflight.check_target`)."""
+    from .preflight import check_target
+
     if not methods:
         raise ConfigError("--methods", methods, "at least one method")
     if not ratios:
@@ -49,8 +54,10 @@ def check_sweep(spec: RunSpec, methods: list[str], ratios: list[float]) -> None:
     raw = spec.model_dump(mode="json")
     for m in methods:
         for r in ratios:
-            validate({**raw, "method": {"name": m, "settings": raw["method"]["settings"] if m == spec.method.name else {}},
-                      "ratio": r, "schedule": None})
+            sub = validate({**raw, "method": {"name": m, "settings": raw["method"]["settings"] if m == spec.method.name
+                                              else {}}, "ratio": r, "schedule": None})
+            if cfg is not None:
+                check_target(sub, cfg)
 
 
 def _settings_for(spec: RunSpec, method: str) -> dict:
@@ -67,6 +74,10 @@ def _state_hit(state, man: dict) -> bool:
       on_completion=[cleanup.flow_ended], on_failure=[cleanup.flow_ended], on_cancellation=[cleanup.flow_ended])
 def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
     s = validate(spec)
+    from .preflight import preflight
+
+    # the same checks as the command line's (a deployment's run has not been through them), before any step
+    check_sweep(s, methods, ratios, preflight(s)["config"])
     ctx = ctx_for(s)
     open_store(ctx["store"]).check()
     cleanup.begin_flow(ctx["store"])  # reclaim what killed runs left; journal this one
@@ -132,7 +143,9 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
               "step_counts": {k: v for k, v in counts.items() if v["miss"] or v["hit"]},
               "metrics_before": dense["metrics"], "seconds": round(time.perf_counter() - t0, 3),
               "store": ctx["store"], "versions": versions()}
-    run_dir = pruneflow_home() / "runs" / f"sweep-{Path(s.model.ref).name}-{'-'.join(methods)}"
+    # one folder per (spec, methods, ratios): sweeps that differ in any setting never share it
+    tag = hashlib.sha256(json.dumps([s.digest(), methods, ratios]).encode()).hexdigest()[:8]
+    run_dir = pruneflow_home() / "runs" / f"sweep-{Path(s.model.ref).name}-{'-'.join(methods)}-{tag}"
     man = steps.report_task(ctx=ctx, report=result, run_dir=str(run_dir))
     result["report"] = str(run_dir / "report.json")
     result["report_uri"] = man["uri"]

@@ -20,7 +20,7 @@ from torch import nn
 from .placement import _load_tokenizer, finish_checkpoint  # noqa: F401 - re-exported
 from .plan import PrunePlan
 from .surgery import sync_config
-from .util import staged_dir
+from .util import recover_dir, staged_dir
 
 
 def save_pruned(model: nn.Module, tokenizer, plan: PrunePlan | None, path: str | Path) -> Path:
@@ -54,5 +54,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: tor
 
     device = torch.device(device) if not isinstance(device, torch.device) else device
     p = Path(str(path)).expanduser()
+    if not p.exists():
+        recover_dir(p)  # a writer killed between replace_dir's renames
     local = str(p) if p.exists() else resolve_source(str(path), revision)[0]
     return open_model(local, placement=placement, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -17,9 +17,36 @@ so recomputing H⁻¹ from the downdated H gives the exact sequential OBS quanti
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
+
+# -- TF32 off while OBS maths runs ------------------------------------------------------------------
+# TF32 matmuls (10-bit mantissa) spoil fp32 Hessians and their inverses. The switch is process-wide, so
+# it is counted: the first of any number of concurrent `exact_matmul` blocks (threads) turns TF32 off,
+# the last one to leave restores the setting found by the first; no block runs with TF32 while another
+# one is still inside, and the process is left as it was.
+_TF32 = {"depth": 0, "saved": None}
+_TF32_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exact_matmul():
+    """`with exact_matmul():` CUDA fp32 matmuls without TF32 for the block (nesting and threads safe)."""
+    with _TF32_LOCK:
+        if _TF32["depth"] == 0:
+            _TF32["saved"] = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _TF32["depth"] += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _TF32["depth"] -= 1
+            if _TF32["depth"] == 0:
+                torch.backends.cuda.matmul.allow_tf32 = _TF32["saved"]
 
 # -- Hessian preparation -------------------------------------------------------------------------
 

@@ -172,6 +172,21 @@ def _digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+# one lock per layer: with the threads task runner two steps may run the same (shared, cached) model, so
+# the hold count and the read / drop of a layer's data happen under it (a second thread's `bring` waits
+# for the first one's read instead of running on `meta` tensors)
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _layer_lock(layer: nn.Module) -> threading.RLock:
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(layer)
+        if lock is None:
+            lock = _LOCKS[layer] = threading.RLock()
+        return lock
+
+
 def is_resident(layer: nn.Module) -> bool:
     return all(t.device.type != "meta" for t in _own_tensors(layer).values() if t is not None)
 
@@ -181,6 +196,15 @@ def bring(layer: nn.Module, device: torch.device | None = None, track_changes: b
     h = home_of(layer)
     if h is None:
         return layer
+    with _layer_lock(layer):
+        try:
+            return _bring(layer, h, device, track_changes)
+        except BaseException:
+            h.held = max(0, h.held - 1)  # a failed read holds nothing
+            raise
+
+
+def _bring(layer: nn.Module, h: Home, device: torch.device | None, track_changes: bool) -> nn.Module:
     h.held += 1
     if h.held > 1:
         return layer
@@ -211,6 +235,11 @@ def release(layer: nn.Module, write_back: bool | None = None) -> None:
     h = home_of(layer)
     if h is None:
         return
+    with _layer_lock(layer):
+        _release(layer, h, write_back)
+
+
+def _release(layer: nn.Module, h: Home, write_back: bool | None) -> None:
     h.held = max(0, h.held - 1)
     if h.held:
         return
@@ -502,6 +531,13 @@ def choose_placement(requested: str, sizes: dict, working_set: int, device: torc
         return "disk", f"model {sizes['total'] / gib:.2f} GiB + working set {working_set / gib:.2f} GiB exceed free memory {host_free / gib:.2f} GiB"
     if need_dev <= headroom * dev_free:
         return "device", f"model + working set {need_dev / gib:.2f} GiB fit free device memory {dev_free / gib:.2f} GiB"
+    # offload and disk both keep on the device everything but the decoder layers, one layer at a time
+    # and the working set
+    need_layerwise = sizes["other"] + sizes["layer_max"] + working_set
+    if need_layerwise > headroom * dev_free:
+        return "disk", (f"model + working set {need_dev / gib:.2f} GiB, and even the rest + one layer + working "
+                        f"set {need_layerwise / gib:.2f} GiB, exceed free device memory {dev_free / gib:.2f} GiB "
+                        "(the memory check refuses it)")
     if sizes["layers"] <= headroom * host_free:
         return "offload", (f"model + working set {need_dev / gib:.2f} GiB exceed free device memory "
                            f"{dev_free / gib:.2f} GiB; layers {sizes['layers'] / gib:.2f} GiB fit host memory")

@@ -135,6 +135,9 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
                *[c.replace("/", " ") for c in cols], "avg acc", "retention", "speed-up"]
     if any("stability" in r for r in reports):
         headers.append("stability")
+    ids = any("id" in r for r in reports)  # runs of one model, method and ratio differ in other settings
+    if ids:
+        headers.append("run")
     rows, points, dense_done = [], [], set()
     order = sorted(range(len(reports)), key=lambda i: (str(reports[i].get("model")), str(reports[i].get("method")),
                                                        float(reports[i].get("target_ratio") or 0)))
@@ -145,7 +148,7 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
             dense_done.add(model)
             row = [model, "dense", 0.0, "–", _params_m(r.get("params_before")), "–", b.get(ppl_key) if ppl_key else None,
                    *[b.get(c) for c in cols], _avg_acc(b, cols), 1.0, 1.0]
-            rows.append(row + (["–"] if "stability" in headers else []))
+            rows.append(row + (["–"] if "stability" in headers else []) + (["–"] if ids else []))
         ret = retention(b, a) if b and a else {}
         dec = r.get("removed_decoder_fraction")
         row = [model, str(r.get("method", "?")), r.get("target_ratio"), _recovery_name(r), _params_m(r.get("params_after")),
@@ -154,6 +157,8 @@ def compare_rows(reports: list[dict]) -> tuple[list[str], list[list[Any]], list[
         if "stability" in headers:
             s = r.get("stability")
             row.append(f"{100 * s:.1f} %" if isinstance(s, (int, float)) else "–")
+        if ids:
+            row.append(str(r.get("id") or r.get("name") or "–"))
         rows.append(row)
         ratio = float(r.get("target_ratio") or 0.0)
         pt = {"method": f"{r.get('method')}" + ("" if _recovery_name(r) == "none" else f"+{_recovery_name(r)}"),
@@ -186,7 +191,7 @@ def compare(reports: list[dict], out_dir: str | Path | None = None, plots: bool 
         if out_dir is None:
             from .models import home
 
-            names = json.dumps(sorted(str(r.get("name", i)) for i, r in enumerate(reports)))
+            names = json.dumps(sorted(str(r.get("id", r.get("name", i))) for i, r in enumerate(reports)))
             out_dir = home() / "compare" / hashlib.sha256(names.encode()).hexdigest()[:12]
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

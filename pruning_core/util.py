@@ -45,7 +45,9 @@ def finite_float(v: Any) -> float | None:
 
 def replace_dir(tmp: Path, path: Path) -> None:
     """Put the finished folder `tmp` at `path`, replacing what is there with two renames (readers see
-    the old folder or the new one, never a half-written one)."""
+    the old folder or the new one, never a half-written one). A kill between the renames leaves only
+    `.name.old-PID`: `recover_dir` (called here and by readers) renames it back."""
+    recover_dir(path)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -53,6 +55,39 @@ def replace_dir(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _gone(pid: int) -> bool:
+    """Has process `pid` of this host ended? (Another user's live process counts as running.)"""
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+
+
+def recover_dir(path: Path) -> bool:
+    """Undo a kill inside `replace_dir`: with `path` missing, the newest `.name.old-PID` of a dead process
+    goes back to `path`; such leftovers beside an existing `path` are removed. True when restored."""
+    path = Path(path)
+    try:
+        olds = [p for p in path.parent.glob(f".{path.name}.old-*")
+                if p.name.rsplit("-", 1)[-1].isdigit() and _gone(int(p.name.rsplit("-", 1)[-1]))]
+    except OSError:
+        return False
+    olds.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    restored = False
+    if olds and not path.exists() and not path.is_symlink():
+        try:
+            os.replace(olds.pop(0), path)
+            restored = True
+        except OSError:
+            return False
+    for p in olds:
+        shutil.rmtree(p, ignore_errors=True)
+    return restored
 
 
 @contextlib.contextmanager

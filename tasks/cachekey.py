@@ -201,6 +201,9 @@ class KeyParts:
     model_revision: str | None
     code: dict[str, str] = field(default_factory=dict)
     libraries: dict[str, str | None] = field(default_factory=dict)
+    # not in the key: which kind of run of the step this is (the dense or a pruned evaluation), so that a
+    # miss is explained against earlier runs of the same kind only
+    lineage: str | None = None
 
     def key(self) -> str:
         payload = {"step": self.step, "settings": self.settings, "inputs": self.inputs,
@@ -211,7 +214,7 @@ class KeyParts:
         """What the store keeps beside the record (digests only, small)."""
         return {"settings": self.settings, "settings_digest": _h_json(self.settings),
                 "inputs": self.inputs, "model_revision": self.model_revision,
-                "code": self.code, "libraries": self.libraries}
+                "code": self.code, "libraries": self.libraries, "lineage": self.lineage}
 
 
 def _h_json(obj: Any, n: int = 16) -> str:
@@ -249,6 +252,8 @@ def explain_miss(previous: list[dict], new: KeyParts) -> dict:
     artifacts first (the same lineage: dense and pruned evaluations share one step), then the fewest
     differing parts."""
     best, rank = None, None
+    if new.lineage is not None:  # the dense evaluation of a first run is not "the pruned one with a new input"
+        previous = [r for r in previous if r.get("lineage", new.lineage) == new.lineage]
     for rec in previous:
         d = differences(rec, new)
         r = ("input artifact" in d, len(d), sum(map(len, d.values())))

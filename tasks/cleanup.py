@@ -31,8 +31,8 @@ _WATCHED: set[tuple[int, str]] = set()
 
 def reclaim(store_url: str | None = None) -> dict:
     """Clean what dead processes of this host left; returns what was done (for the run log)."""
-    done: dict[str, list] = {"scratch": [], "store": [], "uploads_aborted": [], "flow_runs_crashed": [],
-                             "servers_stopped": []}
+    done: dict[str, list] = {"scratch": [], "store": [], "uploads_aborted": [], "objects_dropped": [],
+                             "flow_runs_crashed": [], "servers_stopped": []}
     for p in journal.dead_scratch():
         shutil.rmtree(p, ignore_errors=True)
         done["scratch"].append(str(p))
@@ -63,6 +63,19 @@ def reap(path: Path, j: dict, done: dict) -> None:
                 log.warning("could not abort the upload of %s (%s)", item["key"], type(e).__name__)
                 still.append(item)
         left["uploads"] = still
+    objects = j.get("objects") or []
+    if objects:  # S3 objects written before a commit marker that never came
+        from .store import open_store
+
+        still = []
+        for item in objects:
+            try:
+                if open_store(item["store"]).drop_uncommitted(item["sha"]):
+                    done.setdefault("objects_dropped", []).append(item["sha"])
+            except Exception as e:  # noqa: BLE001 - the store may be unreachable now: later
+                log.warning("could not delete the uncommitted object %s (%s)", item["sha"][:12], type(e).__name__)
+                still.append(item)
+        left["objects"] = still
     server = j.get("prefect_server") or {}
     runs = j.get("flow_runs") or []
     if runs:
@@ -72,7 +85,7 @@ def reap(path: Path, j: dict, done: dict) -> None:
     if server.get("pid") and _stop_server(int(server["pid"])):
         done["servers_stopped"].append(server["pid"])
     left["prefect_server"] = None
-    if left.get("uploads") or left.get("flow_runs"):
+    if left.get("uploads") or left.get("objects") or left.get("flow_runs"):
         path.write_text(json.dumps(left))
     else:
         path.unlink(missing_ok=True)

@@ -73,13 +73,16 @@ class StepDef:
     `cachekey.BASE_LIBRARIES`."""
 
     def __init__(self, name: str, keyparts: Callable[[dict], tuple[dict, list, str | None]],
-                 code: Callable[[dict], list], libraries: tuple[str, ...] = ()):
+                 code: Callable[[dict], list], libraries: tuple[str, ...] = (),
+                 lineage: Callable[[dict], str | None] | None = None):
         self.name, self.keyparts, self.code, self.libraries = name, keyparts, code, libraries
+        self.lineage = lineage
 
     def parts(self, params: dict) -> KeyParts:
         settings, inputs, rev = self.keyparts(params)
         return KeyParts(self.name, settings, [None if m is None else m["sha256"] for m in inputs], rev,
-                        code=code_parts(*self.code(params)), libraries=library_versions(self.libraries))
+                        code=code_parts(*self.code(params)), libraries=library_versions(self.libraries),
+                        lineage=self.lineage(params) if self.lineage else None)
 
     def key(self, params: dict) -> str:
         return self.parts(params).key()
@@ -88,8 +91,8 @@ class StepDef:
 STEPS: dict[str, StepDef] = {}
 
 
-def define_step(name: str, keyparts, code, libraries: tuple[str, ...] = ()) -> StepDef:
-    STEPS[name] = StepDef(name, keyparts, code, libraries)
+def define_step(name: str, keyparts, code, libraries: tuple[str, ...] = (), lineage=None) -> StepDef:
+    STEPS[name] = StepDef(name, keyparts, code, libraries, lineage)
     return STEPS[name]
 
 
@@ -167,31 +170,53 @@ def run_step(step: str, params: dict, compute: Callable[[], dict]) -> dict:
 
 
 # -- loaded models (one process may run several steps on the same model) ----------------------------
+# key -> (model, tokenizer); and key -> the threads that took it and have not let it go yet. With the
+# threads task runner several steps run at once: a thread's `clear_models` lets go of *its* models only,
+# and a model is dropped once no live thread holds it (never under another thread's feet).
 _MODELS: dict[tuple, tuple] = {}
+_USERS: dict[tuple, set[int]] = {}
 _MODELS_LOCK = threading.RLock()
 
 
 def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: bool = False,
                       placement: str = "device"):
-    """(model, tokenizer) loaded once per process, read-only: one model at a time (the previous one is
-    dropped before the next is read). A step that modifies the model opens its own (`placement.open_model`)."""
+    """(model, tokenizer) loaded once per process, read-only, shared by the threads that ask for it. A
+    thread holds one model at a time (its previous one is let go before the next is read). A step that
+    modifies the model opens its own (`placement.open_model`)."""
     from pruning_core.models import load_model
 
     key = (str(path), dtype, str(device), trust_remote_code, placement)
+    me = threading.get_ident()
     with _MODELS_LOCK:
         if key not in _MODELS:
             clear_models()
             _MODELS[key] = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                       placement=placement)
+        else:  # let go of this thread's other models
+            for k in [k for k, users in _USERS.items() if me in users and k != key]:
+                _release(k, me)
+        _USERS.setdefault(key, set()).add(me)
         return _MODELS[key]
 
 
+def _release(key: tuple, thread: int) -> None:
+    users = _USERS.get(key, set())
+    users.discard(thread)
+    live = {t.ident for t in threading.enumerate()}
+    if not users & live:
+        _MODELS.pop(key, None)
+        _USERS.pop(key, None)
+
+
 def clear_models() -> None:
-    """Drop the cached model and give its memory back before another is read (never two at once)."""
+    """Let go of the models this thread took, and give their memory back once no other (live) thread
+    holds them, before another is read (a thread never holds two at once)."""
     import gc
 
+    me = threading.get_ident()
     with _MODELS_LOCK:
-        _MODELS.clear()
+        for k in list(_MODELS):
+            _release(k, me)
         gc.collect()
     from pruning_core.placement import _trim
 

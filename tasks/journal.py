@@ -111,7 +111,7 @@ def _update(fn, create: bool = True) -> None:
         if not p.exists():
             atexit.register(_drop, p)  # a clean exit leaves nothing to reap
         j = read(p) or {"pid": os.getpid(), "host": host_id(), "started": time.time(),
-                        "flow_runs": [], "uploads": [], "prefect_server": None, "mlflow_runs": []}
+                        "flow_runs": [], "uploads": [], "objects": [], "prefect_server": None, "mlflow_runs": []}
         fn(j)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:6]}"
@@ -141,13 +141,22 @@ def set_server(info: dict | None) -> None:
 
 
 @contextlib.contextmanager
-def uploading(store_url: str, key: str):
-    item = {"store": store_url, "key": key}
-    add("uploads", item)
+def _journaled(field: str, item: dict):
+    add(field, item)
     try:
         yield
     finally:
-        remove("uploads", item)
+        remove(field, item)
+
+
+def uploading(store_url: str, key: str):
+    """An S3 upload in progress: aborted if this process dies meanwhile."""
+    return _journaled("uploads", {"store": store_url, "key": key})
+
+
+def committing(store_url: str, sha: str):
+    """An S3 object being written before its commit marker: collected if this process dies meanwhile."""
+    return _journaled("objects", {"store": store_url, "sha": sha})
 
 
 def dead_journals() -> list[tuple[Path, dict]]:

@@ -589,7 +589,7 @@ def _eval_keyparts(p):
 
 
 define_step("evaluate", _eval_keyparts, lambda p: [_eval_keyparts, evaluate_task],
-            libraries=("lm_eval", "datasets", "peft"))
+            libraries=("lm_eval", "datasets", "peft"), lineage=lambda p: p["target"].get("kind"))
 
 
 @_task("evaluate", gpu=True)

@@ -43,10 +43,28 @@ log = logging.getLogger("pruneflow.store")
 
 CHUNK = 1 << 20
 TMP_PREFIX = ".tmp-"
-S3_TIMEOUT_S = int(os.environ.get("PRUNEFLOW_S3_TIMEOUT", "20"))
+
+
+def env_int(name: str, default: int, least: int = 1) -> int:
+    """An integer setting from the environment; a ConfigError naming the variable otherwise (one line)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = None
+    if v is None or v < least:
+        from pruning_core.errors import ConfigError
+
+        raise ConfigError(name, raw, f"a whole number >= {least}")
+    return v
+
+
+S3_TIMEOUT_S = env_int("PRUNEFLOW_S3_TIMEOUT", 20)
 LOCK_TTL_S = 60.0
 # files larger than one part go up as S3 multipart uploads (parts of at least 5 MiB)
-S3_PART_BYTES = max(5, int(os.environ.get("PRUNEFLOW_S3_PART_MB", "50"))) << 20
+S3_PART_BYTES = max(5, env_int("PRUNEFLOW_S3_PART_MB", 50)) << 20
 
 
 class ArtifactMissing(StorageError):
@@ -272,27 +290,49 @@ class ArtifactStore:
             if self.committed(sha):
                 return man  # the same content is committed already (maybe by another producer): same URI
             if self.remote:
-                copy(self._obj(sha))  # objects first, under the final key ...
-                fault_point(f"commit:{man['kind']}")
-                # ... the marker last; it lists each object's size and ETag, so that a cache check
-                # decides from one LIST without downloading anything
-                marker = {**man, "files": self._listing(sha)}
-                self.fs.pipe_file(self._marker(sha), json.dumps(marker).encode())
+                # a kill before the marker leaves objects no reader uses: the journal names them, so that
+                # the watchdog (or the next run) deletes them (`drop_uncommitted`)
+                with journal.committing(self.url, sha):
+                    copy(self._obj(sha))  # objects first, under the final key ...
+                    fault_point(f"commit:{man['kind']}")
+                    # ... the marker last; it lists each object's size and ETag, so that a cache check
+                    # decides from one LIST without downloading anything
+                    marker = {**man, "files": self._listing(sha)}
+                    self.fs.pipe_file(self._marker(sha), json.dumps(marker).encode())
             else:
                 final = Path(self._obj(sha))
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = final.parent / f"{TMP_PREFIX}{sha[:12]}-{journal.owner_tag()}-{uuid.uuid4().hex[:8]}"
-                copy(str(tmp))
-                fault_point(f"commit:{man['kind']}")
-                if final.exists():  # an uncommitted leftover of a killed writer
-                    shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                _atomic_write(Path(self._marker(sha)), json.dumps(man).encode())
+                try:
+                    copy(str(tmp))
+                    fault_point(f"commit:{man['kind']}")
+                    # rename + marker under the object's lock: an uncommitted `final` seen here is a dead
+                    # writer's leftover, never a live writer's object between its rename and its marker
+                    with self.lock(f"objects-{sha[:2]}"):
+                        if not self.committed(sha):
+                            if final.exists():
+                                shutil.rmtree(final, ignore_errors=True)
+                            os.replace(tmp, final)
+                            _atomic_write(Path(self._marker(sha)), json.dumps(man).encode())
+                finally:
+                    if tmp.exists():  # committed meanwhile by another writer: ours is not needed
+                        shutil.rmtree(tmp, ignore_errors=True)
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e, "write") from e
         return man
+
+    def drop_uncommitted(self, sha: str) -> bool:
+        """Delete the objects of `sha` unless committed (what a writer killed before its marker left on
+        S3); True when something was deleted."""
+        try:
+            if self.committed(sha) or not self.fs.exists(self._obj(sha)):
+                return False
+            self.fs.rm(self._obj(sha), recursive=True)
+            return True
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "clean-up") from e
 
     def _listing(self, sha: str) -> dict[str, list]:
         """{relative path: [size, etag]} of an object's files on S3 (one LIST, no GET)."""
@@ -498,43 +538,91 @@ class ArtifactStore:
         finally:
             os.close(fd)  # releases the flock
 
+    def _lease_put(self, path: str, data: bytes, if_match: str | None) -> str | None:
+        """Write a lease: created only if absent (`if_match` None), else only over the version whose
+        ETag is `if_match` (a compare-and-swap). Its new ETag, or None when the condition failed."""
+        try:
+            if not self.url.startswith("s3://"):  # memory:// (tests): no ETags, create-only
+                if if_match is not None:
+                    self.fs.pipe_file(path, data)
+                else:
+                    self.fs.pipe_file(path, data, mode="create")
+                return "-"
+            bucket, _, key = path.split("://", 1)[1].partition("/")
+            cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
+            return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond).get("ETag", "-")
+        except Exception as e:  # noqa: BLE001
+            if _precondition_failed(e):
+                return None
+            raise self._wrap(e, "lock") from e
+
+    def _lease_get(self, path: str) -> tuple[dict, str | None] | None:
+        """(lease, its ETag) or None when there is none."""
+        try:
+            if not self.url.startswith("s3://"):  # memory:// (tests): no ETags, takeover by overwriting
+                return json.loads(self.fs.cat_file(path)), "-"
+            from fsspec.asyn import sync
+
+            bucket, _, key = path.split("://", 1)[1].partition("/")
+
+            async def get():  # one GET: the content and the ETag of the same version
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+                async with resp["Body"] as body:
+                    return await body.read(), resp.get("ETag")
+
+            data, etag = sync(self.fs.loop, get)
+            return json.loads(data), etag
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return {}, None  # being written: look again
+
     @contextlib.contextmanager
     def _s3_lock(self, name: str, wait_message: str | None):
         path = self._join("locks", f"{name}.json")
         me = f"{journal.owner_tag()}-{uuid.uuid4().hex[:8]}"
         told = False
+
+        def lease() -> bytes:
+            return json.dumps({"owner": me, "expires": time.time() + LOCK_TTL_S}).encode()
+
         while True:
-            lease = json.dumps({"owner": me, "expires": time.time() + LOCK_TTL_S}).encode()
-            try:
-                self.fs.pipe_file(path, lease, mode="create")  # If-None-Match: *
+            etag = self._lease_put(path, lease(), None)  # If-None-Match: *
+            if etag is not None:
                 break
-            except FileExistsError:
-                pass
-            except Exception as e:  # noqa: BLE001
-                if "PreconditionFailed" not in repr(e) and "412" not in str(e):
-                    raise self._wrap(e, "lock") from e
             try:
-                held = json.loads(self.fs.cat_file(path))
-                if held.get("expires", 0) < time.time():
-                    log.warning("lock %s: the holder (%s) stopped renewing it; taking it over", name, held.get("owner"))
-                    self.fs.rm_file(path)
-                    continue
-            except FileNotFoundError:
-                continue
+                got = self._lease_get(path)
             except Exception:  # noqa: BLE001 - a lease being replaced: look again
-                pass
+                got = ({}, None)
+            if got is None:
+                continue  # released meanwhile
+            held, held_etag = got
+            if held.get("expires", float("inf")) < time.time() and held_etag is not None:
+                # take over the expired lease *as it was read* (If-Match its ETag): of several waiters
+                # that saw it expire, exactly one wins; the others find a live lease and wait
+                log.warning("lock %s: the holder (%s) stopped renewing it; taking it over", name, held.get("owner"))
+                etag = self._lease_put(path, lease(), held_etag)
+                if etag is not None:
+                    break
+                continue
             if wait_message and not told:
                 log.info(wait_message)
                 told = True
             time.sleep(1.0)
         stop = threading.Event()
+        mine = {"etag": etag}
 
         def renew():
             while not stop.wait(LOCK_TTL_S / 3):
                 try:
-                    self.fs.pipe_file(path, json.dumps({"owner": me, "expires": time.time() + LOCK_TTL_S}).encode())
+                    new = self._lease_put(path, lease(), mine["etag"])
                 except Exception as e:  # noqa: BLE001
                     log.warning("lock %s: renewing the lease failed (%s)", name, type(e).__name__)
+                    continue
+                if new is None:  # taken over after we failed to renew in time: not ours any more
+                    log.warning("lock %s: the lease was taken over by another run", name)
+                    return
+                mine["etag"] = new
 
         t = threading.Thread(target=renew, daemon=True, name=f"lease-{name[:20]}")
         t.start()
@@ -581,6 +669,12 @@ class ArtifactStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 gone.append(str(tmp))
         return gone
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A conditional S3 write refused (412 PreconditionFailed; s3fs: FileExistsError for If-None-Match)."""
+    return any(isinstance(e, FileExistsError) or "PreconditionFailed" in repr(e) or "pre-condition" in str(e)
+               or "412" in str(e) for e in _chain(exc))
 
 
 def _mtime(entry: dict) -> float:

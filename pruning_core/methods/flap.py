@@ -50,9 +50,9 @@ class FLAPSettings(MethodSettings):
     metric: Literal["wifv", "ifv", "wifn"] = Field("wifv", description="wifv, ifv or wifn")
     structure: Literal["uniform", "al_am"] = Field("uniform", description="uniform (UL-UM) or al_am (global z-score)")
     bias_compensation: bool = Field(True, description="add W[:,S]·mean(x_S) to the o_proj / down_proj bias")
+    # the default kv_group was chosen by measurement (FLAP has no weight update): benchmarks/RESULTS.md, ood-slimgpt
     gqa: Literal["kv_group", "per_group"] = Field("kv_group", description=(
-        "kv_group (whole KV groups; wins out of domain for FLAP, which has no weight update: benchmarks/"
-        "RESULTS.md, ood-slimgpt) or per_group (query heads, the same number in every KV group); "
+        "kv_group (whole KV groups) or per_group (query heads, the same number in every KV group); "
         "al_am pools whole KV groups"))
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
 

@@ -53,13 +53,12 @@ class SlimGPTSettings(MethodSettings):
     compensate: bool = Field(True, description="OBS update of surviving columns (False: zero only, ablation)")
     schedule: Literal[SCHEDULE_NAMES] = Field("log_increase", description=", ".join(SCHEDULE_NAMES))
     r0_fraction: float = Field(0.25, ge=0.0, le=1.0, description="r_0 = r0_fraction · r_last (README: 1/4)")
+    # the defaults of gqa and head_ratio_scale were chosen by measurement: benchmarks/RESULTS.md, ood-slimgpt
     gqa: Literal["kv_group", "per_group"] = Field("per_group", description=(
-        "per_group (query heads, the same number in every KV group; K/V kept) or kv_group (whole KV groups); "
-        "per_group wins out of domain (benchmarks/RESULTS.md, ood-slimgpt)"))
+        "per_group (query heads, the same number in every KV group; K/V kept) or kv_group (whole KV groups)"))
     head_ratio_scale: float = Field(0.75, ge=0.0, le=1.0, description=(
         "heads are removed at this multiple of the layer's ratio (paper: 1; 0: FFN only); the ratios are "
-        "solved so the parameter budget holds either way. 0.75 wins out of domain (benchmarks/RESULTS.md, "
-        "ood-slimgpt: pkgdocs PPL 62.6 against 64.0 at 1, 3 seeds)"))
+        "solved so the parameter budget holds either way"))
     hessian_inputs: Literal["pruned", "dense"] = Field("pruned", description=(
         "pruned (paper, code: each layer's Hessians come from the outputs of the already pruned layers, so "
         "errors are compensated downstream) or dense (every layer sees the dense model's activations)"))
@@ -92,11 +91,9 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
                            uniform_heads=s.servable == "vllm")
     sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
     dev = torch.device(device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
     layers_plan, t0 = [], time.perf_counter()
     losses = []
-    try:
+    with obs.exact_matmul():  # TF32 off for this block only (other threads' blocks counted, obs.py)
         stream = LayerStream(model, adapter, calib_ids, device=dev, batch_size=s.batch_size)
         n_layers = len(adapter.layers(model))
         for step in stream:
@@ -148,8 +145,6 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
             layers_plan.append(lp)
             if progress:
                 progress(i + 1, n_layers)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     plan = PrunePlan(method="slimgpt", settings=s.model_dump(), layers=layers_plan, target_ratio=ratio,
                      per_layer_ratio=[float(r) for r in sched["ratios"]])
     from ..metrics import plan_params

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -71,6 +72,12 @@ def _cases(tmp: Path, tiny: Path) -> list[tuple[list[str], str]]:
     short = tmp / "short.txt"
     short.write_text("Only a few words here.\n")
     m = ["--model", str(tiny)]
+    truncated, garbage = tmp / "truncated", tmp / "garbage"
+    for d in (truncated, garbage):
+        shutil.copytree(tiny, d)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (garbage / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file " * 64)
     return [
         # the spec: values, names, keys, types
         (["run", "--ratio", "1.5"], "ratio"),
@@ -135,6 +142,17 @@ def _cases(tmp: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (["sweep", "--ratios", "a,b"], "--ratios"),
         (["sweep", "--task-runner", "rocket"], "--task-runner"),
         (["report", "no-such-run"], "run"),
+        # issue 23: a run name is one folder inside $PRUNEFLOW_HOME/runs; broken weight files; one target;
+        # promote / rollback of a model that does not exist print their line only
+        (["run", *m, "--name", "../../escape"], "name"),
+        (["run", *m, "--name", "a/b"], "name"),
+        (["run", "--model", str(truncated)], "model.safetensors"),
+        (["run", "--model", str(garbage)], "model.safetensors"),
+        (["plan", "--model", str(truncated)], "model.safetensors"),
+        (["run", *m, "--params", "100k", "--ratio", "0.3"], "params"),
+        (["run", *m, "--params", "100k", "--set", "ratio=0.3"], "params"),
+        (["promote", "no-such-model"], "model"),
+        (["rollback", "no-such-model"], "model"),
     ]
 
 
@@ -165,7 +183,17 @@ def test_forty_plus_bad_inputs_each_one_line_exit_2(tmp_path, tiny_llama_dir, pf
             bad.append((argv, r["rc"], r["err"][-600:], r["out"][-200:]))
     assert not bad, "\n".join(map(str, bad))
     assert not (pf_home / "runs").exists()  # nothing half-written
+    assert not (tmp_path / "escape").exists() and not (pf_home / "escape").exists()  # nothing outside the home
     assert not list((tmp_path / "prefect").rglob("*.db"))  # Prefect's server never started (no database)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "2.5"])
+def test_a_bad_s3_timeout_is_one_line(value, pf_home, tiny_llama_dir):
+    env = {**os.environ, "PRUNEFLOW_HOME": str(pf_home), "HF_HUB_OFFLINE": "1", "PRUNEFLOW_S3_TIMEOUT": value}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--model", str(tiny_llama_dir)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
+    assert r.stderr.startswith("error: PRUNEFLOW_S3_TIMEOUT") and r.stderr.count("\n") == 1, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv", [["run", "--ratio", "abc"], ["run", "--set", "calibration.n_samples=0"],

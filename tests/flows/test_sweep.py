@@ -40,3 +40,19 @@ def test_sweep_on_a_dask_cluster_reuses_the_cache(prefect_harness, tiny_spec, pf
     assert c["score"] == {"miss": 1, "hit": 1}
     assert c["prune"] == {"miss": 4, "hit": 2}
     assert len(second["rows"]) == 6
+
+
+def test_the_sweep_flow_runs_preflight_before_any_step(prefect_harness, tiny_spec, pf_home, tmp_path):
+    """A deployment's sweep has not been through the command line's checks: the flow runs them itself
+    (a missing text, a ratio a depth method cannot reach) before a step is computed."""
+    import pytest
+
+    from flows.sweep import sweep
+    from pruning_core.errors import ConfigError, DataError
+
+    bad = {**tiny_spec, "calibration": {**tiny_spec["calibration"], "source": str(tmp_path / "absent.txt")}}
+    with pytest.raises(DataError, match="calibration.source"):
+        sweep.fn(spec=bad, methods=["wanda"], ratios=[0.2])
+    with pytest.raises(ConfigError, match="ratio"):
+        sweep.fn(spec=tiny_spec, methods=["shortgpt"], ratios=[0.2, 0.9])
+    assert not (pf_home / "artifacts" / "index").exists()  # nothing was computed

@@ -129,6 +129,9 @@ def test_auto_placement_rules():
     assert choose_placement("auto", sizes, gib, cuda, free=(80 * gib, 100 * gib))[0] == "device"
     assert choose_placement("auto", sizes, gib, cuda, free=(10 * gib, 100 * gib))[0] == "offload"
     assert choose_placement("auto", sizes, gib, cuda, free=(10 * gib, 8 * gib))[0] == "disk"
+    # the device check of offload: the rest + one layer + working set (2.5 GiB) must fit the device too
+    place, why = choose_placement("auto", sizes, gib, cuda, free=(2 * gib, 100 * gib))
+    assert place == "disk" and "one layer" in why
     cpu = torch.device("cpu")
     assert choose_placement("auto", sizes, gib, cpu, free=(8 * gib, 8 * gib))[0] == "disk"
     assert choose_placement("offload", sizes, gib, cpu, free=(8 * gib, 8 * gib)) == ("offload", "requested")
