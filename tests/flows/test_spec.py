@@ -44,7 +44,9 @@ def test_recovery_settings_are_validated():
     with pytest.raises(ConfigError, match="recovery.kind"):
         validate({"method": {"name": "wanda"}, "recovery": {"kind": "replacement"}})
     with pytest.raises(ConfigError, match="recovery.kind"):
-        validate({"recovery": {"kind": "distill"}})
+        validate({"recovery": {"kind": "qat"}})
+    d = validate({"seed": 7, "recovery": {"kind": "distill", "settings": {"steps": 3}}}).recovery.settings
+    assert d["steps"] == 3 and d["train"] == "full" and d["seed"] == 7  # the run's seed seeds the training
 
 
 def test_one_rule_for_defaults_no_file_empty_file_and_a_file(tmp_path):
