@@ -23,10 +23,12 @@ from pruning_core.errors import ConfigError, StorageError
 from .common import (
     cache_key_fn_for,
     clear_models,
+    console_is_terminal,
     console_stream,
     define_step,
     load_model_cached,
     progress_enabled,
+    progress_lines,
     retry_condition,
     run_step,
 )
@@ -118,6 +120,8 @@ def _progress(desc: str, total: int, unit: str = "layer"):
     (a float extra, e.g. a training loss, is shown beside it)."""
     if not progress_enabled():
         return None, lambda *a: None
+    if not console_is_terminal():  # a log file: a line per training milestone, no redraws
+        return None, progress_lines(desc, unit)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"  {desc}", unit=unit, leave=False, dynamic_ncols=True, file=console_stream())
