@@ -1,8 +1,9 @@
 """Clean up after killed runs: what `tasks.journal` recorded, and leftovers named after dead owners.
 
 * `reclaim(store_url)` runs at the start of every flow: temporary folders and disk-placement spills of
-  dead processes in `$PRUNEFLOW_SCRATCH`, `$TMPDIR` and in the store, incomplete S3 multipart uploads a dead process had open, its Prefect flow
-  runs (marked Crashed, or Cancelled when a signal stopped it: `tasks.signals`) and its orphaned temporary Prefect server (stopped).
+  dead processes in `$PRUNEFLOW_SCRATCH`, `$TMPDIR` and in the stores they wrote to, incomplete S3
+  multipart uploads a dead process had open, its Prefect flow runs (marked Crashed, or Cancelled when
+  a signal stopped it: `tasks.signals`) and its orphaned temporary Prefect server (stopped).
 * `start_watchdog()` starts, once per process and home, a small detached process that waits for this
   one to end and then does the same for it at once — while its temporary Prefect server may still be
   up to record the crash. Whatever the watchdog could not do, the next run's `reclaim` does.

@@ -2,8 +2,9 @@
 
 Each process that runs a flow keeps `$PRUNEFLOW_HOME/proc/<owner>.json`: the Prefect flow runs it is
 executing, the pid of the temporary Prefect server it started, the stores it writes to, the S3 keys it
-is uploading, and the signal that stopped it (`tasks.signals`). A clean exit empties it. When the process dies (SIGKILL, OOM killer), its watchdog, or else the next
-run, reads it and cleans up (`tasks.cleanup`). Temporary files and folders carry the owner's tag in
+is uploading, and the signal that stopped it (`tasks.signals`). A clean exit empties it. When the
+process dies (SIGKILL, OOM killer, a signal), its watchdog, or else the next run, reads it and cleans
+up (`tasks.cleanup`). Temporary files and folders carry the owner's tag in
 their names (`<pid>.<host digest>`), so a leftover can be told apart from a live writer's: scratch
 folders `pruneflow-<tag>-*` and disk-placement spills `pruneflow-spill-<tag>-*` (named by
 `pruning_core.placement`) in `$PRUNEFLOW_SCRATCH` and `$TMPDIR`, store temporaries `.tmp-<sha>-<tag>-*`.

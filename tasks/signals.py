@@ -74,7 +74,8 @@ def _on_signal(signum, frame) -> None:
     _EXITING[0] = True
     name = signal.Signals(signum).name
     verb = "interrupted" if signum == signal.SIGINT else "terminated"
-    _say(f"{verb} ({name}): run stopped; a rerun reuses the steps that finished")
+    began = journal.journal_path().exists()  # a flow has begun: its finished steps are in the store
+    _say(f"{verb} ({name}): stopped" + ("; a rerun reuses the steps that finished" if began else ""))
     try:
         runs = _current_flow_run()
         t = threading.Thread(target=_record_and_cancel, args=(name, runs), daemon=True)

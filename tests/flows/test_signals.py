@@ -36,12 +36,19 @@ def _env(home: Path, tmp: Path, **extra) -> dict:
     return env
 
 
+def _background_job() -> None:
+    """Start as a shell starts `pruneflow run … &` in a script: SIGINT ignored. Python then leaves it
+    ignored (no KeyboardInterrupt): how the issue saw Ctrl-C / `kill -INT` do nothing, twice."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _start(spec: dict, tmp: Path, env: dict, log: Path) -> subprocess.Popen:
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--quiet"], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_background_job)
 
 
 def _wait_for(cond, proc: subprocess.Popen, log: Path, what: str, limit: float = 600):
