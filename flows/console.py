@@ -29,13 +29,6 @@ def enabled() -> bool:
     return os.environ.get("PRUNEFLOW_CONSOLE") == "1" and os.environ.get("PRUNEFLOW_QUIET") not in ("1", "true")
 
 
-def is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
 class _Ticker:
     """Refresh a bar twice a second so that its elapsed time moves while the step works."""
 
@@ -105,9 +98,9 @@ class StepBars:
             return
         from tqdm.auto import tqdm
 
-        from tasks.common import console_stream
+        from tasks.common import console_is_terminal, console_stream
 
-        if not is_terminal(console_stream()):
+        if not console_is_terminal():
             with self._line(name) as done:
                 yield done
             return
