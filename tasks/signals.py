@@ -106,8 +106,10 @@ def _record_and_cancel(reason: str, runs: list[str]) -> None:
 
         j = journal.read(journal.journal_path())
         runs = list(dict.fromkeys([*(j.get("flow_runs") or []), *runs]))
+        if not runs:  # start-up: no flow run yet (and no import of Prefect here: the main thread may hold its lock)
+            return
         server = j.get("prefect_server") or cleanup.temporary_server() or {}
-        if runs and server.get("api_url"):
+        if server.get("api_url"):
             for rid in cleanup.mark_ended(runs, server["api_url"], cancelled=True, fallback=False):
                 journal.remove("flow_runs", rid)
     except Exception:  # noqa: BLE001 - the watchdog (or the next run) does what this could not
