@@ -1,6 +1,7 @@
-"""SIGKILL a real `pruneflow run` mid-prune and mid-upload, rerun it, and count what is left behind.
+"""Kill or signal a real `pruneflow run` mid-prune and mid-upload, rerun it, and count what is left behind.
 
-    .venv/bin/python benchmarks/bench_kill.py            # both scenarios, prints one table
+    .venv/bin/python benchmarks/bench_kill.py                   # prune and upload, prints one table
+    .venv/bin/python benchmarks/bench_kill.py sigint spill      # any of: prune upload sigint sigterm spill
 
 Each scenario: a fresh PRUNEFLOW_HOME / PREFECT_HOME / TMPDIR, a random Llama (hidden 256, 4 layers,
 ~33 MB of fp32 weights, so that its checkpoint goes up to S3 as a multipart upload of 5 MiB parts),
@@ -13,6 +14,10 @@ living Prefect servers started by the killed run, and Prefect flow runs by state
 * prune: a local store; killed at the checkpoint's commit (fault point), after its files are written.
 * upload: an S3 store (moto on 127.0.0.1); killed as soon as moto logs the checkpoint's
   CreateMultipartUpload, while its parts are going up.
+* sigint / sigterm: as prune, but SIGINT (started as a background job: SIGINT ignored at start) or
+  SIGTERM instead of SIGKILL; the run's exit code is shown.
+* spill: SlimGPT under `model.placement: disk` with $PRUNEFLOW_SCRATCH set, SIGKILL after its last
+  layer, while the layers it rewrote are spilled.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def _count(root: Path, env: dict, s3: dict | None, servers: list[int]) -> dict:
     out = {
         "store .tmp-*": len(list((home / "artifacts" / "objects").glob("*/.tmp-*"))),
         "$TMPDIR pruneflow-*": len(list(tmp.glob("pruneflow-*"))),
+        "$PRUNEFLOW_SCRATCH": len(list((root / "scratch").glob("*"))),
         "journals": len(list((home / "proc").glob("*.json"))),
         "servers alive": sum(_alive(p) for p in servers),
         "multipart open": "-",
@@ -128,18 +134,24 @@ def scenario(kind: str) -> list[dict]:
         s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3["AWS_ENDPOINT_URL"]},
                           skip_instance_cache=True).mkdir("kill")
     store = "s3://kill/pf" if s3 else str(root / "home" / "artifacts")
-    spec = {"name": f"kill-{kind}", "model": {"ref": str(model)}, "method": {"name": "wanda"}, "ratio": 0.3,
+    spill = kind == "spill"
+    spec = {"name": f"kill-{kind}", "model": {"ref": str(model), "placement": "disk" if spill else "auto"},
+            "method": {"name": "slimgpt" if spill else "wanda"}, "ratio": 0.3,
             "calibration": {"n_samples": 4, "seq_len": 32}, "evaluation": {"ppl_seq_len": 32, "ppl_windows": 2},
             "store": {"url": store}, "tracking": {"enabled": False}, "device": "cpu"}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "-m", "flows.cli", "run", str(root / "spec.yaml"), "--quiet"]
-    env = _env(root, s3 or {})
+    (root / "scratch").mkdir()
+    env = _env(root, {**(s3 or {}), "PRUNEFLOW_SCRATCH": str(root / "scratch")})
     fault = root / "fault"
-    extra = {"PRUNEFLOW_FAULT": "commit:checkpoint", "PRUNEFLOW_FAULT_FILE": str(fault)} if kind == "prune" else {}
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    point = {"upload": None, "spill": "progress:slimgpt:4"}.get(kind, "commit:checkpoint")
+    extra = {"PRUNEFLOW_FAULT": point, "PRUNEFLOW_FAULT_FILE": str(fault)} if point else {}
+    sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}.get(kind, signal.SIGKILL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     t0 = time.time()
     while True:
-        if kind == "prune" and fault.exists():
+        if point and fault.exists():
             break
         if kind == "upload" and re.search(r'"POST /kill/pf/objects/\S+model\.safetensors\?uploads',
                                           (root / "moto.log").read_text(errors="replace")):
@@ -149,12 +161,13 @@ def scenario(kind: str) -> list[dict]:
         time.sleep(0.05)
     jf = next((root / "home" / "proc").glob(f"{proc.pid}.*.json"))
     servers = [json.loads(jf.read_text())["prefect_server"]["pid"]]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    rc = proc.wait()
     t_kill = time.time()
     while jf.exists() and time.time() - t_kill < 120:  # the watchdog's turn: it drops the journal when done
         time.sleep(0.5)
-    rows = [{"scenario": kind, "when": f"after SIGKILL (watchdog done in {time.time() - t_kill:.0f} s)",
+    rows = [{"scenario": kind, "when": f"after {signal.Signals(sig).name} (rc {rc}; watchdog done in "
+                                       f"{time.time() - t_kill:.0f} s)",
              **_count(root, env, s3, servers)}]
     t1 = time.time()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)

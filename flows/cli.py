@@ -26,6 +26,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def _env(quiet: bool) -> None:
     """Set before Prefect is imported: its home, ephemeral-server patience, verbosity."""
     os.environ.setdefault("PREFECT_HOME", str(_home() / "prefect"))
+    prefect_home = Path(os.environ["PREFECT_HOME"]).expanduser()
+    try:  # Prefect's server makes only the last folder: in a fresh $PRUNEFLOW_HOME it restarted forever
+        prefect_home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"PREFECT_HOME: got {str(prefect_home)!r}; accepted: a folder that can be created ({e.strerror})")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -311,6 +316,11 @@ def plan(
         typer.echo(f"placement {res['placement']} ({res['placement_reason']}), dtype {res['dtype']}")
         typer.echo(table(["step", "peak device GiB (est.)", "peak host GiB (est.)"],
                          [[k, f"{v['device'] / gib:.2f}", f"{v['host'] / gib:.2f}"] for k, v in res["memory"].items()]))
+    if "disk" in res:
+        gib, d = 2**30, res["disk"]
+        typer.echo(table(["disk (est.)", "GiB", "in", "free GiB"],
+                         [[k, f"{v['bytes'] / gib:.2f}", v["path"], f"{d['free'][v['path']] / gib:.1f}"]
+                          for k, v in d["places"].items()]))
 
 
 def _read_report(c: Path) -> dict:
@@ -526,6 +536,9 @@ def _usage_line(e) -> str:
 
 
 def main() -> None:
+    from tasks.signals import install
+
+    install()  # SIGINT / SIGTERM: one line, children stopped, exit 130 / 143 (before any child exists)
     try:
         rv = app(standalone_mode=False)
     except PruneflowError as e:  # raised outside a command body (e.g. while parsing)

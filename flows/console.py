@@ -6,6 +6,10 @@ method's pruning, replacement training — adds its own per-layer / per-step bar
 the libraries' records do not reach the console: they go to the run's log file (`_RunLog` in
 `flows/compress.py`). Bars go to stderr; the summary (`flows/cli.py`) to stdout.
 
+When stderr is not a terminal (`pruneflow run > log 2>&1`, CI), nothing is redrawn: each finished
+step prints one line, the same one a bar ends as, and training prints a line per quarter of its steps
+(`tasks.common.progress_lines`) — no carriage returns, as pip and Prefect do.
+
 On only when the command line asks for it (`PRUNEFLOW_CONSOLE=1`, set by `pruneflow run`/`sweep`)
 and not `--quiet`; flows run from Python or by a Prefect worker keep their usual logging.
 """
@@ -94,8 +98,12 @@ class StepBars:
             return
         from tqdm.auto import tqdm
 
-        from tasks.common import console_stream
+        from tasks.common import console_is_terminal, console_stream
 
+        if not console_is_terminal():
+            with self._line(name) as done:
+                yield done
+            return
         bar = tqdm(total=None, desc=f"  {name:<{self.width}}", bar_format="{desc} {elapsed}", leave=True,
                    file=console_stream(), position=0, dynamic_ncols=True)
         ticker = _Ticker(bar)
@@ -119,6 +127,22 @@ class StepBars:
                 bar.leave = False
             bar.close()
 
+    @contextmanager
+    def _line(self, name: str):
+        """A step on a stream that is not a terminal: one line once it has finished, nothing before."""
+        import time
+
+        from tqdm import tqdm
+
+        from tasks.common import console_stream
+
+        t0, outcome = time.monotonic(), {"status": ""}
+        with _stray_output_to_log():
+            yield lambda status="": outcome.__setitem__("status", status)
+        line = f"✓ {name:<{self.width}} {outcome['status']:<8} {tqdm.format_interval(time.monotonic() - t0)}"
+        stream = console_stream()
+        stream.write(line.rstrip() + "\n")
+        stream.flush()
 
     def begin(self, name: str) -> None:
         """A bar for work outside any step (Prefect's server starting), ended by `settle`."""

@@ -6,15 +6,23 @@ method's own selection is run on random scores; coupled methods give their kept 
 `Method.sizes` (SlimGPT's solved schedule, FLAP's uniform structure); the others fall back to the same
 uniform rule `select.plan_from_scores` applies, marked as an estimate.
 
+Disk: what the run writes, per place — spills of modified layers under `disk` placement
+($PRUNEFLOW_SCRATCH, else $TMPDIR), the checkpoint staged in $TMPDIR, the checkpoints and statistics
+the store keeps (an S3 store: its local download cache) — against the free space of each filesystem;
+a one-line ConfigError when one cannot hold its share.
+
 Servability: whether vLLM's per-layer format can hold the sizes (one query-head count for every layer),
 and with `servable: vllm` the layers whose sizes the constraint changes against the same method without it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pruning_core import hfload
+from pruning_core.errors import ConfigError
 
 from .spec import RunSpec
 
@@ -27,8 +35,6 @@ def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None 
     path = resolve_model_path(ref, revision)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if getattr(config, "pruneflow_layers", None):
-        from pruning_core.errors import ConfigError
-
         raise ConfigError("model.ref", ref, "a uniform model for the dry run (this checkpoint has per-layer sizes)")
     with torch.device("meta"):
         model = hfload.from_config(AutoModelForCausalLM, config, trust_remote_code=trust_remote_code)
@@ -122,7 +128,8 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
     }
     span = meth.cosine_span(model, adapter, [spec.ratio], settings) if meth.cosine_span is not None else None
     memory = memory_plan(spec, model.config, meth, cosine_span=span)
-    return {"model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
+    disk = disk_plan(spec, model.config, meth, memory["placement"], plan.params_after)
+    return {"disk": disk, "model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
             "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after],
             **distill_plan(spec, model.config),
             "servable": {**servable_check(rows), "constraint": settings.servable, "changes": constraint}, **memory}
@@ -170,3 +177,61 @@ def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None
     check_fits(steps, free, placement, cuda=dev.type == "cuda")
     return {"placement": placement, "placement_reason": why, "dtype": str(dt).removeprefix("torch."),
             "memory": steps, "free_memory": {"device": free[0], "host": free[1]}}
+
+
+def _free_bytes(path: Path) -> tuple[int, int]:
+    """(filesystem id, free bytes) of the filesystem that holds `path` (or would: its nearest existing folder)."""
+    import os
+    import shutil
+
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.stat(p).st_dev, shutil.disk_usage(p).free
+
+
+def disk_plan(spec: RunSpec, config, meth, placement: str, params_after: int) -> dict:
+    """{"places": {spill|scratch|store: {"path", "bytes"}}, "free": {path: bytes}}: the disk a run of
+    `spec` writes (an upper bound: a fully cached rerun writes nothing); a one-line ConfigError when
+    a filesystem cannot hold what goes to it."""
+    import os
+    import tempfile
+
+    from pruning_core.models import resolve_device
+    from pruning_core.placement import param_bytes, resolve_dtype, stats_bytes
+    from tasks.store import default_store_url, open_store
+
+    dt = resolve_dtype(spec.model.dtype, config, resolve_device(spec.device))
+    sizes = param_bytes(config, dt)
+    el = torch.tensor([], dtype=dt).element_size()
+    ckpt = int(params_after) * el
+    n_ckpt = 1 + (spec.recovery.kind != "none") + (spec.export.format != "none")
+    modifies = bool(meth.coupled) or spec.recovery.kind != "none"  # layers written back while on disk
+    url = spec.store.url or default_store_url()
+    store = open_store(url)
+    store_path = Path(store.cache if store.remote else store.root)  # S3: its local download cache
+    tmp = Path(tempfile.gettempdir())
+    places = {
+        "spill": {"path": Path(os.environ.get("PRUNEFLOW_SCRATCH") or tmp),
+                  "bytes": sizes["layers"] if placement == "disk" and modifies else 0},
+        "scratch": {"path": tmp, "bytes": ckpt},
+        "store": {"path": store_path, "bytes": n_ckpt * ckpt + (0 if meth.coupled else stats_bytes(config, meth))},
+    }
+    fs = {k: _free_bytes(v["path"]) for k, v in places.items()}
+    if not store.remote and fs["scratch"][0] == fs["store"][0]:
+        places["scratch"]["bytes"] = 0  # the staged checkpoint becomes the store's object by a rename
+    gib = 2**30
+    for dev, free in {d: f for d, f in fs.values()}.items():
+        on = [k for k in ("store", "spill", "scratch") if fs[k][0] == dev]
+        need = sum(places[k]["bytes"] for k in on)
+        if need > free:
+            first = on[0]
+            field = {"store": "store.url", "spill": "PRUNEFLOW_SCRATCH" if os.environ.get("PRUNEFLOW_SCRATCH")
+                     else "TMPDIR", "scratch": "TMPDIR"}[first]
+            parts = " + ".join(f"{k} {places[k]['bytes'] / gib:.1f}" for k in on)
+            raise ConfigError(field, str(places[first]["path"]),
+                              f"a disk with room for the run: it writes ~{need / gib:.1f} GiB there ({parts} GiB), "
+                              f"{free / gib:.1f} GiB are free (point PRUNEFLOW_SCRATCH, TMPDIR or store.url "
+                              "at a larger disk)")
+    return {"places": {k: {"path": str(v["path"]), "bytes": v["bytes"]} for k, v in places.items()},
+            "free": {str(places[k]["path"]): fs[k][1] for k in places}}

@@ -6,7 +6,9 @@
 * `disk`    — everything but the decoder layers on the device; a decoder layer's parameters stay in
   the checkpoint's safetensors files (the module holds `meta` tensors of the right shapes) and are
   read when the layer runs and dropped after. A layer a method modifies is spilled to a scratch
-  safetensors file when it is released, and read back from there.
+  safetensors file when it is released, and read back from there. Spills live in a folder
+  `pruneflow-spill-<pid>.<host digest>-*` in `$PRUNEFLOW_SCRATCH` (else `$TMPDIR`), removed when the
+  model goes; the tag in its name lets a cleaner tell a killed process's spill from a live one's.
 * `auto`    — `device` when the model plus the step's working set fit the free device memory, else
   `offload` when they fit host memory, else `disk` (`choose_placement` says which and why).
 
@@ -113,12 +115,19 @@ class TensorFiles:
 
         if self.spill_dir is None:
             base = os.environ.get("PRUNEFLOW_SCRATCH") or None
-            self.spill_dir = Path(tempfile.mkdtemp(prefix="pruneflow-spill-", dir=base))
+            self.spill_dir = Path(tempfile.mkdtemp(prefix=f"pruneflow-spill-{owner_tag()}-", dir=base))
             weakref.finalize(self, shutil.rmtree, str(self.spill_dir), True)
         f = self.spill_dir / f"spill-{len(list(self.spill_dir.iterdir())):05d}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(f))
         for k in tensors:
             self.where[k] = f
+
+
+def owner_tag() -> str:
+    """`<pid>.<host digest>`: the owner tag of a spill's name, the one `tasks.journal.owner_tag` gives."""
+    import socket
+
+    return f"{os.getpid()}.{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -715,6 +724,15 @@ def finish_checkpoint(model, tokenizer, plan, stock: bool, tmp: Path, path: Path
 PROCESS_BASE = 900 * 2**20  # python + torch + transformers + prefect in one process (measured on CPU)
 
 
+def stats_bytes(config, method) -> int:
+    """Bytes of the capture statistics `method` asks for (fp32): norm vectors, Gram matrices."""
+    h = int(config.hidden_size)
+    ffn = int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * h))
+    n_layers = int(config.num_hidden_layers)
+    needs = set(getattr(method, "needs", ()) or ())
+    return n_layers * ((4 * h + 3 * ffn) + h * h * ("attn_gram" in needs) + ffn * ffn * ("mlp_gram" in needs)) * 4
+
+
 def estimate_steps(config, dtype: torch.dtype, placement: str, device: torch.device, method,
                    n_samples: int, seq_len: int, batch_size: int, eval_seq_len: int, eval_batch: int,
                    cosine_span: int | None = None) -> dict[str, dict]:
@@ -734,11 +752,7 @@ def estimate_steps(config, dtype: torch.dtype, placement: str, device: torch.dev
     bt = min(batch_size, n_samples) * seq_len
     work = bt * (3 * ffn + 4 * h) * 4 + min(batch_size, n_samples) * heads * seq_len * seq_len * 4
     needs = set(getattr(method, "needs", ()) or ())
-    stats = n_layers * (4 * h + 3 * ffn) * 4
-    if "attn_gram" in needs:
-        stats += n_layers * h * h * 4
-    if "mlp_gram" in needs:
-        stats += n_layers * ffn * ffn * 4
+    stats = stats_bytes(config, method)
     cos_host = 0
     if "cosine" in needs or getattr(method, "name", "") in ("llm-streamline", "shortgpt"):
         span = n_layers if cosine_span is None else cosine_span

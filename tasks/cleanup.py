@@ -1,8 +1,9 @@
 """Clean up after killed runs: what `tasks.journal` recorded, and leftovers named after dead owners.
 
-* `reclaim(store_url)` runs at the start of every flow: temporary folders of dead processes in
-  `$TMPDIR` and in the store, incomplete S3 multipart uploads a dead process had open, its Prefect flow
-  runs (marked Crashed) and its orphaned temporary Prefect server (stopped).
+* `reclaim(store_url)` runs at the start of every flow: temporary folders and disk-placement spills of
+  dead processes in `$PRUNEFLOW_SCRATCH`, `$TMPDIR` and in the stores they wrote to, incomplete S3
+  multipart uploads a dead process had open, its Prefect flow runs (marked Crashed, or Cancelled when
+  a signal stopped it: `tasks.signals`) and its orphaned temporary Prefect server (stopped).
 * `start_watchdog()` starts, once per process and home, a small detached process that waits for this
   one to end and then does the same for it at once — while its temporary Prefect server may still be
   up to record the crash. Whatever the watchdog could not do, the next run's `reclaim` does.
@@ -76,10 +77,17 @@ def reap(path: Path, j: dict, done: dict) -> None:
                 log.warning("could not delete the uncommitted object %s (%s)", item["sha"][:12], type(e).__name__)
                 still.append(item)
         left["objects"] = still
+    for url in j.get("stores") or []:  # the dead writer's store temporaries (a local store's `.tmp-*`)
+        try:
+            from .store import open_store
+
+            done.setdefault("store", []).extend(open_store(url).reclaim())
+        except Exception as e:  # noqa: BLE001 - an unreachable store: the next run reclaims it
+            log.warning("could not reclaim the store %s (%s)", url, type(e).__name__)
     server = j.get("prefect_server") or {}
     runs = j.get("flow_runs") or []
     if runs:
-        crashed = _mark_crashed(runs, server.get("api_url"))
+        crashed = mark_ended(runs, server.get("api_url"), cancelled=bool(j.get("stopped_by")))
         done["flow_runs_crashed"].extend(crashed)
         left["flow_runs"] = [r for r in runs if r not in crashed]
     if server.get("pid") and _stop_server(int(server["pid"])):
@@ -91,17 +99,22 @@ def reap(path: Path, j: dict, done: dict) -> None:
         path.unlink(missing_ok=True)
 
 
-def _mark_crashed(run_ids: list[str], api_url: str | None) -> list[str]:
-    """Set the flow runs Crashed through the given API (the dead run's own server, if it is still up),
-    else through the API this process uses. Returns the ids that were marked."""
+def mark_ended(run_ids: list[str], api_url: str | None, cancelled: bool = False,
+               fallback: bool = True) -> list[str]:
+    """Set the flow runs Crashed (Cancelled: stopped by a signal) through the given API (the dead run's
+    own server, if it is still up), else (`fallback`) through the API this process uses. Returns the ids
+    that were marked."""
     try:
         from prefect.client.orchestration import get_client
-        from prefect.states import Crashed
+        from prefect.states import Cancelled, Crashed
     except ImportError:
         return []
+    end = (lambda: Cancelled(message="stopped by a signal")) if cancelled else \
+        (lambda: Crashed(message="the process running it was killed"))
     marked = []
     urls = [api_url] if api_url and _answers(api_url) else []
-    urls.append(None)
+    if fallback:
+        urls.append(None)
     for url in urls:
         try:
             if url:
@@ -118,8 +131,7 @@ def _mark_crashed(run_ids: list[str], api_url: str | None) -> list[str]:
                         continue
                     fr = client.read_flow_run(rid)
                     if fr.state is not None and not fr.state.is_final():
-                        client.set_flow_run_state(rid, Crashed(message="the process running it was killed"),
-                                                  force=True)
+                        client.set_flow_run_state(rid, end(), force=True)
                     marked.append(rid)
             break
         except Exception as e:  # noqa: BLE001 - no API reachable now: the next run marks them
@@ -169,10 +181,15 @@ def begin_flow(store_url: str | None) -> str | None:
         pass
     if rid:
         journal.add("flow_runs", str(rid))
-    server = _temporary_server()
+    if store_url:
+        journal.add_once("stores", store_url)
+    server = temporary_server()
     if server:
         journal.set_server(server)
     start_watchdog()
+    from . import signals
+
+    signals.rearm()  # Prefect's flow engine replaced the command line's SIGTERM handler
     return rid
 
 
@@ -181,7 +198,7 @@ def flow_ended(flow, flow_run, state) -> None:
     journal.remove("flow_runs", str(flow_run.id))
 
 
-def _temporary_server() -> dict | None:
+def temporary_server() -> dict | None:
     """The temporary Prefect server this process started (ephemeral mode), if any."""
     try:
         from prefect.server.api.server import SubprocessASGIServer
@@ -203,22 +220,25 @@ def start_watchdog() -> None:
     env = {**os.environ, "PRUNEFLOW_HOME": home}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.Popen([sys.executable, "-m", "tasks.cleanup", "watch", str(os.getpid()), home], env=env, cwd=root,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.cleanup", "watch", str(os.getpid()), home], env=env,
+                            cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    from .signals import KEEP
+
+    KEEP.add(proc.pid)  # a signal stops this process's children, never its watchdog
 
 
 def watch(pid: int) -> None:
     while journal.pid_alive(pid):
         time.sleep(1.0)
-    # scratch first: the journal goes last, so its disappearance means everything is done
+    # scratch and spills first: the journal goes last, so its disappearance means everything is done
     for p in journal.dead_scratch():
         if journal.owner_tag(pid) in p.name:
             shutil.rmtree(p, ignore_errors=True)
     path = journal.journal_dir() / f"{journal.owner_tag(pid)}.json"
     dead = [p for p in journal.journal_dir().glob("*.json") if p == path]
     for p in dead:
-        reap(p, journal.read(p), {"uploads_aborted": [], "flow_runs_crashed": [], "servers_stopped": []})
+        reap(p, journal.read(p), {"store": [], "uploads_aborted": [], "flow_runs_crashed": [], "servers_stopped": []})
 
 
 if __name__ == "__main__":  # python -m tasks.cleanup watch PID HOME

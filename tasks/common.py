@@ -236,3 +236,31 @@ def console_stream():
     import sys
 
     return CONSOLE_STREAM[0] or sys.stderr
+
+
+def console_is_terminal() -> bool:
+    try:
+        return bool(console_stream().isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def progress_lines(desc: str, unit: str = "layer", parts: int = 4):
+    """The callback `cb(done, total, *extra)` of a progress bar when the console is not a terminal:
+    nothing redrawn. Training (`unit="step"`) prints a line at each quarter of its steps
+    (`  lora: step 50/200  loss 2.31`); layer-wise work prints nothing (its step's line follows)."""
+    printed: set[int] = set()
+
+    def cb(done, total=None, *extra):
+        if unit != "step" or not total:
+            return
+        q = done * parts // total
+        if q < 1 or q in printed:
+            return
+        printed.add(q)
+        loss = f"  loss {extra[0]:.4g}" if extra and isinstance(extra[0], float) else ""
+        stream = console_stream()
+        stream.write(f"  {desc.strip()}: {unit} {done}/{total}{loss}\n")
+        stream.flush()
+
+    return cb

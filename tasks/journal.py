@@ -1,10 +1,13 @@
 """A per-process journal of what a run would leave behind if it were killed, and who owns a leftover.
 
 Each process that runs a flow keeps `$PRUNEFLOW_HOME/proc/<owner>.json`: the Prefect flow runs it is
-executing, the pid of the temporary Prefect server it started, and the S3 keys it is uploading. A
-clean exit empties it. When the process dies (SIGKILL, OOM killer), its watchdog, or else the next
-run, reads it and cleans up (`tasks.cleanup`). Temporary files and folders carry the owner's tag in
-their names (`<pid>.<host digest>`), so a leftover can be told apart from a live writer's.
+executing, the pid of the temporary Prefect server it started, the stores it writes to, the S3 keys it
+is uploading, and the signal that stopped it (`tasks.signals`). A clean exit empties it. When the
+process dies (SIGKILL, OOM killer, a signal), its watchdog, or else the next run, reads it and cleans
+up (`tasks.cleanup`). Temporary files and folders carry the owner's tag in
+their names (`<pid>.<host digest>`), so a leftover can be told apart from a live writer's: scratch
+folders `pruneflow-<tag>-*` and disk-placement spills `pruneflow-spill-<tag>-*` (named by
+`pruning_core.placement`) in `$PRUNEFLOW_SCRATCH` and `$TMPDIR`, store temporaries `.tmp-<sha>-<tag>-*`.
 
 Standard library only: the watchdog imports this module and nothing heavy.
 """
@@ -78,11 +81,24 @@ def scratch_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{owner_tag()}-")
 
 
+def scratch_roots() -> list[Path]:
+    """Where scratch folders and spills are made: `$PRUNEFLOW_SCRATCH` (spills) and `$TMPDIR`."""
+    roots = [Path(os.environ["PRUNEFLOW_SCRATCH"])] if os.environ.get("PRUNEFLOW_SCRATCH") else []
+    tmp = Path(tempfile.gettempdir())
+    return roots + [tmp] if tmp not in roots else roots
+
+
 def dead_scratch() -> list[Path]:
+    """Scratch folders and spills whose owner is gone (an untagged spill of an older release: after a day)."""
     out = []
-    for p in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
-        if _TAG.match(p.name.removeprefix(SCRATCH_PREFIX)) and owner_is_dead(p.name, p):
-            out.append(p)
+    for root in scratch_roots():
+        for p in root.glob(f"{SCRATCH_PREFIX}*"):
+            rest = p.name.removeprefix(SCRATCH_PREFIX)
+            if _TAG.match(rest.removeprefix("spill-")):
+                if owner_is_dead(p.name, p):
+                    out.append(p)
+            elif rest.startswith("spill-") and p.is_dir() and time.time() - p.stat().st_mtime > STALE_S:
+                out.append(p)
     return out
 
 
@@ -91,7 +107,7 @@ def journal_dir() -> Path:
     return pruneflow_home() / "proc"
 
 
-def _path(tag: str | None = None) -> Path:
+def journal_path(tag: str | None = None) -> Path:
     return journal_dir() / f"{tag or owner_tag()}.json"
 
 
@@ -105,13 +121,14 @@ def read(path: Path) -> dict:
 def _update(fn, create: bool = True) -> None:
     """Apply `fn(journal dict)` to this process's journal and write it back atomically."""
     with _lock:
-        p = _path()
+        p = journal_path()
         if not create and not p.exists():
             return
         if not p.exists():
             atexit.register(_drop, p)  # a clean exit leaves nothing to reap
         j = read(p) or {"pid": os.getpid(), "host": host_id(), "started": time.time(),
-                        "flow_runs": [], "uploads": [], "objects": [], "prefect_server": None, "mlflow_runs": []}
+                        "flow_runs": [], "uploads": [], "objects": [], "prefect_server": None, "mlflow_runs": [],
+                        "stores": []}
         fn(j)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:6]}"
@@ -121,6 +138,15 @@ def _update(fn, create: bool = True) -> None:
 
 def add(field: str, item) -> None:
     _update(lambda j: j.setdefault(field, []).append(item))
+
+
+def add_once(field: str, item) -> None:
+    _update(lambda j: None if item in j.setdefault(field, []) else j[field].append(item))
+
+
+def note(field: str, value) -> None:
+    """Set `field` of this process's journal, if it has one."""
+    _update(lambda j: j.__setitem__(field, value), create=False)
 
 
 def remove(field: str, item) -> None:

@@ -23,15 +23,17 @@ from pruning_core.errors import ConfigError, StorageError
 from .common import (
     cache_key_fn_for,
     clear_models,
+    console_is_terminal,
     console_stream,
     define_step,
     load_model_cached,
     progress_enabled,
+    progress_lines,
     retry_condition,
     run_step,
 )
 from .journal import scratch_dir
-from .store import open_store
+from .store import fault_point, open_store
 
 log = logging.getLogger("pruneflow.tasks")
 
@@ -115,9 +117,22 @@ def _load_tensors(man: dict, ctx: dict) -> dict:
 
 def _progress(desc: str, total: int, unit: str = "layer"):
     """A transient tqdm bar under the step's own bar and its callback `cb(done, total, *extra)`
-    (a float extra, e.g. a training loss, is shown beside it)."""
+    (a float extra, e.g. a training loss, is shown beside it). Crash tests can hold the step after
+    unit `done` with PRUNEFLOW_FAULT=progress:<desc>:<done> (`store.fault_point`)."""
+    bar, cb = _progress_bar(desc, total, unit)
+
+    def cb_or_fault(done, *rest):
+        cb(done, *rest)
+        fault_point(f"progress:{desc}:{done}")
+
+    return bar, cb_or_fault
+
+
+def _progress_bar(desc: str, total: int, unit: str):
     if not progress_enabled():
         return None, lambda *a: None
+    if not console_is_terminal():  # a log file: a line per training milestone, no redraws
+        return None, progress_lines(desc, unit)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"  {desc}", unit=unit, leave=False, dynamic_ncols=True, file=console_stream())

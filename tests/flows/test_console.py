@@ -46,12 +46,17 @@ def _screen(text: str) -> list[str]:
     return [ln for ln in ("".join(row).rstrip() for row in rows) if ln.strip()]
 
 
-def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
-    home = tmp_path / "home"
+def _cli_env(home: Path, tmp_path: Path) -> dict:
     env = {**os.environ, "PRUNEFLOW_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PREFECT_HOME": str(tmp_path / "prefect")}
     for k in ("PREFECT_API_URL", "PRUNEFLOW_QUIET", "PRUNEFLOW_CONSOLE", "TQDM_DISABLE"):
         env.pop(k, None)
+    return env
+
+
+def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
+    home = tmp_path / "home"
+    env = _cli_env(home, tmp_path)
     args = ["run", "--model", str(tiny_llama_dir), "--method", "wanda", "--ratio", "0.5", "--name", "console",
             "--device", "cpu",
             "--set", "calibration.n_samples=4", "--set", "calibration.seq_len=32", "--set", "evaluation.tasks=[]",
@@ -77,3 +82,72 @@ def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
     log = home / "runs" / "console" / "pruneflow.log"
     text = log.read_text()
     assert "prefect" in text and "step prune" in text  # the full log is in the run's log file
+
+
+def test_run_console_in_a_log_file_has_one_line_per_step(tiny_llama_dir, tmp_path):
+    """`pruneflow run > log 2>&1`: stderr is not a terminal, so nothing is redrawn: no carriage return,
+    each finished step one line (the line a bar ends as), then the summary."""
+    home = tmp_path / "home"
+    env = _cli_env(home, tmp_path)
+    args = ["run", "--model", str(tiny_llama_dir), "--method", "slimgpt", "--ratio", "0.5", "--name", "logfile",
+            "--device", "cpu", "--set", "recovery.kind=lora", "--set", "recovery.settings.steps=8",
+            "--set", "calibration.n_samples=4", "--set", "calibration.seq_len=32", "--set", "evaluation.tasks=[]",
+            "--set", "evaluation.ppl_seq_len=32", "--set", "evaluation.ppl_windows=2", "--set", "tracking.enabled=false"]
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        r = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, stdout=f,
+                           stderr=subprocess.STDOUT, timeout=900)
+    raw = log.read_bytes().decode()
+    assert r.returncode == 0, raw[-2000:]
+    assert "\r" not in raw and "\x1b" not in raw
+    lines = raw.splitlines()
+    steps = [ln.split()[1] for ln in lines if ln.startswith("✓ ")]
+    assert steps == ["prefect", "load", "calibration", "prune", "recover", "evaluate", "evaluate_dense",
+                     "report"], lines
+    # LoRA's training: a line per quarter of its steps, before the recover step's line
+    milestones = [ln for ln in lines if ln.startswith("  lora: step ")]
+    assert [m.split()[2] for m in milestones] == ["2/8", "4/8", "6/8", "8/8"], lines
+    assert lines.index(milestones[-1]) < next(i for i, ln in enumerate(lines) if ln.startswith("✓ recover"))
+    assert any(ln.startswith("checkpoint:") for ln in lines)
+
+
+class _Stream:
+    """stderr as a terminal (`tty=True`) or as a file."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_step_bars_redraw_on_a_terminal_and_print_one_line_per_step_elsewhere(monkeypatch):
+    from flows.console import StepBars
+    from tasks.common import progress_lines
+
+    monkeypatch.setenv("PRUNEFLOW_CONSOLE", "1")
+    monkeypatch.delenv("PRUNEFLOW_QUIET", raising=False)
+    out = {}
+    for tty in (True, False):
+        stream = _Stream(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        bars = StepBars()
+        with bars.step("prune") as done:
+            done("miss")
+        with bars.step("recover"):
+            cb = progress_lines("lora", "step")
+            for k in range(1, 9):
+                cb(k, 8, 0.5)
+        out[tty] = stream.text
+    assert "\r" in out[True]
+    assert "\r" not in out[False] and "\x1b" not in out[False]
+    lines = out[False].splitlines()
+    assert [ln.split()[:3] for ln in lines if ln.startswith("✓")] == [["✓", "prune", "miss"], ["✓", "recover", "00:00"]]
+    assert [ln.split()[2] for ln in lines if ln.startswith("  lora")] == ["2/8", "4/8", "6/8", "8/8"]

@@ -38,7 +38,9 @@ def test_sigkill_mid_step_then_rerun_reuses_completed_steps(tiny_spec, tmp_path)
     cmd = [sys.executable, "-m", "flows.cli", "run", str(spec_path), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=_env(home, prefect_home, PRUNEFLOW_FAULT="commit:checkpoint",
-                                     PRUNEFLOW_FAULT_FILE=str(fault_file)))
+                                     PRUNEFLOW_FAULT_FILE=str(fault_file),
+                                     # no watchdog: the rerun itself must cope with the torn state
+                                     PRUNEFLOW_WATCHDOG="0"))
     try:
         t0 = time.time()
         while not fault_file.exists():

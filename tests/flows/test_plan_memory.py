@@ -43,3 +43,36 @@ def test_plan_refuses_a_step_that_cannot_fit(tiny_llama_dir, pf_home, monkeypatc
     assert res.exit_code == 2, res.output
     err = res.stderr.strip()
     assert "\n" not in err and "model.placement" in err and "step capture" in err and "GiB free" in err, err
+
+
+def test_plan_estimates_disk_spill_scratch_and_store(tiny_llama_dir, pf_home, tmp_path, monkeypatch):
+    """Disk placement with a method that rewrites layers spills every decoder layer to $PRUNEFLOW_SCRATCH;
+    the store keeps the pruned checkpoint; device placement spills nothing."""
+    from transformers import AutoConfig
+
+    from pruning_core.placement import param_bytes
+
+    monkeypatch.setenv("PRUNEFLOW_SCRATCH", str(tmp_path / "scratch"))
+    args = ["plan", "--model", str(tiny_llama_dir), "--method", "slimgpt", "--json"]
+    disk = json.loads(runner.invoke(app, [*args, "--set", "model.placement=disk"]).stdout)["disk"]["places"]
+    dev = json.loads(runner.invoke(app, [*args, "--set", "model.placement=device"]).stdout)["disk"]["places"]
+    sizes = param_bytes(AutoConfig.from_pretrained(tiny_llama_dir), torch.float32)
+    assert disk["spill"] == {"path": str(tmp_path / "scratch"), "bytes": sizes["layers"]}
+    assert dev["spill"]["bytes"] == 0
+    assert 0 < disk["store"]["bytes"] < sizes["total"]  # the pruned checkpoint (slimgpt: no capture stats)
+    text = runner.invoke(app, [*args[:-1], "--set", "model.placement=disk"]).stdout
+    assert "disk (est.)" in text and str(tmp_path / "scratch") in text
+
+
+def test_plan_refuses_when_the_disk_cannot_hold_the_run(tiny_llama_dir, pf_home, tmp_path, monkeypatch):
+    import flows.dryrun as dr
+
+    monkeypatch.setenv("PRUNEFLOW_SCRATCH", str(tmp_path / "scratch"))
+    real = dr._free_bytes
+    monkeypatch.setattr(dr, "_free_bytes", lambda p: (real(p)[0], 1000))  # 1000 bytes free everywhere
+    res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--method", "slimgpt",
+                              "--set", "model.placement=disk"])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert "\n" not in err and "spill" in err and "store" in err and "GiB are free" in err, err
+    assert err.split(":", 2)[1].strip() in ("store.url", "PRUNEFLOW_SCRATCH", "TMPDIR"), err
