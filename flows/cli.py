@@ -357,6 +357,24 @@ def methods(as_json: bool = typer.Option(False, "--json")):
 # --- more commands below ---
 
 
+@app.command()
+@guarded
+def verify(store: str | None = typer.Option(None, "--store", help="store URL (default: the local store under "
+                                                                  "$PRUNEFLOW_HOME)"),
+           keep: bool = typer.Option(False, "--keep", help="only report; leave corrupt objects committed")):
+    """Re-hash every committed object of the store (cache checks trust the commit marker's sizes and
+    digests). A corrupt object is uncommitted, so the step that made it recomputes on the next run."""
+    from tasks.store import open_store
+
+    st = open_store(store)
+    res = st.verify_all(uncommit=not keep)
+    for line in res["corrupt"]:
+        typer.echo(f"corrupt: {line}" + ("" if keep else " (uncommitted)"))
+    typer.echo(f"{len(res['ok'])} objects intact, {len(res['corrupt'])} corrupt in {st.url}")
+    if res["corrupt"]:
+        raise typer.Exit(1)
+
+
 def _checkpoint_folder(ref: str, tmp: Path) -> Path:
     """A checkpoint folder from a folder path, or from a run (name / report.json): its checkpoint, fetched
     from a remote store when needed."""

@@ -15,7 +15,7 @@
     recovery:     {kind: none|lora|replacement, settings}
     evaluation:   {source, ppl_seq_len, ppl_windows, tasks, limit, efficiency, batch_size}
     store:        {url}                   local folder (default $PRUNEFLOW_HOME/artifacts) or s3://bucket/prefix
-    tracking:     {enabled, uri, experiment, on_failure: warn|fail}
+    tracking:     {enabled, uri, experiment, on_failure: warn|fail, log_model}
     device:       auto|cpu|cuda|cuda:N
     seed:         global seed
     name:         run name (default: derived from model, method and ratio)
@@ -90,6 +90,7 @@ class TrackingSpec(_Strict):
     uri: str | None = None
     experiment: str = "pruneflow"
     on_failure: Literal["warn", "fail"] = "warn"
+    log_model: bool = True  # register the checkpoint folder as an MLflow model (copied as it is, never loaded)
 
 
 class RunSpec(_Strict):
