@@ -162,7 +162,7 @@ def run(
     ratio: float | None = typer.Option(None, "--ratio", help=RATIO_HELP),
     params: str | None = typer.Option(None, "--params", help="alternative target: parameters left (100M, 1.2B)"),
     method: str | None = typer.Option(None, "--method", help="method name"),
-    model: str | None = typer.Option(None, "--model", help="model ref (folder, hub id or smollm2-135m)"),
+    model: str | None = typer.Option(None, "--model", help="model ref (folder, hub id, s3://bucket/prefix or smollm2-135m)"),
     store: str | None = typer.Option(None, "--store", help="artifact store: folder or s3://bucket/prefix"),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda"),
     name: str | None = typer.Option(None, "--name", help="run name"),

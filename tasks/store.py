@@ -376,7 +376,11 @@ class ArtifactStore:
                 with self._lock:
                     self._verified.add((self.url, sha))
             return
-        _check_stat_listing(Path(self._obj(sha)), rec["files"], what)
+        key = (self.url, sha)
+        # small files are hashed on the first check in this process; later checks compare stat signatures
+        _check_stat_listing(Path(self._obj(sha)), rec["files"], what, rehash_small=key not in self._verified)
+        with self._lock:
+            self._verified.add(key)
 
     def _check_listing(self, man: dict) -> None:
         sha = man["sha256"]
@@ -723,9 +727,10 @@ def _stat_listing(root: Path, digests: dict[str, str] | None) -> dict[str, list]
     return out
 
 
-def _check_stat_listing(root: Path, files: dict[str, list], what: tuple) -> None:
+def _check_stat_listing(root: Path, files: dict[str, list], what: tuple, rehash_small: bool = True) -> None:
     """Raise unless the files under `root` are the listed ones with the listed sizes; a file is hashed
-    again when it is small (<= SMALL_BYTES) or its mtime or inode moved since it was listed."""
+    again when its mtime or inode moved since it was listed, or it is small (<= SMALL_BYTES, when
+    `rehash_small`)."""
     present = {f.relative_to(root).as_posix() for f in _dir_files(root)} if root.is_dir() else set()
     if set(files) - present:
         raise ArtifactMissing(*what, "an object with all its files present")
@@ -736,7 +741,8 @@ def _check_stat_listing(root: Path, files: dict[str, list], what: tuple) -> None
         st = f.stat()
         if st.st_size != size:
             raise ArtifactCorrupt(*what, f"{rel} of {size} bytes (found {st.st_size})")
-        if (size <= SMALL_BYTES or (st.st_mtime_ns, st.st_ino) != (mtime_ns, ino)) and sha256_file(f) != digest:
+        small = rehash_small and size <= SMALL_BYTES
+        if (small or (st.st_mtime_ns, st.st_ino) != (mtime_ns, ino)) and sha256_file(f) != digest:
             raise ArtifactCorrupt(*what, f"{rel} with sha256 {digest[:12]}…")
 
 
