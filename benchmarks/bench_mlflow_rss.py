@@ -59,16 +59,14 @@ def child(run_dir: str, uri: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", default="bench")
-    ap.add_argument("args", nargs="*")
-    ap.add_argument("--shape", default="8b")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--keep", default=None, help="write the checkpoint and MLflow store here (kept)")
-    a = ap.parse_args()
-    if a.mode == "child":
-        child(*a.args)
+    if sys.argv[1:2] == ["child"]:  # the measured process
+        child(*sys.argv[2:4])
         return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="8b", choices=("8b", "1536"))
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of the synthetic checkpoint")
+    ap.add_argument("--keep", default=None, help="parent folder of the temporary checkpoint and MLflow store")
+    a = ap.parse_args()
     from bench_scale import write_random_llama
 
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-rss-", dir=a.keep) as tmp:

@@ -35,6 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pruning_core.digest import sha256_file
 from pruning_core.errors import StorageError
 
 from . import journal
@@ -69,14 +70,6 @@ def default_store_url() -> str:
 
 
 # -- hashing ---------------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dir_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
