@@ -34,12 +34,11 @@ def _io() -> dict[str, int]:
 
 
 def child(mode: str, dense: str, store_url: str, man_json: str) -> None:
+    from pruning_core.models import model_revision
     from tasks import steps  # noqa: F401 - registers the steps
+    from tasks.cachekey import code_parts, library_versions
     from tasks.common import STEPS, model_valid
     from tasks.store import ArtifactStore
-
-    from pruning_core.models import model_revision
-    from tasks.cachekey import code_parts, library_versions
 
     man = json.loads(man_json)
     load_params = {"ctx": {"device": "cpu"}, "ref": dense, "dtype": "bfloat16"}
