@@ -183,7 +183,7 @@ def run(
     ratio: float | None = typer.Option(None, "--ratio", help=RATIO_HELP),
     params: str | None = typer.Option(None, "--params", help="alternative target: parameters left (100M, 1.2B)"),
     method: str | None = typer.Option(None, "--method", help="method name"),
-    model: str | None = typer.Option(None, "--model", help="model ref (folder, hub id or smollm2-135m)"),
+    model: str | None = typer.Option(None, "--model", help="model ref (folder, hub id, s3://bucket/prefix or smollm2-135m)"),
     store: str | None = typer.Option(None, "--store", help="artifact store: folder or s3://bucket/prefix"),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda"),
     name: str | None = typer.Option(None, "--name", help="run name"),
@@ -392,6 +392,24 @@ def methods(as_json: bool = typer.Option(False, "--json")):
 
 
 # --- more commands below ---
+
+
+@app.command()
+@guarded
+def verify(store: str | None = typer.Option(None, "--store", help="store URL (default: the local store under "
+                                                                  "$PRUNEFLOW_HOME)"),
+           keep: bool = typer.Option(False, "--keep", help="only report; leave corrupt objects committed")):
+    """Re-hash every committed object of the store (cache checks trust the commit marker's sizes and
+    digests). A corrupt object is uncommitted, so the step that made it recomputes on the next run."""
+    from tasks.store import open_store
+
+    st = open_store(store)
+    res = st.verify_all(uncommit=not keep)
+    for line in res["corrupt"]:
+        typer.echo(f"corrupt: {line}" + ("" if keep else " (uncommitted)"))
+    typer.echo(f"{len(res['ok'])} objects intact, {len(res['corrupt'])} corrupt in {st.url}")
+    if res["corrupt"]:
+        raise typer.Exit(1)
 
 
 def _checkpoint_folder(ref: str, tmp: Path) -> Path:

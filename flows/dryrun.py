@@ -32,8 +32,13 @@ def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None 
 
     from pruning_core.models import resolve_model_path
 
-    path = resolve_model_path(ref, revision)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if ref.startswith("s3://"):  # from its config.json alone: no weight is downloaded for a dry run
+        from pruning_core.models import s3_config
+
+        cfg = s3_config(ref)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    else:
+        config = AutoConfig.from_pretrained(resolve_model_path(ref, revision), trust_remote_code=trust_remote_code)
     if getattr(config, "pruneflow_layers", None):
         raise ConfigError("model.ref", ref, "a uniform model for the dry run (this checkpoint has per-layer sizes)")
     with torch.device("meta"):

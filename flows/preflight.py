@@ -3,7 +3,8 @@
 `pruneflow run`, `sweep` and `plan` call `preflight(spec)` after the spec is validated and before
 Prefect is imported, so a bad input costs a second and prints one line (`error: <field>: ...`, exit 2):
 
-* the model: an embedded name, a folder with `config.json`, or a hub id (only when the hub is reachable);
+* the model: an embedded name, a folder with `config.json`, an s3:// folder with `config.json`, or a hub
+  id (only when the hub is reachable);
 * its architecture (`config.json`'s `model_type`) has an adapter;
 * its safetensors files are whole (headers parse, tensor extents fit the file sizes; no weight is read);
 * the device exists here (`cuda` on a machine without one is refused);
@@ -42,6 +43,13 @@ def model_config(ref: str) -> tuple[dict[str, Any], Path | None]:
             return _read_config(ref, folder), folder
         _gguf_location(pkg, fname)  # the package that ships it is installed (converted on first load)
         return {"architectures": [arch], "model_type": "llama"}, None
+    if ref.startswith("s3://"):  # its config.json only (one LIST, one GET): the weights are fetched by `load`
+        from pruning_core.models import s3_config
+
+        try:
+            return s3_config(ref), None
+        except DataError as e:
+            raise DataError("model.ref", e.value, e.accepted, e.hint) from None
     p = Path(os.path.expanduser(ref))
     if not p.exists() and ("/" in ref or ref.startswith((".", "~"))):
         from pruning_core.util import recover_dir
@@ -52,7 +60,8 @@ def model_config(ref: str) -> tuple[dict[str, Any], Path | None]:
             raise DataError("model.ref", ref, "a folder with config.json (a Hugging Face checkpoint)")
         return _read_config(ref, p), p
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise DataError("model.ref", ref, "an existing model folder, a hub id 'org/name', or " + ", ".join(EMBEDDED))
+        raise DataError("model.ref", ref, "an existing model folder, a hub id 'org/name', s3://bucket/prefix or "
+                        + ", ".join(EMBEDDED))
     from pruning_core.evaluate import hub_reachable
 
     if not hub_reachable():  # offline: a hub id is usable when the Hugging Face cache holds it

@@ -16,7 +16,7 @@
                   top-k log-probs, the `teacher` step; after LLM-Streamline's replacement is trained)
     evaluation:   {source, ppl_seq_len, ppl_windows, tasks, limit, efficiency, batch_size}
     store:        {url}                   local folder (default $PRUNEFLOW_HOME/artifacts) or s3://bucket/prefix
-    tracking:     {enabled, uri, experiment, on_failure: warn|fail}
+    tracking:     {enabled, uri, experiment, on_failure: warn|fail, log_model}
     device:       auto|cpu|cuda|cuda:N
     seed:         the run's seed: the default of every seed in it not given explicitly (calibration.seed,
                   method.settings.seed of seeded methods, recovery.settings.seed of LoRA and distillation)
@@ -97,6 +97,7 @@ class TrackingSpec(_Strict):
     uri: str | None = None
     experiment: str = "pruneflow"
     on_failure: Literal["warn", "fail"] = "warn"
+    log_model: bool = True  # register the checkpoint folder as an MLflow model (copied as it is, never loaded)
 
 
 class RunSpec(_Strict):

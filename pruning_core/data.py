@@ -192,6 +192,40 @@ def _hf_texts(spec: str) -> list[str]:
     return [t for t in ds[col] if isinstance(t, str) and t]
 
 
+def source_digest(source: str | None) -> str:
+    """What a text source's content is, as a digest: the text that a split of it is cut from.
+    `pydoc`: the topics of the running CPython; `pkgdocs`: the prose of the installed distributions;
+    a local file: its bytes; `hf:<name>`: the dataset's resolved hub revision. (The split itself is
+    code, in this module.)"""
+    import hashlib
+
+    if source in (None, "", DEFAULT_SOURCE):
+        return "pydoc:" + hashlib.sha256(json.dumps(pydoc_topics(), sort_keys=True).encode()).hexdigest()[:16]
+    if source == OOD_SOURCE:
+        return "pkgdocs:" + hashlib.sha256(json.dumps(pkgdocs_documents()).encode()).hexdigest()[:16]
+    if source.startswith("hf:"):
+        return f"{source}@{_hf_revision(source[3:].split(':')[0])}"
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        from .digest import file_digest
+
+        return "file:" + file_digest(path)[:16]
+    return source  # not readable: the step that reads it says so
+
+
+def _hf_revision(name: str) -> str:
+    """The commit a hub dataset's default revision resolves to (the datasets cache keys on it too)."""
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "offline"  # such a source is refused when read (`_hf_texts`)
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name).sha or "unknown"
+    except Exception as e:  # noqa: BLE001 - unreachable or unknown: the read says so in one line
+        raise DataError("calibration.source", "hf:" + name, "a reachable Hugging Face dataset",
+                        str(e).splitlines()[0][:120] if str(e) else type(e).__name__) from None
+
+
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """One long 1-D stream of token ids (no special tokens added)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]

@@ -145,29 +145,71 @@ def hub_snapshot(ref: str, revision: str | None = None) -> tuple[str, str]:
     return str(path), Path(path).name
 
 
-def s3_snapshot(url: str) -> tuple[str, str]:
-    """(local folder, fingerprint) of an s3:// checkpoint folder, downloaded once into
-    `$PRUNEFLOW_HOME/models/s3/<fingerprint>` (fingerprint: the objects' names, sizes and ETags)."""
-    import hashlib
+def s3_timeout() -> int:
+    """Seconds an S3 call may take (`PRUNEFLOW_S3_TIMEOUT`, default 20) before it fails."""
+    raw = os.environ.get("PRUNEFLOW_S3_TIMEOUT", "20")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError("PRUNEFLOW_S3_TIMEOUT", raw, "a whole number of seconds >= 1")
+    return value
 
+
+def _s3_fs():
     import fsspec
 
-    kwargs: dict = {"skip_instance_cache": True}
+    t = s3_timeout()
+    # every call answers within the timeout or fails: botocore's timeouts, one attempt, no s3fs retries
+    kwargs: dict = {"skip_instance_cache": True, "config_kwargs": {
+        "connect_timeout": t, "read_timeout": t, "retries": {"total_max_attempts": 1}}}
     ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if ep:
         kwargs["client_kwargs"] = {"endpoint_url": ep}
     fs = fsspec.filesystem("s3", **kwargs)
+    fs.retries = 1
+    return fs
+
+
+def s3_listing(url: str) -> tuple[object, str, dict, str]:
+    """(filesystem, bucket/prefix, {key: info}, fingerprint) of an s3:// checkpoint folder, from one LIST.
+    The fingerprint is the digest of the objects' names, sizes and ETags (an ETag follows the content),
+    so a changed object gives a new one without anything being downloaded."""
+    import hashlib
+
+    fs = _s3_fs()
     base = url.rstrip("/").removeprefix("s3://")
     try:
         found = fs.find(base, detail=True)
-    except Exception as e:  # noqa: BLE001 - credentials, endpoint, bucket: one line
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, bucket, timeout: one line
         raise DataError("model", url, "a readable s3:// folder with config.json", type(e).__name__) from None
     if f"{base}/config.json" not in found:
         raise DataError("model", url, "an s3:// folder with config.json (a Hugging Face checkpoint)")
     h = hashlib.sha256()
     for k in sorted(found):
         h.update(f"{k[len(base):]}:{found[k].get('size')}:{found[k].get('ETag', '')}".encode())
-    fp = h.hexdigest()[:16]
+    return fs, base, found, h.hexdigest()[:16]
+
+
+def s3_config(url: str) -> dict:
+    """config.json of an s3:// checkpoint folder (one GET; nothing else is downloaded)."""
+    import json
+
+    fs, base, _found, _fp = s3_listing(url)
+    try:
+        cfg = json.loads(fs.cat_file(f"{base}/config.json"))
+    except Exception as e:  # noqa: BLE001
+        raise DataError("model", url, "an s3:// folder whose config.json is readable JSON", type(e).__name__) from None
+    if not isinstance(cfg, dict):
+        raise DataError("model", url, "an s3:// folder whose config.json is a JSON object")
+    return cfg
+
+
+def s3_snapshot(url: str) -> tuple[str, str]:
+    """(local folder, fingerprint) of an s3:// checkpoint folder, downloaded once into
+    `$PRUNEFLOW_HOME/models/s3/<fingerprint>` (fingerprint: `s3_listing`)."""
+    fs, base, found, fp = s3_listing(url)
     target = home() / "models" / "s3" / fp
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +218,10 @@ def s3_snapshot(url: str) -> tuple[str, str]:
             for k in found:
                 dst = tmp / k[len(base) + 1 :]
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(k, str(dst))
+                try:
+                    fs.get_file(k, str(dst))
+                except Exception as e:  # noqa: BLE001
+                    raise DataError("model", url, "a readable s3:// folder", f"{k}: {type(e).__name__}") from None
             os.replace(tmp, target)
         finally:
             if tmp.exists():
@@ -233,20 +278,15 @@ def load_model(
 
 
 def model_revision(path: str | Path) -> str:
-    """A cheap fingerprint of a model folder: config + weight file names, sizes and mtimes."""
-    import hashlib
+    """The content fingerprint of a model folder: the digest of every file in it (weights, config,
+    tokenizer files such as merges.txt / vocab.txt, remote-code *.py), each by its bytes; a file
+    unchanged since it was last hashed is not read again (`digest.file_digest`)."""
+    from .digest import folder_digest
 
     p = Path(path)
     if not p.exists():
         return str(path)
-    h = hashlib.sha256()
-    for f in sorted(p.iterdir()):
-        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-            if f.name == "config.json":
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return folder_digest(p)[:16]
 
 
 def tiny_model(family: str = "llama", n_layers: int = 4, seed: int = 0, **overrides):

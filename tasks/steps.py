@@ -152,10 +152,11 @@ def _progress_bar(desc: str, total: int, unit: str):
 # load: resolve / convert the model, fingerprint it (the "model revision" of every later key)
 # ================================================================================================
 def _load_keyparts(p):
-    # the folder's fingerprint is checked when the record is reused (`model_valid`): a changed folder
-    # makes the step recompute, and every later key follows the new revision. A hub id keys on the
-    # commit its revision resolves to; dtype auto on the device kind it resolves for.
-    from pruning_core.models import is_hub_id
+    # A local folder keys on the content of every file in it (`model_revision`; unchanged files are not
+    # read again), an s3:// folder on its objects' ETags (one LIST), a hub id on the commit its revision
+    # resolves to; dtype auto on the device kind it resolves for. The embedded model's folder is
+    # converted by this step: its fingerprint is checked when the record is reused (`model_valid`).
+    from pruning_core.models import EMBEDDED, is_hub_id
 
     ref = p["ref"]
     parts = {"ref": ref if (is_hub_id(ref) or ref.startswith("s3://")) else _abs(ref), "dtype": p["dtype"],
@@ -164,6 +165,14 @@ def _load_keyparts(p):
         from pruning_core.models import hub_snapshot
 
         parts["resolved"] = hub_snapshot(ref, p.get("revision"))[1]
+    elif ref.startswith("s3://"):
+        from pruning_core.models import s3_listing
+
+        parts["resolved"] = s3_listing(ref)[3]
+    elif ref not in EMBEDDED:
+        from pruning_core.models import model_revision
+
+        parts["content"] = model_revision(parts["ref"])
     if p["dtype"] == "auto":
         parts["device_kind"] = _device(p.get("ctx") or {}).type
     return parts, [], None
@@ -220,15 +229,10 @@ def _dir_bytes(path: str) -> int:
 # calibration: N x L token blocks from a text source
 # ================================================================================================
 def _source_fp(source: str) -> str:
-    p = Path(os.path.expanduser(source))
-    if source not in ("", "pydoc") and p.exists():
-        st = p.stat()
-        return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
-    if source in ("", "pydoc"):
-        import sys
+    """The text source by its content (`pruning_core.data.source_digest`), not its name or mtime."""
+    from pruning_core.data import source_digest
 
-        return f"pydoc:{sys.version_info[:2]}"
-    return source
+    return source_digest(source)
 
 
 def _calib_keyparts(p):
@@ -272,7 +276,16 @@ def _capture_keyparts(p):
     return settings, [p["model"], p["calib"]], p["model"]["sha256"]
 
 
-define_step("capture", _capture_keyparts, lambda p: [_capture_keyparts, capture_task])
+def _capture_code(p) -> list:
+    roots: list = [_capture_keyparts, capture_task]
+    if p.get("cosine_span"):  # the method's span function decides which hidden states are kept
+        from pruning_core.methods import get_method
+
+        roots.append(get_method(p["cosine_span"]["method"]).cosine_span)
+    return roots
+
+
+define_step("capture", _capture_keyparts, _capture_code)
 
 
 @_task("capture", gpu=True)
@@ -476,6 +489,8 @@ def teacher_task(ctx: dict, model: dict, blocks: dict, top_k: int | None, dtype:
 # ================================================================================================
 def _recover_keyparts(p):
     settings = {"kind": p["kind"], "settings": p["settings"], "dtype": p.get("dtype")}
+    if p["kind"] == "lora":  # LoRA trains on this text: its content, not its name
+        settings["train_text"] = _source_fp(p.get("train_source", "pydoc"))
     if p.get("replacement_settings") is not None:
         settings["replacement_settings"] = p["replacement_settings"]
     inputs = [p["checkpoint"], p.get("calib")] + ([p["teacher"], p["blocks"]] if p.get("teacher") else [])
@@ -496,8 +511,8 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
     the student learns the stored `teacher` on its `blocks` (after the replacement is trained, when
     `replacement_settings` are given)."""
     params = {"ctx": ctx, "checkpoint": checkpoint, "kind": kind, "settings": settings,
-              "model_revision": model_revision, "calib": calib, "dtype": dtype, "teacher": teacher, "blocks": blocks,
-              "replacement_settings": replacement_settings}
+              "model_revision": model_revision, "calib": calib, "dtype": dtype, "train_source": train_source,
+              "teacher": teacher, "blocks": blocks, "replacement_settings": replacement_settings}
 
     def compute():
         from pruning_core import recover as rec
@@ -600,7 +615,42 @@ def _jsonable(obj: Any) -> Any:
 # evaluate: perplexity (protocol named), parameters, lm-eval tasks, efficiency
 # ================================================================================================
 def _eval_keyparts(p):
-    return dict(p["settings"]), [p["target"]], p["model_revision"]
+    """Settings, plus what the step reads beside the model, by content: the evaluation text actually
+    tokenised, the offline lm-eval tasks (YAMLs and `pf_data.py`, read by lm-eval, not imported) with
+    the texts they are built from, and the device that efficiency timings are measured on."""
+    s = dict(p["settings"])
+    s["eval_text"] = _source_fp(s.get("source", "pydoc"))
+    tasks = set(s.get("tasks") or [])
+    from pruning_core.evaltasks import TASK_DIR, TASKS
+
+    if tasks & set(TASKS):
+        from pruning_core.digest import folder_digest
+
+        s["offline_tasks"] = {"files": folder_digest(TASK_DIR)[:16], "pydoc": _source_fp("pydoc"),
+                              **({"pkgdocs": _source_fp("pkgdocs")} if any("pkgdocs" in t for t in tasks) else {})}
+    if s.get("efficiency"):
+        s["efficiency_device"] = _device_name(p.get("ctx") or {})
+    return s, [p["target"]], p["model_revision"]
+
+
+def _device_name(ctx: dict) -> str:
+    """The hardware timings are measured on: the GPU's name, or the CPU model and thread count."""
+    import torch
+
+    dev = _device(ctx)
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        import platform
+
+        model = platform.processor()
+    return f"{dev.type}:{model}:{torch.get_num_threads()} threads"
 
 
 define_step("evaluate", _eval_keyparts, lambda p: [_eval_keyparts, evaluate_task],

@@ -35,6 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pruning_core.digest import sha256_file
 from pruning_core.errors import StorageError
 
 from . import journal
@@ -87,28 +88,27 @@ def default_store_url() -> str:
 
 
 # -- hashing ---------------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dir_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def file_digests(path: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a folder."""
+    path = Path(path)
+    return {f.relative_to(path).as_posix(): sha256_file(f) for f in _dir_files(path)}
+
+
+def _combine(digests: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for rel, d in sorted(digests.items()):
+        h.update(f"{rel}\0{d}\n".encode())
+    return h.hexdigest()
 
 
 def sha256_dir(path: str | Path) -> tuple[str, int]:
     """(digest, total bytes) of a folder: hash of its sorted (relative path, file sha256) lines."""
     path = Path(path)
-    h = hashlib.sha256()
-    total = 0
-    for f in _dir_files(path):
-        rel = f.relative_to(path).as_posix()
-        h.update(f"{rel}\0{sha256_file(f)}\n".encode())
-        total += f.stat().st_size
-    return h.hexdigest(), total
+    return _combine(file_digests(path)), sum(f.stat().st_size for f in _dir_files(path))
 
 
 def sha256_json(obj: Any) -> str:
@@ -187,6 +187,7 @@ class ArtifactStore:
         cache = Path(cache_dir) if cache_dir else pruneflow_home() / "cache" / "store"
         self.cache = cache
         self._verified: set[tuple[str, str]] = set()
+        self._handed: set[str] = set()  # downloaded copies this process returned (never evicted under it)
         self._lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------------------------------
@@ -245,17 +246,18 @@ class ArtifactStore:
         man = {"uri": "", "sha256": sha, "bytes": local.stat().st_size, "kind": kind, "producer": producer,
                "name": name or local.name, "dir": False}
         man["uri"] = self._obj(sha) + "/" + man["name"]
-        return self._commit(man, lambda dst: self._copy_in([(local, man["name"])], dst))
+        return self._commit(man, lambda dst: self._copy_in([(local, man["name"])], dst), {man["name"]: sha})
 
     def put_dir(self, local: str | Path, kind: str, producer: str, move: bool = False) -> dict:
         """Commit a folder. `move`: the caller gives the files up (a local store renames them
         instead of copying: a checkpoint larger than the free disk is never held twice)."""
         local = Path(local)
-        sha, total = sha256_dir(local)
+        digests = file_digests(local)
+        sha, total = _combine(digests), sum(f.stat().st_size for f in _dir_files(local))
         man = {"uri": self._obj(sha), "sha256": sha, "bytes": total, "kind": kind, "producer": producer,
                "name": local.name, "dir": True}
         files = [(f, f.relative_to(local).as_posix()) for f in _dir_files(local)]
-        return self._commit(man, lambda dst: self._copy_in(files, dst, move=move))
+        return self._commit(man, lambda dst: self._copy_in(files, dst, move=move), digests)
 
     def put_bytes(self, data: bytes, name: str, kind: str, producer: str) -> dict:
         with tempfile.TemporaryDirectory() as d:
@@ -284,7 +286,7 @@ class ArtifactStore:
                         pass
                 shutil.copyfile(src, target)
 
-    def _commit(self, man: dict, copy) -> dict:
+    def _commit(self, man: dict, copy, digests: dict[str, str] | None = None) -> dict:
         sha = man["sha256"]
         try:
             if self.committed(sha):
@@ -313,7 +315,10 @@ class ArtifactStore:
                             if final.exists():
                                 shutil.rmtree(final, ignore_errors=True)
                             os.replace(tmp, final)
-                            _atomic_write(Path(self._marker(sha)), json.dumps(man).encode())
+                            # the marker lists each file's size, digest and stat signature: a cache check
+                            # trusts it (`_check_local`) instead of reading every byte again
+                            _atomic_write(Path(self._marker(sha)),
+                                          json.dumps({**man, "files": _stat_listing(final, digests)}).encode())
                 finally:
                     if tmp.exists():  # committed meanwhile by another writer: ours is not needed
                         shutil.rmtree(tmp, ignore_errors=True)
@@ -352,22 +357,64 @@ class ArtifactStore:
             raise self._wrap(e, "read") from e
 
     def verify(self, man: dict) -> None:
-        """Raise ArtifactMissing / ArtifactCorrupt unless `man`'s object is committed and intact."""
-        self.local_path(man)
+        """Raise ArtifactMissing / ArtifactCorrupt unless `man`'s object is committed and every byte of it
+        hashes to its sha256 (a full re-hash: `pruneflow verify`; cache checks use `valid`)."""
+        if not self.committed(man["sha256"]):
+            raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "a committed object in the store")
+        if self.remote:
+            self._check_listing(man)
+            dst = self.cache / man["sha256"]
+            if dst.exists():  # the downloaded copy too
+                self._full_check(man, dst if man.get("dir") else dst / man["name"])
+            return
+        self._full_check(man, Path(man["uri"]))
 
     def valid(self, man: dict) -> bool:
-        """Is `man`'s object committed and intact? Local: its bytes are hashed (once per process). S3: the
-        commit marker's listing (sizes, ETags) must match a fresh LIST of the object; nothing is
-        downloaded (the bytes are hashed when a step reads them, `local_path`)."""
+        """Is `man`'s object committed and intact? Nothing is downloaded and no large file is read: locally
+        the commit marker's listing (sizes, digests, stat signatures) is checked against the files
+        (`_check_local`); on S3 the marker's sizes and ETags against a fresh LIST of the object."""
         try:
             if self.remote:
                 self._check_listing(man)
             else:
-                self.verify(man)
+                self._check_local(man)
             return True
         except (ArtifactMissing, ArtifactCorrupt) as e:
             log.warning("artifact %s (%s): %s; its step will recompute", man.get("kind"), man.get("uri"), e)
             return False
+
+    def _full_check(self, man: dict, path: Path) -> None:
+        what = man.get("kind", "artifact"), man.get("uri")
+        try:
+            got = sha256_dir(path)[0] if man.get("dir") else sha256_file(path)
+        except FileNotFoundError as e:
+            raise ArtifactMissing(*what, "an object present in the store") from e
+        if got != man["sha256"]:
+            raise ArtifactCorrupt(*what, f"bytes with sha256 {man['sha256'][:12]}… (got {got[:12]}…)")
+
+    def _check_local(self, man: dict) -> None:
+        """A local object against its commit marker: every file present with its committed size; a file
+        is hashed again only when it is small or its stat signature (mtime, inode) moved since the commit.
+        A marker without a listing (an older store) means one full re-hash per process."""
+        sha = man["sha256"]
+        what = man.get("kind", "artifact"), man.get("uri")
+        try:
+            rec = json.loads(Path(self._marker(sha)).read_bytes())
+        except FileNotFoundError:
+            raise ArtifactMissing(*what, "a committed object in the store") from None
+        except ValueError:
+            raise ArtifactCorrupt(*what, "a readable commit marker") from None
+        if rec.get("files") is None:
+            if (self.url, sha) not in self._verified:
+                self._full_check(man, Path(man["uri"]))
+                with self._lock:
+                    self._verified.add((self.url, sha))
+            return
+        key = (self.url, sha)
+        # small files are hashed on the first check in this process; later checks compare stat signatures
+        _check_stat_listing(Path(self._obj(sha)), rec["files"], what, rehash_small=key not in self._verified)
+        with self._lock:
+            self._verified.add(key)
 
     def _check_listing(self, man: dict) -> None:
         sha = man["sha256"]
@@ -390,37 +437,100 @@ class ArtifactStore:
             raise ArtifactCorrupt(*what, "objects whose sizes and ETags match the commit marker")
 
     def local_path(self, man: dict) -> Path:
-        """A verified local path of the artifact (the object itself when local, a cached copy for S3)."""
+        """A checked local path of the artifact: the object itself when local (`_check_local`), else a copy
+        in the download cache, hashed when downloaded and checked against its listing when reused.
+        The cache keeps at most `PRUNEFLOW_S3_CACHE_GB` (least recently used copies go first)."""
         sha = man["sha256"]
-        key = (self.url, sha)
         if not self.committed(sha):
             raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "a committed object in the store")
-        fresh = False
-        if self.remote:
-            dst = self.cache / sha
-            if not dst.exists():
-                self._download(man, dst)
-                fresh = True
-            path = dst if man.get("dir") else dst / man["name"]
-        else:
-            path = Path(man["uri"])
-            if not path.exists():
-                raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "an object present in the store")
-        if key not in self._verified:
-            try:
-                got = sha256_dir(path)[0] if man.get("dir") else sha256_file(path)
-            except FileNotFoundError as e:
-                raise ArtifactMissing(man.get("kind", "artifact"), man.get("uri"), "an object present in the store") from e
-            if got != sha and self.remote and not fresh:  # a damaged local copy: fetch it again
-                shutil.rmtree(self.cache / sha, ignore_errors=True)
-                return self.local_path(man)
-            if got != sha:
-                if self.remote:
-                    shutil.rmtree(self.cache / sha, ignore_errors=True)
-                raise ArtifactCorrupt(man.get("kind", "artifact"), man.get("uri"), f"bytes with sha256 {sha[:12]}… (got {got[:12]}…)")
-            with self._lock:
-                self._verified.add(key)
+        if not self.remote:
+            self._check_local(man)
+            return Path(man["uri"])
+        dst = self.cache / sha
+        path = dst if man.get("dir") else dst / man["name"]
+        with self._lock:
+            self._handed.add(sha)
+        if dst.exists() and self._cached_copy_ok(man, dst):
+            return path
+        shutil.rmtree(dst, ignore_errors=True)
+        self._download(man, dst)
+        if not self._cached_copy_ok(man, dst):
+            shutil.rmtree(dst, ignore_errors=True)
+            self._sidecar(sha).unlink(missing_ok=True)
+            raise ArtifactCorrupt(man.get("kind", "artifact"), man.get("uri"), f"bytes with sha256 {sha[:12]}…")
+        self.evict()
         return path
+
+    def _sidecar(self, sha: str) -> Path:
+        return self.cache / f"{sha}.files.json"
+
+    def _cached_copy_ok(self, man: dict, dst: Path) -> bool:
+        """Is the downloaded copy `dst` intact? Its listing (written when it was hashed) is checked like a
+        local object's; a copy without one is hashed in full. Its use time is recorded for eviction."""
+        side = self._sidecar(man["sha256"])
+        try:
+            files = json.loads(side.read_text())
+        except (OSError, ValueError):
+            files = None
+        try:
+            if files is None:
+                digests = file_digests(dst)
+                got = _combine(digests) if man.get("dir") else digests.get(man["name"])
+                if got != man["sha256"]:
+                    return False
+                _atomic_write(side, json.dumps(_stat_listing(dst, digests)).encode())
+            else:
+                _check_stat_listing(dst, files, (man.get("kind", "artifact"), man.get("uri")))
+                os.utime(side)  # last use, for the least-recently-used eviction
+        except (StorageError, OSError):
+            return False
+        return True
+
+    def evict(self, limit: int | None = None) -> list[str]:
+        """Remove the least recently used downloaded copies until the cache holds at most `limit` bytes
+        (default `PRUNEFLOW_S3_CACHE_GB`); copies this process has handed out are kept."""
+        limit = cache_limit_bytes() if limit is None else limit
+        entries = []
+        for side in self.cache.glob("*.files.json"):
+            try:
+                size = sum(int(v[0]) for v in json.loads(side.read_text()).values())
+                entries.append((side.stat().st_mtime, side.name.removesuffix(".files.json"), size, side))
+            except (OSError, ValueError, TypeError, IndexError):
+                continue
+        total = sum(e[2] for e in entries)
+        gone = []
+        for _used, sha, size, side in sorted(entries):
+            if total <= limit:
+                break
+            if sha in self._handed:
+                continue
+            side.unlink(missing_ok=True)  # first: a reader without it hashes or fetches again
+            shutil.rmtree(self.cache / sha, ignore_errors=True)
+            total -= size
+            gone.append(sha)
+        if gone:
+            log.info("download cache: evicted %d copies (limit %.1f GB)", len(gone), limit / 1e9)
+        return gone
+
+    def verify_all(self, uncommit: bool = True) -> dict[str, list[str]]:
+        """Re-hash every committed object (`pruneflow verify`). A corrupt or incomplete one is uncommitted
+        (its marker removed, when `uncommit`) so that the step that made it recomputes."""
+        out: dict[str, list[str]] = {"ok": [], "corrupt": []}
+        try:
+            markers = sorted(self.fs.glob(self._join("objects", "*", "*.commit")))
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e, "read") from e
+        for mk in markers:
+            try:
+                man = json.loads(self.fs.cat_file(mk))
+                man.pop("files", None)
+                self.verify(man)
+                out["ok"].append(man["uri"])
+            except (ArtifactMissing, ArtifactCorrupt, ValueError, KeyError) as e:
+                out["corrupt"].append(f"{mk.removesuffix('.commit')}: {e}")
+                if uncommit:
+                    self.fs.rm_file(mk)
+        return out
 
     def _download(self, man: dict, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -675,6 +785,53 @@ def _precondition_failed(exc: BaseException) -> bool:
     """A conditional S3 write refused (412 PreconditionFailed; s3fs: FileExistsError for If-None-Match)."""
     return any(isinstance(e, FileExistsError) or "PreconditionFailed" in repr(e) or "pre-condition" in str(e)
                or "412" in str(e) for e in _chain(exc))
+
+
+SMALL_BYTES = 4 << 20  # files up to this size are hashed on every check (cheap; the stat check has a tick's blind spot)
+
+
+def cache_limit_bytes() -> int:
+    """`PRUNEFLOW_S3_CACHE_GB` (default 100): the most the S3 download cache keeps."""
+    from pruning_core.errors import ConfigError
+
+    raw = os.environ.get("PRUNEFLOW_S3_CACHE_GB", "100")
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:
+        raise ConfigError("PRUNEFLOW_S3_CACHE_GB", raw, "a number of gigabytes >= 0")
+    return int(gb * 1e9)
+
+
+def _stat_listing(root: Path, digests: dict[str, str] | None) -> dict[str, list]:
+    """{relative path: [size, sha256, mtime_ns, inode]} of the files under `root`."""
+    if digests is None:
+        digests = file_digests(root)
+    out = {}
+    for rel, d in sorted(digests.items()):
+        st = (root / rel).stat()
+        out[rel] = [st.st_size, d, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def _check_stat_listing(root: Path, files: dict[str, list], what: tuple, rehash_small: bool = True) -> None:
+    """Raise unless the files under `root` are the listed ones with the listed sizes; a file is hashed
+    again when its mtime or inode moved since it was listed, or it is small (<= SMALL_BYTES, when
+    `rehash_small`)."""
+    present = {f.relative_to(root).as_posix() for f in _dir_files(root)} if root.is_dir() else set()
+    if set(files) - present:
+        raise ArtifactMissing(*what, "an object with all its files present")
+    if present - set(files):
+        raise ArtifactCorrupt(*what, "an object holding only the files it was committed with")
+    for rel, (size, digest, mtime_ns, ino) in files.items():
+        f = root / rel
+        st = f.stat()
+        if st.st_size != size:
+            raise ArtifactCorrupt(*what, f"{rel} of {size} bytes (found {st.st_size})")
+        small = rehash_small and size <= SMALL_BYTES
+        if (small or (st.st_mtime_ns, st.st_ino) != (mtime_ns, ino)) and sha256_file(f) != digest:
+            raise ArtifactCorrupt(*what, f"{rel} with sha256 {digest[:12]}…")
 
 
 def _mtime(entry: dict) -> float:

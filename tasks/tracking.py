@@ -454,21 +454,49 @@ class PrunedCheckpointModel(mlflow.pyfunc.PythonModel):
         return out
 
 
+@contextlib.contextmanager
+def _pipeline_class_names() -> Iterator[None]:
+    """MLflow 3's local-checkpoint path reads `check_task(task)[1]["impl"].__name__`; transformers 5 names
+    the pipeline class by its dotted path instead (a string). For the block, the entry carries an object
+    with that class name, which is all MLflow records (`instance_type`)."""
+    from types import SimpleNamespace
+
+    from transformers import pipelines
+
+    real = pipelines.check_task
+
+    def check_task(task):
+        name, meta, options = real(task)
+        if isinstance(meta.get("impl"), str):
+            meta = {**meta, "impl": SimpleNamespace(__name__=meta["impl"].rsplit(".", 1)[-1])}
+        return name, meta, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = real
+
+
 def log_checkpoint_model(checkpoint: str | Path, name: str | None, max_new_tokens: int = 32):
-    """Log a checkpoint folder as an MLflow model in the active run (and register it when ``name``)."""
-    from pruning_core.checkpoint import is_uniform, load_pruned
+    """Log a checkpoint folder as an MLflow model in the active run (and register it when ``name``).
+
+    The folder is logged as it is (its files copied), never loaded: a uniform checkpoint through the
+    transformers flavour's local-checkpoint path, one with per-layer sizes as a pyfunc artifact. Logging
+    a 70B checkpoint costs disk and time, not host memory."""
+    from pruning_core.checkpoint import is_uniform
 
     ckpt = Path(checkpoint).resolve()  # the run folder's link -> the store object (MLflow refuses links out)
     reqs = pip_requirements()
     if is_uniform(ckpt):
-        model, tok = load_pruned(ckpt, device="cpu")
-        if tok is None:
+        if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             raise StorageError("artifacts.checkpoint", str(ckpt), "a checkpoint folder with its tokenizer")
-        return mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tok}, task="text-generation", name="model",
-            registered_model_name=name, pip_requirements=reqs,
-            model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
-            metadata={"pruneflow_uniform": True})
+        with _pipeline_class_names():
+            return mlflow.transformers.log_model(
+                transformers_model=str(ckpt), task="text-generation", name="model",
+                registered_model_name=name, pip_requirements=reqs,
+                model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
+                metadata={"pruneflow_uniform": True})
     from mlflow.models import infer_signature
 
     code = [str(_REPO / "pruning_core"), str(_REPO / "tasks")]
