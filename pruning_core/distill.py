@@ -9,10 +9,10 @@ et al., "Compact Language Models via Pruning and Knowledge Distillation", 2024, 
 
 The teacher is not run beside the student. Its top-k log-probs (indices and values, half precision) over
 the training blocks are computed once (`teacher_topk`) and stored; training then holds only the student.
-With k below the vocabulary the loss is the *sparse* KL over the teacher's top-k, the teacher's kept
-probabilities renormalised at temperature T (the student's are its full-vocabulary log-probs, so the
-student is also pushed to put no mass outside the teacher's top-k); with k = vocabulary it is the exact
-KL. `kept_mass` (the teacher's probability inside its top-k, averaged over tokens) says how faithful a
+With k below the vocabulary the loss is the KL over the teacher's top-k entries plus one category for
+the rest of the vocabulary (the teacher's mass outside its top-k against the student's mass outside the
+same entries): the student keeps a tail where the teacher has one, which a renormalised top-k KL would
+push to zero. With k = vocabulary it is the exact KL. `kept_mass` (the teacher's probability inside its top-k, averaged over tokens) says how faithful a
 given k is.
 
 What is trained (`train`):
@@ -107,25 +107,36 @@ def teacher_topk(model: nn.Module, blocks: torch.Tensor, k: int | None, batch_si
     return {"indices": torch.cat(idx_out), "values": torch.cat(val_out), "kept_mass": torch.cat(mass_out)}
 
 
-class _SparseKL(torch.autograd.Function):
-    """Mean over tokens of KL(p̂ ‖ q): q = softmax(z / T) over the vocabulary, p̂ the teacher's kept
-    distribution scattered onto it. The gradient is written out, d/dz = (q - p̂) / T per token: it is
-    exactly zero where the student's distribution is the teacher's (autograd through log_softmax
-    leaves a rounding residue there that AdamW would turn into steps of size lr)."""
+class _TopKKL(torch.autograd.Function):
+    """Mean over tokens of KL(p ‖ q) over the teacher's k kept entries plus one "rest" category that
+    holds the probability outside them (teacher: 1 - its kept mass; student: its mass outside the
+    teacher's top-k). Without the rest category a sparse KL pushes the student's tail to zero, and the
+    tail is where text unlike the training text lives. q = softmax(z / T). The gradient is written out:
+    d/dz_j = (q_j - p_j) / T for j in the top-k, q_j (1 - p_rest / q_rest) / T outside; it is exactly zero
+    where the student's distribution is the teacher's (autograd through log_softmax leaves a rounding
+    residue there that AdamW turns into steps of size lr)."""
 
     @staticmethod
     def forward(ctx, z, t_idx, t_logp, temperature):
         s_logp = torch.log_softmax(z / temperature, dim=-1)
         p = t_logp.exp()
-        kl = (p * (t_logp - s_logp.gather(-1, t_idx))).sum(-1).mean()
-        ctx.save_for_backward(s_logp, t_idx, p)
+        kl = (p * (t_logp - s_logp.gather(-1, t_idx))).sum(-1)
+        ratio = torch.zeros_like(kl)
+        if t_idx.shape[-1] < z.shape[-1]:  # the rest category (none when every entry is kept)
+            p_rest = (1 - p.sum(-1)).clamp_min(0)
+            s_rest = torch.logsumexp(s_logp.scatter(-1, t_idx, float("-inf")), dim=-1)
+            kl = kl + torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - s_rest), 0.0)
+            ratio = p_rest / s_rest.exp()
+        ctx.save_for_backward(s_logp, t_idx, p, ratio)
         ctx.temperature = temperature
-        return kl
+        return kl.mean()
 
     @staticmethod
     def backward(ctx, grad):
-        s_logp, t_idx, p = ctx.saved_tensors
-        g = s_logp.exp_().scatter_add_(-1, t_idx, -p)  # q - p̂ (in place: s_logp is not needed again)
+        s_logp, t_idx, p, ratio = ctx.saved_tensors
+        q = s_logp.exp_()  # in place: s_logp is not needed again
+        g = q * (1 - ratio.unsqueeze(-1))
+        g.scatter_(-1, t_idx, q.gather(-1, t_idx) - p)
         n_tok = g.numel() // g.shape[-1]
         return g * (grad / (n_tok * ctx.temperature)), None, None, None
 
@@ -133,13 +144,18 @@ class _SparseKL(torch.autograd.Function):
 def kl_loss(student_logits: torch.Tensor, t_idx: torch.Tensor, t_val: torch.Tensor,
             temperature: float = 1.0) -> torch.Tensor:
     """Forward KL(teacher ‖ student) per token, averaged, times T². The teacher is given by its kept
-    log-probs `t_val` at indices `t_idx` ([..., k]), renormalised over the k entries at temperature T
-    (at T = 1 with k = vocabulary they are used as stored: already normalised)."""
+    log-probs `t_val` (temperature 1) at indices `t_idx` ([..., k]); with k below the vocabulary the
+    probability outside them is one more category (`_TopKKL`). At T != 1 the kept entries and the rest
+    category are tempered jointly (exact at k = vocabulary; the rest category is tempered as one)."""
     T = float(temperature)
-    t_val = t_val.float()
-    full = t_val.shape[-1] == student_logits.shape[-1]
-    t_logp = t_val if (T == 1.0 and full) else torch.log_softmax(t_val / T, dim=-1)
-    return _SparseKL.apply(student_logits.float(), t_idx.long(), t_logp, T) * (T * T)
+    v = t_val.float()
+    if T != 1.0:
+        if v.shape[-1] == student_logits.shape[-1]:
+            v = torch.log_softmax(v / T, dim=-1)
+        else:
+            rest = torch.log1p(-v.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+            v = torch.log_softmax(torch.cat([v, rest], -1) / T, dim=-1)[..., :-1]
+    return _TopKKL.apply(student_logits.float(), t_idx.long(), v, T) * (T * T)
 
 
 def _input_device(model: nn.Module) -> torch.device:

@@ -44,22 +44,45 @@ def test_teacher_keeps_the_dense_models_own_log_probs():
     assert bool((top["kept_mass"] < 1).all()) and bool((top["kept_mass"] > 0).all())
 
 
+def _reference_kl(z, idx, vals, T):
+    """The top-k + rest KL written with autograd: k kept teacher entries and one category for the rest."""
+    s_logp = torch.log_softmax(z / T, -1)
+    if idx.shape[-1] == z.shape[-1]:
+        tp = torch.log_softmax(vals / T, -1)
+        return (tp.exp() * (tp - s_logp.gather(-1, idx))).sum(-1).mean() * T * T
+    rest = torch.log1p(-vals.exp().sum(-1, keepdim=True))
+    joint = torch.log_softmax(torch.cat([vals, rest], -1) / T, -1)  # teacher's k + rest, tempered
+    s_rest = torch.log1p(-s_logp.gather(-1, idx).exp().sum(-1, keepdim=True))
+    s_joint = torch.cat([s_logp.gather(-1, idx), s_rest], -1)
+    return (joint.exp() * (joint - s_joint)).sum(-1).mean() * T * T
+
+
 def test_kl_loss_is_the_forward_kl_and_its_gradient_is_autograds():
     z = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
     t = torch.log_softmax(torch.randn(2, 5, 11, dtype=torch.float64), -1)
-    for k, T in ((11, 1.0), (4, 1.0), (4, 2.0)):
+    for k, T in ((11, 1.0), (11, 2.0), (4, 1.0), (4, 2.0), (1, 1.0)):
         vals, idx = t.topk(k, -1)
         got = kl_loss(z, idx, vals, T)
         (g_got,) = torch.autograd.grad(got, z)
-        tp = torch.log_softmax(vals / T, -1)  # the kept teacher, renormalised at T
-        ref = (tp.exp() * (tp - torch.log_softmax(z / T, -1).gather(-1, idx))).sum(-1).mean() * T * T
+        ref = _reference_kl(z, idx, vals, T)
         (g_ref,) = torch.autograd.grad(ref, z)
         assert abs(float(got.detach()) - float(ref.detach())) < 1e-5 and float(got.detach()) > 0
         assert torch.allclose(g_got.double(), g_ref, atol=1e-6)
     # k = vocabulary at T = 1: torch's own KL divergence
     vals, idx = t.topk(11, -1)
     exact = torch.nn.functional.kl_div(torch.log_softmax(z, -1), t, log_target=True, reduction="sum") / 10
-    assert abs(float(kl_loss(z, idx, vals)) - float(exact)) < 1e-5
+    assert abs(float(kl_loss(z, idx, vals).detach()) - float(exact.detach())) < 1e-5
+
+
+def test_a_top_k_teacher_keeps_the_students_tail():
+    """The rest category: a student equal to the teacher has zero loss and zero gradient at any k, so
+    nothing pushes its mass outside the top-k to zero (a renormalised top-k KL would)."""
+    z = torch.randn(3, 7, 50)
+    vals, idx = torch.log_softmax(z, -1).topk(5, -1)
+    zz = z.clone().requires_grad_(True)
+    loss = kl_loss(zz, idx, vals)
+    (g,) = torch.autograd.grad(loss, zz)
+    assert abs(float(loss.detach())) < 1e-6 and float(g.abs().max()) < 1e-7
 
 
 @pytest.mark.parametrize("train", ["full", "lora", "norms"])
