@@ -157,7 +157,7 @@ def teacher_args(spec: RunSpec, run, model: dict, calib: dict) -> dict:
     model, text and k, whatever the method and ratio); {} for the other kinds."""
     if spec.recovery.kind != "distill":
         return {}
-    from .preflight import distill_data
+    from .spec import distill_data
 
     d, c = distill_data(spec), spec.calibration
     same = d == {"source": c.source, "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed}

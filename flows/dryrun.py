@@ -147,7 +147,7 @@ def distill_plan(spec: RunSpec, config) -> dict:
         return {}
     from pruning_core.distill import teacher_bytes
 
-    from .preflight import distill_data
+    from .spec import distill_data
 
     d, r = distill_data(spec), spec.recovery.settings
     k = min(r["top_k"] or config.vocab_size, config.vocab_size)

@@ -27,7 +27,7 @@ from typing import Any
 
 from pruning_core.errors import ConfigError, DataError
 
-from .spec import RunSpec
+from .spec import RunSpec, distill_data
 
 CHARS_PER_TOKEN_MAX = 12  # a text averaging more characters per token than this is not plausible (BPE: ~4)
 
@@ -159,13 +159,6 @@ def check_blocks(spec: RunSpec, folder: Path | None, source: str, n_samples: int
 def check_calibration(spec: RunSpec, folder: Path | None) -> None:
     c = spec.calibration
     check_blocks(spec, folder, c.source, c.n_samples, c.seq_len, "calibration")
-
-
-def distill_data(spec: RunSpec) -> dict:
-    """The distillation blocks as calibration-step arguments: the calibration's unless set."""
-    d, c = spec.recovery.settings, spec.calibration
-    return {"source": d.get("source") or c.source, "n_samples": d.get("n_blocks") or c.n_samples,
-            "seq_len": d.get("seq_len") or c.seq_len, "seed": c.seed if d.get("data_seed") is None else d["data_seed"]}
 
 
 def check_recovery(spec: RunSpec, folder: Path | None, data: bool = True) -> None:

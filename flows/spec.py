@@ -218,6 +218,13 @@ class RunSpec(_Strict):
         return self.name or f"{self.run_name()}-{self.digest()}"
 
 
+def distill_data(spec: RunSpec) -> dict:
+    """The distillation blocks as calibration-step arguments: the calibration's unless set."""
+    d, c = spec.recovery.settings, spec.calibration
+    return {"source": d.get("source") or c.source, "n_samples": d.get("n_blocks") or c.n_samples,
+            "seq_len": d.get("seq_len") or c.seq_len, "seed": c.seed if d.get("data_seed") is None else d["data_seed"]}
+
+
 DEFAULT_SPEC: dict[str, Any] = {
     # the embedded default: SmolLM2-135M, pydoc text, SlimGPT (per_group, heads at 0.75 r, log-increase) at 20 %
     # of the decoder layers' parameters: the papers' method with the lowest out-of-domain PPL

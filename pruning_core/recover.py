@@ -120,7 +120,7 @@ def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings:
         batch = train_ids[idx].to(device)
         return peft_model(input_ids=batch, labels=batch, use_cache=False).loss, {}
 
-    from .distill import fit
+    from .train_loop import fit
 
     info = fit(peft_model, params, train_ids.shape[0], loss_of, s, progress)
     curve, seconds = info["loss_curve"], info["seconds"]

@@ -187,15 +187,17 @@ def begin_flow(store_url: str | None) -> str | None:
     if server:
         journal.set_server(server)
     start_watchdog()
-    from . import signals
-
-    signals.rearm()  # Prefect's flow engine replaced the command line's SIGTERM handler
+    for hook in ON_BEGIN_FLOW:  # tasks.signals: put back the handlers Prefect's flow engine replaced
+        hook()
     return rid
 
 
 def flow_ended(flow, flow_run, state) -> None:
     """A Prefect flow hook (completion, failure, cancellation): this run leaves nothing to reap."""
     journal.remove("flow_runs", str(flow_run.id))
+
+
+ON_BEGIN_FLOW: list = []  # called when a flow begins (tasks.signals adds its re-arming)
 
 
 def temporary_server() -> dict | None:
@@ -223,9 +225,7 @@ def start_watchdog() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "tasks.cleanup", "watch", str(os.getpid()), home], env=env,
                             cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    from .signals import KEEP
-
-    KEEP.add(proc.pid)  # a signal stops this process's children, never its watchdog
+    journal.KEEP_PIDS.add(proc.pid)  # a signal stops this process's children, never its watchdog
 
 
 def watch(pid: int) -> None:

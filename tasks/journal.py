@@ -33,6 +33,8 @@ _TAG = re.compile(r"(\d+)\.([0-9a-f]{8})")
 _lock = threading.Lock()
 
 
+KEEP_PIDS: set[int] = set()  # children that outlive this process on purpose (its watchdog): signals spare them
+
 def pruneflow_home() -> Path:
     """All local state of pruneflow lives here (`$PRUNEFLOW_HOME`, default ~/.cache/pruneflow)."""
     return Path(os.environ.get("PRUNEFLOW_HOME", "~/.cache/pruneflow")).expanduser()

@@ -34,7 +34,6 @@ from . import journal
 
 _INSTALLED = [False]
 _EXITING = [False]
-KEEP: set[int] = set()  # child pids that outlive this process on purpose (the watchdog)
 WAIT_S = 10.0  # at most this long for the flow runs to be marked Cancelled
 
 
@@ -44,6 +43,10 @@ def install() -> None:
         return
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+    if not _INSTALLED[0]:
+        from . import cleanup
+
+        cleanup.ON_BEGIN_FLOW.append(rearm)  # Prefect's flow engine replaces the SIGTERM handler
     _INSTALLED[0] = True
 
 
@@ -136,7 +139,7 @@ def children(pid: int) -> list[int]:
 
 def stop_children(grace_s: float = 5.0) -> None:
     """SIGTERM every descendant of this process but the watchdog; SIGKILL those alive after `grace_s`."""
-    kids = [p for p in children(os.getpid()) if p not in KEEP]
+    kids = [p for p in children(os.getpid()) if p not in journal.KEEP_PIDS]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in kids:
             try:
