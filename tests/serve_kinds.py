@@ -4,6 +4,12 @@ A random Llama (hidden 128, 8 query / 4 KV heads of 32, FFN 256, 4 layers; head 
 CPU attention supports) is pruned by `surgery.apply_plan` with a hand-written plan and saved with
 `checkpoint.save_pruned` (plan.json included), exactly as a pipeline run writes it.
 Used by tests/pruning_core/test_export.py (format) and tests/serve/test_vllm.py (a real vLLM).
+
+Kinds served by stock vLLM: uniform (stock folder), ffn_widths, removed_layer, ffn_replacement,
+uniform_heads (DeciLM). Kinds only pruneflow's vLLM plugin serves (`pruneflow_vllm`): per_group_heads
+(query heads per layer, as SlimGPT's default `gqa: per_group` leaves them: `make run`'s result),
+flap_bias (FLAP's compensation biases on o_proj / down_proj, per-layer heads), attention_free_first
+(a Streamline replacement — an attention-free layer — before any attention).
 """
 
 from __future__ import annotations
@@ -62,10 +68,25 @@ def plans() -> dict[str, PrunePlan]:
                                  LayerPlan(1, heads=per_group, kv_heads=list(range(N_KV)), ffn=_ffn(128, 1)),
                                  LayerPlan(2, heads=q2, kv_heads=kv2),
                                  LayerPlan(3, heads=per_group, kv_heads=list(range(N_KV)), ffn=_ffn(64, 3))])
+    # SlimGPT per_group: every KV head kept, 1 or 2 query heads per group, differing between layers
+    out["per_group_heads"] = plan([LayerPlan(0, heads=[0, 2, 4, 6], kv_heads=list(range(N_KV)), ffn=_ffn(224, 0)),
+                                   LayerPlan(1, ffn=_ffn(160, 1)),
+                                   LayerPlan(2, heads=[1, 3, 5, 7], kv_heads=list(range(N_KV)), ffn=_ffn(96, 2)),
+                                   LayerPlan(3, heads=[0, 1, 2, 3, 6, 7], kv_heads=[0, 1, 3], ffn=_ffn(200, 3))])
+    q3, kv3 = _kv_group_drop([3])
+    out["flap_bias"] = plan([LayerPlan(0, heads=q3, kv_heads=kv3, ffn=_ffn(192, 0)), LayerPlan(1, ffn=_ffn(128, 1)),
+                             LayerPlan(2, heads=q, kv_heads=kv, ffn=_ffn(224, 2)), LayerPlan(3)])
+    out["attention_free_first"] = plan([LayerPlan(0, replacement={"kind": "ffn", "span": [0, 2]}),
+                                        LayerPlan(1, keep=False), LayerPlan(2, ffn=_ffn(128, 2)), LayerPlan(3)])
     return out
 
 
-KINDS = ("uniform", "ffn_widths", "removed_layer", "ffn_replacement", "uniform_heads")
+KINDS = ("uniform", "ffn_widths", "removed_layer", "ffn_replacement", "uniform_heads",
+         "per_group_heads", "flap_bias", "attention_free_first")
+# the layout `export` chooses for each (the lightest format that serves it)
+LAYOUTS = {"uniform": "stock", "ffn_widths": "decilm", "removed_layer": "decilm", "ffn_replacement": "decilm",
+           "uniform_heads": "decilm", "per_group_heads": "plugin", "flap_bias": "plugin",
+           "attention_free_first": "plugin"}
 
 
 def unservable_plan() -> PrunePlan:
@@ -77,6 +98,11 @@ def unservable_plan() -> PrunePlan:
 def build(kind: str, folder: Path, seed: int = 0) -> Path:
     plan = unservable_plan() if kind == "unservable" else plans()[kind]
     model = apply_plan(tiny_llama(seed), plan)
+    if kind == "flap_bias":  # FLAP's compensation biases (random here, so that they matter)
+        g = torch.Generator().manual_seed(seed + 1)
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.bias = torch.nn.Parameter(0.5 * torch.randn(lin.out_features, generator=g))
     return save_pruned(model, None, plan, folder)
 
 
