@@ -235,6 +235,11 @@ def layout_for(config: dict, positions: list[int | None] | None = None) -> tuple
     _plugin_check(config)
     if config.get("model_type") not in _LLAMA_TYPES:
         return "plugin", f"model type {config.get('model_type')!r} has no DeciLM form"
+    heads = [(i, d["n_heads"]) for i, d in enumerate(config["pruneflow_layers"]) if d["kind"] == "decoder"]
+    bad = next(((i, h) for i, h in heads if h != heads[0][1]), None)
+    if bad:
+        return "plugin", f"query heads differ between layers (layer {bad[0]} keeps {bad[1]}, layer {heads[0][0]} " \
+                         f"keeps {heads[0][1]}; `servable: vllm` keeps them equal)"
     try:
         block_configs(config, positions)
     except ConfigError as e:
