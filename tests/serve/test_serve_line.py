@@ -3,8 +3,9 @@
 The run is `make run`'s default (SlimGPT, `gqa: per_group`, `export: vllm`) on a tiny Llama (8 query /
 4 KV heads of 32, which the vLLM CPU attention supports; a BPE tokenizer), so its query heads differ
 between layers and its servable folder is written for pruneflow's vLLM plugin (no remote code). The
-printed command is split as a shell would and started as it is, plus `--port` (a free one) and small CPU KV-cache / length
-settings; the completion of a text prompt (greedy) must be `load_pruned`'s greedy continuation.
+printed command is split as a shell would and started as it is, plus `--port` (a free one; the CPU KV
+cache is kept small through VLLM_CPU_KVCACHE_SPACE); the greedy completion of a text prompt must be
+`load_pruned`'s greedy continuation.
 """
 
 from __future__ import annotations
@@ -77,15 +78,15 @@ def test_run_prints_a_serve_command_that_answers_completions(tmp_path):
     ckpt = json.loads((Path(report["artifacts"]["checkpoint_local"]) / "config.json").read_text())
     assert len({d["n_heads"] for d in ckpt["pruneflow_layers"]}) > 1  # query heads differ between layers
     argv = shlex.split(command)  # vllm-cpu's `vllm` script fails on its dist name: its server module
-    assert argv[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", served, "--host", "127.0.0.1"], command
+    assert argv[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", served, "--enforce-eager",
+                        "--host", "127.0.0.1"], command
     assert Path(argv[0]) == REPO / ".venv-serve" / "bin" / "python"
 
     port, log = free_port(), tmp_path / "vllm.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*argv, "--port", str(port), "--max-model-len", "128", "--dtype", "float32",
-                                 "--enforce-eager"], env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*argv, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
