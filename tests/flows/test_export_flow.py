@@ -64,7 +64,7 @@ def test_cli_export_errors_are_one_line(tmp_path, pf_home):
     res = runner.invoke(app, ["export", str(src), str(tmp_path / "out")])
     assert res.exit_code == 0 and "plugin" in res.stdout and "layer 1 keeps 6" in res.stdout
     serve = next(ln for ln in res.stdout.splitlines() if ln.startswith("serve it:"))
-    assert f"{tmp_path / 'out'} --host 127.0.0.1" in serve and "--trust-remote-code" not in serve
+    assert f" {tmp_path / 'out'} " in serve and serve.endswith("--host 127.0.0.1")  # no remote code
     _one_line_error(runner.invoke(app, ["export", str(src), str(tmp_path / "o"), "--format", "onnx"]), "export.format")
     _one_line_error(runner.invoke(app, ["export", "no-such-run", str(tmp_path / "o")]), "run", "no-such-run")
     res = runner.invoke(app, ["export", str(build("ffn_widths", tmp_path / "ok")), str(tmp_path / "o2")])
