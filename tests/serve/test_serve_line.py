@@ -3,9 +3,9 @@
 The run is `make run`'s default (SlimGPT, `gqa: per_group`, `export: vllm`) on a tiny Llama (8 query /
 4 KV heads of 32, which the vLLM CPU attention supports; a BPE tokenizer), so its query heads differ
 between layers and its servable folder is written for pruneflow's vLLM plugin (no remote code). The
-printed command is split as a shell would and started as it is, plus `--port` (a free one; the CPU KV
-cache is kept small through VLLM_CPU_KVCACHE_SPACE); the greedy completion of a text prompt must be
-`load_pruned`'s greedy continuation.
+printed command is split as a shell would and started as it is, plus `--port` (a free one), with the
+CPU settings of test_vllm.py (VLLM_CPU_ENV) in the environment; the greedy completion of a text prompt
+must be `load_pruned`'s greedy continuation.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from pruning_core.checkpoint import load_pruned
 from tests.conftest import free_port, stop_pid, write_tiny_llama
+from tests.serve.test_vllm import VLLM_CPU_ENV
 from tests.serve_kinds import greedy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,8 +84,7 @@ def test_run_prints_a_serve_command_that_answers_completions(tmp_path):
     assert Path(argv[0]) == REPO / ".venv-serve" / "bin" / "python"
 
     port, log = free_port(), tmp_path / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **VLLM_CPU_ENV, "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([*argv, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -25,6 +25,10 @@ from tests.serve_kinds import KINDS, LAYOUTS, PROMPTS, build, greedy
 REPO = Path(__file__).resolve().parents[2]
 SERVE_PY = REPO / ".venv-serve" / "bin" / "python"
 N_NEW = 8
+# vLLM on a small shared CPU: a 1 GiB KV cache, one OpenMP thread not bound to a core (vLLM's default binds
+# one per core, whose barriers spin when other work shares the cores: decoding then crawls)
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 pytestmark = pytest.mark.serve
 
@@ -43,8 +47,7 @@ def test_vllm_greedy_tokens_equal_load_pruned(tmp_path):
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     job.write_text(json.dumps({"checkpoints": folders, "prompts": PROMPTS, "max_tokens": N_NEW,
                                "trust_remote_code": [k for k, v in layouts.items() if v == "decilm"]}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    env = {**os.environ, **VLLM_CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([str(SERVE_PY), str(REPO / "tests" / "serve" / "vllm_greedy.py"), str(job), str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
