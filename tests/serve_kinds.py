@@ -9,7 +9,8 @@ Kinds served by stock vLLM: uniform (stock folder), ffn_widths, removed_layer, f
 uniform_heads (DeciLM). Kinds only pruneflow's vLLM plugin serves (`pruneflow_vllm`): per_group_heads
 (query heads per layer, as SlimGPT's default `gqa: per_group` leaves them: `make run`'s result),
 flap_bias (FLAP's compensation biases on o_proj / down_proj, per-layer heads), attention_free_first
-(a Streamline replacement — an attention-free layer — before any attention).
+(a Streamline replacement — an attention-free layer — before any attention), qwen2_per_group_heads
+(per_group_heads on a Qwen2, whose q/k/v biases DeciLM's Llama model has no form for).
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ N_LAYERS, N_Q, N_KV, HEAD_DIM, FFN = 4, 8, 4, 32, 256
 PROMPTS = [[1, 5, 9, 17, 33, 65], [7, 200, 3, 120, 44, 9, 250, 31], [42, 42, 42, 13]]
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(seed: int = 0, family: str = "llama"):
+    """Llama, or Qwen2 (q/k/v biases, made non-zero) of the same shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=FFN, num_hidden_layers=N_LAYERS,
-                      num_attention_heads=N_Q, num_key_value_heads=N_KV, head_dim=HEAD_DIM,
-                      max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
-                      bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    config, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    cfg = config(vocab_size=256, hidden_size=128, intermediate_size=FFN, num_hidden_layers=N_LAYERS,
+                 num_attention_heads=N_Q, num_key_value_heads=N_KV, head_dim=HEAD_DIM,
+                 max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
+                 bos_token_id=1, eos_token_id=2)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1 and family != "llama":
+                p.add_(0.3 * torch.randn_like(p))
+    return model
 
 
 def _ffn(n: int, seed: int) -> list[int]:
@@ -78,15 +86,16 @@ def plans() -> dict[str, PrunePlan]:
                              LayerPlan(2, heads=q, kv_heads=kv, ffn=_ffn(224, 2)), LayerPlan(3)])
     out["attention_free_first"] = plan([LayerPlan(0, replacement={"kind": "ffn", "span": [0, 2]}),
                                         LayerPlan(1, keep=False), LayerPlan(2, ffn=_ffn(128, 2)), LayerPlan(3)])
+    out["qwen2_per_group_heads"] = out["per_group_heads"]  # on a Qwen2 (q/k/v biases; no DeciLM form)
     return out
 
 
 KINDS = ("uniform", "ffn_widths", "removed_layer", "ffn_replacement", "uniform_heads",
-         "per_group_heads", "flap_bias", "attention_free_first")
+         "per_group_heads", "flap_bias", "attention_free_first", "qwen2_per_group_heads")
 # the layout `export` chooses for each (the lightest format that serves it)
 LAYOUTS = {"uniform": "stock", "ffn_widths": "decilm", "removed_layer": "decilm", "ffn_replacement": "decilm",
            "uniform_heads": "decilm", "per_group_heads": "plugin", "flap_bias": "plugin",
-           "attention_free_first": "plugin"}
+           "attention_free_first": "plugin", "qwen2_per_group_heads": "plugin"}
 
 
 def unservable_plan() -> PrunePlan:
@@ -97,7 +106,7 @@ def unservable_plan() -> PrunePlan:
 
 def build(kind: str, folder: Path, seed: int = 0) -> Path:
     plan = unservable_plan() if kind == "unservable" else plans()[kind]
-    model = apply_plan(tiny_llama(seed), plan)
+    model = apply_plan(tiny_llama(seed, "qwen2" if kind.startswith("qwen2") else "llama"), plan)
     if kind == "flap_bias":  # FLAP's compensation biases (random here, so that they matter)
         g = torch.Generator().manual_seed(seed + 1)
         for layer in model.model.layers:

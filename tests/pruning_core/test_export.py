@@ -96,7 +96,7 @@ def test_query_heads_that_differ_between_layers_go_to_the_plugin(tmp_path):
     assert not (tmp_path / "out" / "configuration_decilm.py").exists()  # no remote code
 
 
-@pytest.mark.parametrize("kind", ["per_group_heads", "flap_bias", "attention_free_first"])
+@pytest.mark.parametrize("kind", ["per_group_heads", "flap_bias", "attention_free_first", "qwen2_per_group_heads"])
 def test_the_lightest_layout_for_every_kind(tmp_path, kind):
     from tests.serve_kinds import KINDS, LAYOUTS
 

@@ -2,10 +2,10 @@
 
 Tiny checkpoints of every kind (tests/serve_kinds.py: uniform heads+FFN, per-layer FFN widths, a removed
 layer, an LLM-Streamline FFN replacement, uniform head counts with per-layer KV heads — stock vLLM — and
-per-layer query heads as `make run` leaves them, FLAP biases, an attention-free layer first — pruneflow's
-vLLM plugin) are written by pruneflow's surgery + save_pruned, exported with `pruning_core.export`, loaded
-by `vllm.LLM` on the CPU in float32 (remote code only for the DeciLM folders), and their greedy
-continuations of three prompts must equal those of `checkpoint.load_pruned`.
+per-layer query heads as `make run` leaves them, also on a Qwen2, FLAP biases, an attention-free layer
+first — pruneflow's vLLM plugin) are written by pruneflow's surgery + save_pruned, exported with
+`pruning_core.export`, loaded by `vllm.LLM` on the CPU in float32 (remote code only for the DeciLM
+folders), and their greedy continuations of three prompts must equal those of `checkpoint.load_pruned`.
 """
 
 from __future__ import annotations
