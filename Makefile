@@ -78,18 +78,24 @@ clean:
 # fastapi (<0.137), so it cannot share .venv. requirements-serve.lock pins it (hashes); torchvision/
 # torchaudio/torchcodec are left out on purpose: PyPI only has their CUDA builds, which fail to load next to
 # the CPU torch (and vLLM serves text models without them). `make serve-test` builds it and runs the tests
-# marked `serve` (vLLM's greedy tokens == load_pruned's on tiny exported checkpoints of every kind).
+# marked `serve` (vLLM's greedy tokens == load_pruned's on tiny exported checkpoints of every kind; `make
+# run`'s "serve it" command answering a completion request on 127.0.0.1). CI runs it (.ci/run).
 SERVE_LOCK  := requirements-serve.lock
 SERVE_STAMP := .venv-serve/.pruneflow-serve-installed
 .PHONY: serve-env serve-lock serve-test
 
 serve-env: $(SERVE_STAMP)
 
-$(SERVE_STAMP): $(SERVE_LOCK)
-	test -x .venv-serve/bin/python || python3 -m venv .venv-serve
-	.venv-serve/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r $(SERVE_LOCK) \
+# pruneflow itself goes in too (--no-deps: only its vLLM plugin, pruneflow_vllm, runs there; vLLM finds it
+# through the `vllm.general_plugins` entry point, so `vllm serve <folder>` serves every export)
+$(SERVE_STAMP): $(SERVE_LOCK) pyproject.toml
+	@echo "serve-env: installing $(SERVE_LOCK) + pruneflow's vLLM plugin into .venv-serve (log: .venv-serve/pip-install.log)"
+	@test -x .venv-serve/bin/python || python3 -m venv .venv-serve
+	@.venv-serve/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r $(SERVE_LOCK) \
 	  > .venv-serve/pip-install.log 2>&1 || { grep -v 'is ignored' .venv-serve/pip-install.log; exit 1; }
-	touch $(SERVE_STAMP)
+	@.venv-serve/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+	  >> .venv-serve/pip-install.log 2>&1 || { tail -20 .venv-serve/pip-install.log; exit 1; }
+	@touch $(SERVE_STAMP)
 
 serve-lock:
 	test -x .venv-lock/bin/uv || (python3 -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION))

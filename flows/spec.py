@@ -8,10 +8,11 @@
                   the report gives the realised figure
     params:       alternative target: parameters left (100M, 1.2B or an integer); sets `ratio`
     schedule:     per-layer ratio schedule (None: the method's default, usually uniform)
-    servable:     none|vllm: plan for vLLM (the same query-head count in every layer; FFN widths free);
-                  copied into method.settings.servable. Default: vllm when export is vllm, else none
+    servable:     none|vllm: plan for *stock* vLLM, without pruneflow's plugin (the same query-head count
+                  in every layer; FFN widths free); copied into method.settings.servable. Default: none
     export:       {format: none|vllm} (or `export: vllm`): the run ends with a servable folder
-                  (<run_dir>/servable-vllm; uniform: the stock folder, else vLLM's DeciLM format)
+                  (<run_dir>/servable-vllm: the stock folder, vLLM's DeciLM format, or pruneflow's vLLM
+                  plugin architecture, the lightest that serves the result). Default: vllm
     recovery:     {kind: none|lora|replacement|distill, settings}  (distill: KL to the dense model's stored
                   top-k log-probs, the `teacher` step; after LLM-Streamline's replacement is trained)
     evaluation:   {source, ppl_seq_len, ppl_windows, tasks, limit, efficiency, batch_size}
@@ -164,9 +165,8 @@ class RunSpec(_Strict):
             if "schedule" not in m.settings.model_fields:
                 raise ConfigError("schedule", self.schedule, f"no schedule (method {m.name!r} has none)")
             raw["schedule"] = self.schedule
-        servable = self.servable or ("vllm" if self.export.format == "vllm" else None)
-        if servable is not None:
-            raw["servable"] = servable
+        if self.servable is not None:  # pruneflow's vLLM plugin serves any result: the constraint is opt-in
+            raw["servable"] = self.servable
         self.method.settings = m.parse_settings(raw).model_dump(mode="json")
         sched = self.method.settings.get("schedule")
         if isinstance(sched, str):
@@ -235,6 +235,8 @@ DEFAULT_SPEC: dict[str, Any] = {
     "ratio": 0.2,
     # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)
     "evaluation": {"ppl_seq_len": 256, "ppl_windows": 16, "tasks": ["pydoc_next_sentence"], "limit": 50},
+    # the run ends with <run_dir>/servable-vllm, which the summary's "serve it" line serves as it is
+    "export": {"format": "vllm"},
 }
 
 

@@ -18,8 +18,17 @@
   transformers has no `nemotron-nas` config class, so the folder carries `configuration_decilm.py`
   (written here, `auto_map` in config.json): load it with `trust_remote_code` (`vllm serve --trust-remote-code`).
 
-Pure: reads and writes files with safetensors / json; no model is built and nothing is imported from
-transformers. Writes are atomic (temporary sibling folder renamed into place).
+* **anything else pruneflow writes** (Llama family: per-layer query heads — SlimGPT's default
+  `gqa: per_group` —, per-layer biases such as FLAP's, an attention-free layer before the first
+  attention, model types DeciLM does not cover such as Qwen2): the checkpoint's own folder with
+  `architectures = ["PruneflowLlamaForCausalLM"]`, the model class of pruneflow's vLLM plugin
+  (`pruneflow_vllm`, installed with `pip install pruneflow[serve]`); weights and `pruneflow_layers`
+  unchanged, so a plain `vllm serve OUT` (no remote code) serves it.
+
+`export_checkpoint` picks the lightest that holds the result (`layout_for`): stock, else DeciLM (stock
+vLLM with `--trust-remote-code`), else the plugin. Pure: reads and writes files with safetensors / json;
+no model is built and nothing is imported from transformers. Writes are atomic (temporary sibling
+folder renamed into place).
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ from .util import replace_dir, staged_dir
 FORMATS = ("vllm",)
 DECI_ARCH = "DeciLMForCausalLM"
 DECI_MODEL_TYPE = "nemotron-nas"
+PLUGIN_ARCH = "PruneflowLlamaForCausalLM"  # pruneflow_vllm.ARCH (that package imports vLLM, not pruneflow)
+LAYOUTS = ("stock", "decilm", "plugin")
+_PLUGIN_TYPES = ("llama", "mistral", "qwen2")  # the Llama family of pruning_core.adapters, less SmolLM3's NoPE
 _LLAMA_TYPES = ("llama",)  # what the DeciLM modelling in vLLM reproduces (Llama attention + SwiGLU MLP)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
@@ -189,9 +201,57 @@ def _write_weights(src: Path, dst: Path, kinds: list[str], block_of: list[int]) 
         (dst / index.name).write_text(json.dumps(data, indent=2))
 
 
+def _decilm_bias_mismatch(config: dict) -> str | None:
+    """Why vLLM's DeciLM would build other biases than the layers carry (it has one flag for q/k/v/o and
+    one for the MLP), or None."""
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"] if config.get("attention_bias") else []
+    mlp = ["gate_proj", "up_proj", "down_proj"] if config.get("mlp_bias") else []
+    for i, d in enumerate(config["pruneflow_layers"]):
+        if d["kind"] == "decoder" and "bias" in d and sorted(d["bias"]) != sorted(attn + mlp):
+            return f"layer {i} has biases on {sorted(d['bias']) or 'no projection'}, DeciLM builds {sorted(attn + mlp)}"
+    return None
+
+
+def _plugin_check(config: dict) -> None:
+    """ConfigError when even pruneflow's vLLM plugin cannot serve the checkpoint."""
+    mt = config.get("model_type")
+    if mt not in _PLUGIN_TYPES:
+        raise ConfigError("export.format", "vllm", f"a uniform checkpoint for model type {mt!r} (per-layer sizes are "
+                          f"served through Llama-family model classes: {', '.join(_PLUGIN_TYPES)})")
+    for i, d in enumerate(config["pruneflow_layers"]):
+        if d["kind"] not in ("decoder", "ffn"):
+            raise ConfigError("export.format", "vllm", f"decoder or ffn layers (layer {i} is {d['kind']!r})")
+        if d["kind"] == "decoder" and d["n_heads"] and (not d["n_kv_heads"] or d["n_heads"] % d["n_kv_heads"]):
+            raise ConfigError("export.format", "vllm", f"whole query heads per KV head (layer {i}: "
+                              f"{d['n_heads']} query / {d['n_kv_heads']} KV heads)")
+
+
+def layout_for(config: dict, positions: list[int | None] | None = None) -> tuple[str, str]:
+    """(layout, why) of the lightest format that serves a checkpoint with this config.json: `stock`
+    (uniform), `decilm` (stock vLLM, per-layer KV heads / FFN widths) or `plugin` (pruneflow's vLLM
+    plugin). ConfigError when none does."""
+    if not config.get("pruneflow_layers"):
+        return "stock", "every layer has the same shape"
+    _plugin_check(config)
+    if config.get("model_type") not in _LLAMA_TYPES:
+        return "plugin", f"model type {config.get('model_type')!r} has no DeciLM form"
+    heads = [(i, d["n_heads"]) for i, d in enumerate(config["pruneflow_layers"]) if d["kind"] == "decoder"]
+    bad = next(((i, h) for i, h in heads if h != heads[0][1]), None)
+    if bad:
+        return "plugin", f"query heads differ between layers (layer {bad[0]} keeps {bad[1]}, layer {heads[0][0]} " \
+                         f"keeps {heads[0][1]}; `servable: vllm` keeps them equal)"
+    try:
+        block_configs(config, positions)
+    except ConfigError as e:
+        return "plugin", e.accepted
+    bad = _decilm_bias_mismatch(config)
+    return ("plugin", bad) if bad else ("decilm", "one query-head count in every layer")
+
+
 def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "vllm") -> dict:
-    """Write a servable copy of checkpoint `src` to `out`. Returns {"path", "format", "layout", "blocks"}:
-    layout "stock" (copied as is) or "decilm" (per-layer block configs)."""
+    """Write a servable copy of checkpoint `src` to `out`. Returns {"path", "format", "layout", "blocks",
+    "why"}: layout "stock" (copied as is), "decilm" (per-layer block configs) or "plugin" (pruneflow's
+    vLLM plugin architecture); `why` says what made it the lightest one."""
     if fmt not in FORMATS:
         raise ConfigError("export.format", fmt, ", ".join(FORMATS))
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -201,39 +261,45 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: str = "vllm") -> di
     if out.resolve() == src.resolve():
         raise StorageError("export.out", str(out), "a folder other than the checkpoint itself")
     layers = config.get("pruneflow_layers")
-    if layers:
-        mt = config.get("model_type")
-        if mt not in _LLAMA_TYPES:
-            raise ConfigError("export.format", fmt, f"a uniform checkpoint for model type {mt!r} (per-layer sizes are "
-                              f"served through vLLM's DeciLM model, which is Llama-based: {', '.join(_LLAMA_TYPES)})")
-        positions = _plan_positions(src, len(layers))
-        blocks, n_q = block_configs(config, positions)
+    positions = _plan_positions(src, len(layers)) if layers else None
+    layout, why = layout_for(config, positions)
     with staged_dir(out, "export.out") as tmp:
         for f in src.iterdir():  # tokenizer, generation config, plan.json, ...
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
                                                                           "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
-        if not layers:
+        if layout != "decilm":  # the weights as they are
             for f in src.glob("*.safetensors"):
                 shutil.copy2(f, tmp / f.name)
             if (src / "model.safetensors.index.json").is_file():
                 shutil.copy2(src / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
+        if layout == "stock":
             shutil.copy2(src / "config.json", tmp / "config.json")
-            result = {"format": fmt, "layout": "stock", "blocks": config.get("num_hidden_layers")}
-        else:
-            kinds = [d["kind"] for d in layers]
-            block_of = list(range(len(layers))) if positions is None else \
-                [positions.index(k) for k in range(len(layers))]
-            _write_weights(src, tmp, kinds, block_of)
-            attn = next(b["attention"] for b in blocks if not b["attention"]["no_op"])
-            cfg = {k: v for k, v in config.items() if k != "pruneflow_layers"}
-            cfg.update(architectures=[DECI_ARCH], model_type=DECI_MODEL_TYPE, num_hidden_layers=len(blocks),
-                       num_attention_heads=n_q, num_key_value_heads=n_q // attn["n_heads_in_group"],
-                       intermediate_size=max(b["ffn"]["intermediate_size"] or 0 for b in blocks),
-                       block_configs=blocks, auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"},
-                       pruneflow_export={"format": fmt, "source_layers": len(layers)})
+            blocks = config.get("num_hidden_layers")
+        elif layout == "plugin":
+            cfg = {**config, "architectures": [PLUGIN_ARCH],
+                   "pruneflow_export": {"format": fmt, "layout": layout, "needs": "pip install pruneflow[serve]"}}
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            (tmp / "configuration_decilm.py").write_text(CONFIG_MODULE)
-            result = {"format": fmt, "layout": "decilm", "blocks": len(blocks)}
+            blocks = len(layers)
+        else:
+            blocks = _write_decilm(src, tmp, config, positions, fmt)
         replace_dir(tmp, out)
-    return {"path": str(out), **result}
+    return {"path": str(out), "format": fmt, "layout": layout, "blocks": blocks, "why": why}
+
+
+def _write_decilm(src: Path, tmp: Path, config: dict, positions: list[int | None] | None, fmt: str) -> int:
+    layers = config["pruneflow_layers"]
+    blocks, n_q = block_configs(config, positions)
+    kinds = [d["kind"] for d in layers]
+    block_of = list(range(len(layers))) if positions is None else [positions.index(k) for k in range(len(layers))]
+    _write_weights(src, tmp, kinds, block_of)
+    attn = next(b["attention"] for b in blocks if not b["attention"]["no_op"])
+    cfg = {k: v for k, v in config.items() if k != "pruneflow_layers"}
+    cfg.update(architectures=[DECI_ARCH], model_type=DECI_MODEL_TYPE, num_hidden_layers=len(blocks),
+               num_attention_heads=n_q, num_key_value_heads=n_q // attn["n_heads_in_group"],
+               intermediate_size=max(b["ffn"]["intermediate_size"] or 0 for b in blocks),
+               block_configs=blocks, auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"},
+               pruneflow_export={"format": fmt, "source_layers": len(layers)})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    (tmp / "configuration_decilm.py").write_text(CONFIG_MODULE)
+    return len(blocks)

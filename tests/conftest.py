@@ -99,15 +99,14 @@ def pf_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama (GQA 4 q / 2 kv heads, 2 layers) + a 320-token BPE tokenizer, as a HF folder."""
+def write_tiny_llama(d: Path, **config) -> Path:
+    """A tiny random Llama + a 320-token BPE tokenizer (trained on the pydoc text), as a HF folder in `d`.
+    `config`: LlamaConfig fields over the defaults (GQA 4 q / 2 kv heads of 16, 2 layers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from pruning_core.data import load_text
 
-    d = tmp_path_factory.mktemp("tiny-llama")
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -119,9 +118,9 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     import torch
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(**{**dict(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                tie_word_embeddings=False), **config})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -129,6 +128,12 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (GQA 4 q / 2 kv heads, 2 layers) + a 320-token BPE tokenizer, as a HF folder."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

@@ -4,6 +4,13 @@ A random Llama (hidden 128, 8 query / 4 KV heads of 32, FFN 256, 4 layers; head 
 CPU attention supports) is pruned by `surgery.apply_plan` with a hand-written plan and saved with
 `checkpoint.save_pruned` (plan.json included), exactly as a pipeline run writes it.
 Used by tests/pruning_core/test_export.py (format) and tests/serve/test_vllm.py (a real vLLM).
+
+Kinds served by stock vLLM: uniform (stock folder), ffn_widths, removed_layer, ffn_replacement,
+uniform_heads (DeciLM). Kinds only pruneflow's vLLM plugin serves (`pruneflow_vllm`): per_group_heads
+(query heads per layer, as SlimGPT's default `gqa: per_group` leaves them: `make run`'s result),
+flap_bias (FLAP's compensation biases on o_proj / down_proj, per-layer heads), attention_free_first
+(a Streamline replacement — an attention-free layer — before any attention), qwen2_per_group_heads
+(per_group_heads on a Qwen2, whose q/k/v biases DeciLM's Llama model has no form for).
 """
 
 from __future__ import annotations
@@ -20,15 +27,22 @@ N_LAYERS, N_Q, N_KV, HEAD_DIM, FFN = 4, 8, 4, 32, 256
 PROMPTS = [[1, 5, 9, 17, 33, 65], [7, 200, 3, 120, 44, 9, 250, 31], [42, 42, 42, 13]]
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(seed: int = 0, family: str = "llama"):
+    """Llama, or Qwen2 (q/k/v biases, made non-zero) of the same shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=FFN, num_hidden_layers=N_LAYERS,
-                      num_attention_heads=N_Q, num_key_value_heads=N_KV, head_dim=HEAD_DIM,
-                      max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
-                      bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    config, cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    cfg = config(vocab_size=256, hidden_size=128, intermediate_size=FFN, num_hidden_layers=N_LAYERS,
+                 num_attention_heads=N_Q, num_key_value_heads=N_KV, head_dim=HEAD_DIM,
+                 max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
+                 bos_token_id=1, eos_token_id=2)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1 and family != "llama":
+                p.add_(0.3 * torch.randn_like(p))
+    return model
 
 
 def _ffn(n: int, seed: int) -> list[int]:
@@ -62,10 +76,26 @@ def plans() -> dict[str, PrunePlan]:
                                  LayerPlan(1, heads=per_group, kv_heads=list(range(N_KV)), ffn=_ffn(128, 1)),
                                  LayerPlan(2, heads=q2, kv_heads=kv2),
                                  LayerPlan(3, heads=per_group, kv_heads=list(range(N_KV)), ffn=_ffn(64, 3))])
+    # SlimGPT per_group: every KV head kept, 1 or 2 query heads per group, differing between layers
+    out["per_group_heads"] = plan([LayerPlan(0, heads=[0, 2, 4, 6], kv_heads=list(range(N_KV)), ffn=_ffn(224, 0)),
+                                   LayerPlan(1, ffn=_ffn(160, 1)),
+                                   LayerPlan(2, heads=[1, 3, 5, 7], kv_heads=list(range(N_KV)), ffn=_ffn(96, 2)),
+                                   LayerPlan(3, heads=[0, 1, 2, 3, 6, 7], kv_heads=[0, 1, 3], ffn=_ffn(200, 3))])
+    q3, kv3 = _kv_group_drop([3])
+    out["flap_bias"] = plan([LayerPlan(0, heads=q3, kv_heads=kv3, ffn=_ffn(192, 0)), LayerPlan(1, ffn=_ffn(128, 1)),
+                             LayerPlan(2, heads=q, kv_heads=kv, ffn=_ffn(224, 2)), LayerPlan(3)])
+    out["attention_free_first"] = plan([LayerPlan(0, replacement={"kind": "ffn", "span": [0, 2]}),
+                                        LayerPlan(1, keep=False), LayerPlan(2, ffn=_ffn(128, 2)), LayerPlan(3)])
+    out["qwen2_per_group_heads"] = out["per_group_heads"]  # on a Qwen2 (q/k/v biases; no DeciLM form)
     return out
 
 
-KINDS = ("uniform", "ffn_widths", "removed_layer", "ffn_replacement", "uniform_heads")
+KINDS = ("uniform", "ffn_widths", "removed_layer", "ffn_replacement", "uniform_heads",
+         "per_group_heads", "flap_bias", "attention_free_first", "qwen2_per_group_heads")
+# the layout `export` chooses for each (the lightest format that serves it)
+LAYOUTS = {"uniform": "stock", "ffn_widths": "decilm", "removed_layer": "decilm", "ffn_replacement": "decilm",
+           "uniform_heads": "decilm", "per_group_heads": "plugin", "flap_bias": "plugin",
+           "attention_free_first": "plugin", "qwen2_per_group_heads": "plugin"}
 
 
 def unservable_plan() -> PrunePlan:
@@ -76,7 +106,12 @@ def unservable_plan() -> PrunePlan:
 
 def build(kind: str, folder: Path, seed: int = 0) -> Path:
     plan = unservable_plan() if kind == "unservable" else plans()[kind]
-    model = apply_plan(tiny_llama(seed), plan)
+    model = apply_plan(tiny_llama(seed, "qwen2" if kind.startswith("qwen2") else "llama"), plan)
+    if kind == "flap_bias":  # FLAP's compensation biases (random here, so that they matter)
+        g = torch.Generator().manual_seed(seed + 1)
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.bias = torch.nn.Parameter(0.5 * torch.randn(lin.out_features, generator=g))
     return save_pruned(model, None, plan, folder)
 
 

@@ -70,14 +70,17 @@ def test_run_console_is_bars_and_a_short_summary(tiny_llama_dir, tmp_path):
     assert all(ln.startswith("✓ ") for ln in err), err
     steps = [ln.split()[1] for ln in err]
     assert steps == ["prefect", "load", "calibration", "capture", "score", "prune", "evaluate", "evaluate_dense",
-                     "report"], steps
+                     "export", "report"], steps
     # stdout: the summary, short, with the figures, the checkpoint and how to load it
     assert len(out) <= 15, out
     assert "removed" in out[0] and "decoder-layer parameters" in out[0]
     ckpt = next(ln for ln in out if ln.startswith("checkpoint:")).split(":", 1)[1].strip()
     assert (Path(ckpt) / "config.json").is_file()
     assert any(ln.startswith("load it:") and ckpt in ln for ln in out)
-    assert any(ln.startswith("serve it:") and f"vllm serve {ckpt}" in ln for ln in out)  # uniform: as it is
+    # `export: vllm` (the default) wrote the servable folder; uniform: the stock folder, no remote code
+    served = Path(ckpt).parent / "servable-vllm"
+    assert (served / "config.json").read_bytes() == (Path(ckpt) / "config.json").read_bytes()
+    assert any(ln.startswith("serve it:") and f" {served} " in ln and ln.endswith("--host 127.0.0.1") for ln in out)
     assert any(ln.startswith("| ppl.fixed_window_32") for ln in out)
     log = home / "runs" / "console" / "pruneflow.log"
     text = log.read_text()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.compress import compress
-from flows.spec import validate
+from flows.spec import build_spec, validate
 from pruning_core.errors import ConfigError
 from tests.flows.test_cli import _one_line_error
 from tests.serve_kinds import build
@@ -18,13 +18,15 @@ from tests.serve_kinds import build
 runner = CliRunner()
 
 
-def test_spec_export_implies_the_servable_constraint():
+def test_servable_constraint_is_opt_in():
+    # pruneflow's vLLM plugin serves any result: `export: vllm` no longer narrows the plan
     s = validate({"method": {"name": "slimgpt"}, "export": "vllm"})
-    assert s.export.format == "vllm" and s.method.settings["servable"] == "vllm"
-    s = validate({"method": {"name": "slimgpt"}, "export": {"format": "vllm"}, "servable": "none"})
-    assert s.method.settings["servable"] == "none"  # explicit: the export then checks the result
+    assert s.export.format == "vllm" and s.method.settings["servable"] == "none"
+    s = validate({"method": {"name": "slimgpt"}, "export": {"format": "vllm"}, "servable": "vllm"})
+    assert s.method.settings["servable"] == "vllm"  # for stock vLLM, without the plugin
     assert validate({"method": {"name": "wanda"}}).method.settings["servable"] == "none"
     assert validate({"method": {"name": "l2"}, "servable": "vllm"}).method.settings["servable"] == "vllm"
+    assert build_spec().export.format == "vllm"  # `make run` ends with a servable folder
     with pytest.raises(ConfigError, match="export.format"):
         validate({"export": "tgi"})
     with pytest.raises(ConfigError, match="servable"):
@@ -37,16 +39,19 @@ def test_pipeline_run_ends_with_a_servable_folder(prefect_harness, tiny_spec, pf
     first = compress(spec=spec)
     second = compress(spec=spec)
     assert first["cache"]["export"] == "miss" and second["cache"]["export"] == "hit"
-    assert first["settings"]["servable"] == "vllm"
+    assert first["settings"]["servable"] == "none"
     served = Path(first["artifacts"]["servable_local"])
     assert served == Path(first["artifacts"]["run_dir"]) / "servable-vllm"
     cfg = json.loads((served / "config.json").read_text())
     ckpt = json.loads((Path(first["artifacts"]["checkpoint_local"]) / "config.json").read_text())
+    heads = {d["n_heads"] for d in ckpt.get("pruneflow_layers", []) if d["kind"] == "decoder"}
     if first["servable"]["layout"] == "stock":
         assert "pruneflow_layers" not in ckpt and cfg == ckpt
-    else:
-        assert cfg["architectures"] == ["DeciLMForCausalLM"]
-        assert {d["n_heads"] for d in ckpt["pruneflow_layers"] if d["kind"] == "decoder"} == {cfg["num_attention_heads"]}
+    elif first["servable"]["layout"] == "decilm":
+        assert cfg["architectures"] == ["DeciLMForCausalLM"] and heads == {cfg["num_attention_heads"]}
+    else:  # query heads per layer (SlimGPT's default per_group): pruneflow's vLLM plugin
+        assert cfg["architectures"] == ["PruneflowLlamaForCausalLM"] and len(heads) > 1
+        assert cfg["pruneflow_layers"] == ckpt["pruneflow_layers"]
     # the CLI exports the same run by name, to a folder of the user's choice
     res = runner.invoke(app, ["export", "tiny-serve", str(tmp_path / "out"), "--format", "vllm", "--json"])
     assert res.exit_code == 0, res.output
@@ -55,10 +60,11 @@ def test_pipeline_run_ends_with_a_servable_folder(prefect_harness, tiny_spec, pf
 
 
 def test_cli_export_errors_are_one_line(tmp_path, pf_home):
-    src = build("unservable", tmp_path / "ckpt")
-    err = _one_line_error(runner.invoke(app, ["export", str(src), str(tmp_path / "out")]), "export.format",
-                          "layer 1 keeps 6", "servable: vllm")
-    assert "query heads" in err and not (tmp_path / "out").exists()
+    src = build("unservable", tmp_path / "ckpt")  # query heads differ: stock vLLM cannot, the plugin can
+    res = runner.invoke(app, ["export", str(src), str(tmp_path / "out")])
+    assert res.exit_code == 0 and "plugin" in res.stdout and "layer 1 keeps 6" in res.stdout
+    serve = next(ln for ln in res.stdout.splitlines() if ln.startswith("serve it:"))
+    assert f" {tmp_path / 'out'} " in serve and serve.endswith("--host 127.0.0.1")  # no remote code
     _one_line_error(runner.invoke(app, ["export", str(src), str(tmp_path / "o"), "--format", "onnx"]), "export.format")
     _one_line_error(runner.invoke(app, ["export", "no-such-run", str(tmp_path / "o")]), "run", "no-such-run")
     res = runner.invoke(app, ["export", str(build("ffn_widths", tmp_path / "ok")), str(tmp_path / "o2")])
@@ -79,7 +85,10 @@ def test_plan_reports_servability_and_what_the_constraint_changes(tiny_llama_dir
     for r_free, r in zip(free["layers"], fixed["layers"]):
         same = (r_free["heads_after"], r_free["ffn_after"]) == (r["heads_after"], r["ffn_after"])
         assert same == (r["layer"] not in changed)
+    assert fixed["servable"]["format"] in ("stock", "decilm")
     if len({r["heads_after"] for r in free["layers"]}) > 1:
         assert not free["servable"]["vllm"] and "servable: vllm" in free["servable"]["reason"]
+        assert free["servable"]["format"] == "plugin"
+        assert "vLLM format: plugin" in runner.invoke(app, base[:-3]).stdout
     text = runner.invoke(app, base[:-3] + ["--set", "servable=vllm"]).stdout
-    assert "servable by vLLM: yes" in text
+    assert "servable by stock vLLM: yes" in text

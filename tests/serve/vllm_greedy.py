@@ -2,7 +2,8 @@
 
     .venv-serve/bin/python tests/serve/vllm_greedy.py JOB.json OUT.json
 
-JOB: {"checkpoints": {name: folder}, "prompts": [[token ids]], "max_tokens": n}
+JOB: {"checkpoints": {name: folder}, "prompts": [[token ids]], "max_tokens": n, "trust_remote_code": [names]}
+(only DeciLM folders need remote code; pruneflow's plugin architecture is found through its entry point)
 OUT: {name: [[generated token ids] per prompt]} (or {name: {"error": "..."}}), plus "_seconds": {name: s}.
 One process, one engine at a time (in-process engine core: VLLM_ENABLE_V1_MULTIPROCESSING=0).
 """
@@ -26,7 +27,7 @@ def main() -> None:
         t0 = time.time()
         try:
             llm = LLM(model=path, skip_tokenizer_init=True, dtype="float32", max_model_len=128, enforce_eager=True,
-                      trust_remote_code=True, max_num_seqs=4, seed=0)
+                      trust_remote_code=name in job.get("trust_remote_code", ()), max_num_seqs=4, seed=0)
             res = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], sp, use_tqdm=False)
             out[name] = [list(r.outputs[0].token_ids) for r in res]
             del llm
