@@ -53,13 +53,14 @@ def test_plan_estimates_disk_spill_scratch_and_store(tiny_llama_dir, pf_home, tm
     from pruning_core.placement import param_bytes
 
     monkeypatch.setenv("PRUNEFLOW_SCRATCH", str(tmp_path / "scratch"))
-    args = ["plan", "--model", str(tiny_llama_dir), "--method", "slimgpt", "--json"]
+    args = ["plan", "--model", str(tiny_llama_dir), "--method", "slimgpt", "--set", "export=none", "--json"]
     disk = json.loads(runner.invoke(app, [*args, "--set", "model.placement=disk"]).stdout)["disk"]["places"]
     dev = json.loads(runner.invoke(app, [*args, "--set", "model.placement=device"]).stdout)["disk"]["places"]
     sizes = param_bytes(AutoConfig.from_pretrained(tiny_llama_dir), torch.float32)
     assert disk["spill"] == {"path": str(tmp_path / "scratch"), "bytes": sizes["layers"]}
     assert dev["spill"]["bytes"] == 0
-    assert 0 < disk["store"]["bytes"] < sizes["total"]  # the pruned checkpoint (slimgpt: no capture stats)
+    # the pruned checkpoint only (slimgpt: no capture stats; export=none: no servable copy)
+    assert 0 < disk["store"]["bytes"] < sizes["total"]
     text = runner.invoke(app, [*args[:-1], "--set", "model.placement=disk"]).stdout
     assert "disk (est.)" in text and str(tmp_path / "scratch") in text
 
