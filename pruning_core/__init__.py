@@ -8,7 +8,8 @@ One function per pipeline step:
 from __future__ import annotations
 
 from .adapters import adapter_for, supported_architectures
-from .capture import LayerStream, capture_stats
+from .capture import capture_stats
+from .engine import run_pass
 from .checkpoint import is_uniform, load_pruned, save_pruned
 from .data import calibration_set, eval_tokens, load_text, tokenize_text
 from .errors import ConfigError, DataError, PruneflowError, StorageError
@@ -55,10 +56,10 @@ def prune(model, method_name: str, calib_ids, ratio: float, settings: dict | Non
 
 
 __all__ = [
-    "ConfigError", "DataError", "LayerPlan", "LayerStream", "PrunePlan", "PruneflowError", "StorageError",
+    "ConfigError", "DataError", "LayerPlan", "PrunePlan", "PruneflowError", "StorageError",
     "adapter_for", "apply_plan", "calibration_set", "capture_stats", "count_params", "eval_tokens",
     "flops_per_token", "get_method", "is_uniform", "layer_ratios", "layer_table", "list_methods", "load_model",
     "load_pruned", "load_text", "model_revision", "perplexity", "plan_from_scores", "plan_params", "prune",
-    "resolve_device", "resolve_dtype", "save_pruned", "score", "select", "supported_architectures",
+    "resolve_device", "resolve_dtype", "run_pass", "save_pruned", "score", "select", "supported_architectures",
     "tiny_model", "tokenize_text",
 ]

@@ -1,14 +1,15 @@
 """Layer-wise streaming through the decoder, and the statistics methods ask for.
 
-`LayerStream` runs the calibration blocks one decoder layer at a time: the inputs of layer i are
-kept, layer i is (moved to the working device and) run, whatever the consumer wants is accumulated
-by hooks, and the outputs become the inputs of layer i+1. Peak accelerator memory is one layer
-plus one layer's activations, flat in the number of layers. The keyword arguments each layer gets
-(rotary `position_embeddings`, causal mask, `position_ids`, ...) are caught, layer by layer, from the
-real model's own forward call, so they are exactly what the installed transformers version passes —
-including a sliding-window mask for the sliding layers of a model that mixes them with full attention.
+`LayerStep` is one decoder layer of a pass of the layer engine (`engine.run_pass`): the inputs of
+layer i are kept, layer i is run on every calibration batch, whatever the consumers want is
+accumulated by hooks, and the outputs become the inputs of layer i+1. Peak accelerator memory is one
+layer plus one layer's activations, flat in the number of layers. The keyword arguments each layer
+gets (rotary `position_embeddings`, causal mask, `position_ids`, ...) are caught, layer by layer, from
+the real model's own forward call (`catch_inputs`), so they are exactly what the installed
+transformers version passes — including a sliding-window mask for the sliding layers of a model that
+mixes them with full attention.
 
-`capture_stats` uses it to accumulate, per layer (keys of the returned flat dict):
+`capture_stats` is a consumer of one pass; it accumulates, per layer (keys of the returned flat dict):
 
 =====================  ===================================================================
 `layer.{i}.attn_gram`  sum of x xᵀ over tokens, x = input of `o_proj` (request "attn_gram")
@@ -30,7 +31,7 @@ Sums, not means: divide by `tokens` (sums from several runs can be added).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,115 +109,58 @@ class LayerStep:
         return outs if keep_outputs else None
 
 
-class LayerStream:
-    """Iterate the decoder layers with their calibration inputs.
+@torch.no_grad()
+def catch_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, device: torch.device,
+                 batch_size: int, store: torch.device) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Layer 0's input per batch, and the keyword arguments *each* layer gets per batch (models that
+    mix sliding-window and full attention pass each layer its own mask), kept on `store`. Every layer
+    is swapped for a catcher that records its call and passes the hidden state on; the last raises, so
+    no layer computes anything (and no layer's weights are read)."""
+    layers = adapter.layers(model)
+    originals = list(layers)
+    n = len(originals)
+    hs: list[torch.Tensor] = []
+    kws: list[list[dict]] = [[] for _ in range(n)]
+    batch_size = max(1, int(batch_size))
 
-    model:       the full model (its layers may live on CPU; they are moved to `device` one at a time)
-    input_ids:   [N, L] calibration token blocks
-    batch_size:  blocks per forward call
-    offload:     keep activations between layers on CPU (default: only when `device` is not CPU
-                 and the activations would not fit comfortably)
-    After the consumer's work on a step, the step's `outputs` (set by the consumer, or computed by
-    running the possibly modified layer) become the next layer's inputs.
-    """
+    class Catcher(nn.Module):
+        def __init__(self, inner, index):
+            super().__init__()
+            self.inner, self.index = inner, index
+            # attributes transformers may read off a layer (e.g. attention_type)
+            for a in ("attention_type", "layer_idx"):
+                if hasattr(inner, a):
+                    setattr(self, a, getattr(inner, a))
 
-    def __init__(
-        self,
-        model: nn.Module,
-        adapter: Adapter,
-        input_ids: torch.Tensor,
-        device: torch.device | str = "cpu",
-        batch_size: int = 8,
-        offload: bool = False,
-        write_back: bool | None = None,
-    ):
-        """write_back (layers whose weights live on disk, `placement.disk`): True spills every layer
-        after its step, False never (read-only consumers such as `capture_stats`), None spills the
-        layers the consumer changed (a digest of the layer is compared)."""
-        self.write_back = write_back
-        self.model, self.adapter = model, adapter
-        self.device = torch.device(device)
-        self.store = torch.device("cpu") if offload else self.device
-        self.input_ids = input_ids
-        self.batch_size = max(1, int(batch_size))
-        self.n_tokens = int(input_ids.numel())
+        def forward(self, hidden_states, *args, **kwargs):
+            if self.index == 0:
+                hs.append(hidden_states.detach())
+            kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+            kw["use_cache"] = False
+            kws[self.index].append(kw)
+            if self.index == n - 1:
+                raise _Caught
+            return hidden_states
 
-    @torch.no_grad()
-    def _catch_inputs(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
-        """Layer 0's input per batch, and the keyword arguments *each* layer gets per batch (models
-        that mix sliding-window and full attention pass each layer its own mask). Every layer is
-        swapped for a catcher that records its call and passes the hidden state on; the last raises,
-        so no layer computes anything."""
-        layers = self.adapter.layers(self.model)
-        originals = list(layers)
-        n = len(originals)
-        hs: list[torch.Tensor] = []
-        kws: list[list[dict]] = [[] for _ in range(n)]
-
-        class Catcher(nn.Module):
-            def __init__(self, inner, index):
-                super().__init__()
-                self.inner, self.index = inner, index
-                # attributes transformers may read off a layer (e.g. attention_type)
-                for a in ("attention_type", "layer_idx"):
-                    if hasattr(inner, a):
-                        setattr(self, a, getattr(inner, a))
-
-            def forward(self, hidden_states, *args, **kwargs):
-                if self.index == 0:
-                    hs.append(hidden_states.detach())
-                kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
-                kw["use_cache"] = False
-                kws[self.index].append(kw)
-                if self.index == n - 1:
-                    raise _Caught
-                return hidden_states
-
-        # move everything but the decoder layers to the working device
-        placed = _place_non_layers(self.model, self.adapter, self.device)
+    # move everything but the decoder layers to the working device
+    placed = _place_non_layers(model, adapter, device)
+    for i, layer in enumerate(originals):
+        layers[i] = Catcher(layer, i)
+    try:
+        for b in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[b : b + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Caught:
+                pass
+    finally:
         for i, layer in enumerate(originals):
-            layers[i] = Catcher(layer, i)
-        try:
-            for b in range(0, self.input_ids.shape[0], self.batch_size):
-                ids = self.input_ids[b : b + self.batch_size].to(self.device)
-                try:
-                    self.model(input_ids=ids, use_cache=False)
-                except _Caught:
-                    pass
-        finally:
-            for i, layer in enumerate(originals):
-                layers[i] = layer
-            _restore(placed)
-        memo: dict[int, torch.Tensor] = {}  # tensors shared between layers (rotary tables, masks) move once
-        hs = [h.to(self.store) for h in hs]
-        kws = [[_to(k, self.store, memo) for k in per_layer] for per_layer in kws]
-        return hs, kws
-
-    def __iter__(self) -> Iterator[LayerStep]:
-        from .placement import bring, home_of, release
-
-        inputs, kwargs = self._catch_inputs()
-        layers = self.adapter.layers(self.model)
-        for i in range(len(layers)):
-            layer = layers[i]
-            managed = home_of(layer) is not None  # placement offload / disk: the layer's home moves it
-            if managed:
-                bring(layer, self.device, track_changes=self.write_back is None)
-            home = _device_of(layer)
-            if not managed and home != self.device:
-                layer.to(self.device)
-            step = LayerStep(i, layer, inputs, kwargs[i], self.device, _store=self.store)
-            yield step
-            brought, layer = layer, layers[i]  # the consumer may have replaced it
-            step.layer = layer
-            if step.outputs is None:
-                step.outputs = step.run()
-            if managed:
-                release(brought, write_back=self.write_back)
-            elif home != self.device:
-                layer.to(home)
-            inputs = step.outputs
-        self.final_hidden = inputs
+            layers[i] = layer
+        _restore(placed)
+    memo: dict[int, torch.Tensor] = {}  # tensors shared between layers (rotary tables, masks) move once
+    hs = [h.to(store) for h in hs]
+    kws = [[_to(k, store, memo) for k in per_layer] for per_layer in kws]
+    return hs, kws
 
 
 def _device_of(mod: nn.Module) -> torch.device:
@@ -362,37 +306,52 @@ def capture_stats(
 
         raise ConfigError("capture.requests", sorted(unknown), ", ".join(sorted(REQUESTS)))
     acc = Accumulator(stat_dtype)
-    stream = LayerStream(model, adapter, input_ids, device=device, batch_size=batch_size, offload=offload,
-                         write_back=False)
     n_layers = len(adapter.layers(model))
-    want_cos = "cosine" in requests
-    span = n_layers if cosine_span is None else int(cosine_span)
-    cos = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
-    ring: list[tuple[int, list[torch.Tensor]]] = []
+    cons = StatsConsumer(adapter, acc, requests, n_layers, int(input_ids.numel()), cosine_span)
+    from .engine import run_pass
 
-    host = torch.device("cpu")
+    run_pass(model, adapter, [cons], input_ids, device=device, batch_size=batch_size, offload_acts=offload,
+             progress=progress)
+    return cons.result()
 
-    def push_state(idx: int, states: list[torch.Tensor]) -> None:
-        # only the states the method compares are kept (span), unit-normalised fp32 on the host
-        normed = [torch.nn.functional.normalize(s.float(), dim=-1).to(host) for s in states]
-        for j, prev in ring:
+
+class StatsConsumer:
+    """The engine consumer behind `capture_stats`: the statistics hooks on each layer's forward, and
+    the cosines between the hidden states (unit-normalised fp32 on the host, only `span` kept)."""
+
+    def __init__(self, adapter: Adapter, acc: Accumulator, requests: frozenset[str], n_layers: int,
+                 n_tokens: int, cosine_span: int | None = None):
+        self.adapter, self.acc, self.requests, self.n_tokens = adapter, acc, requests, n_tokens
+        self.want_cos = "cosine" in requests
+        self.span = n_layers if cosine_span is None else int(cosine_span)
+        self.cos = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
+        self.ring: list[tuple[int, list[torch.Tensor]]] = []
+
+    def _push(self, idx: int, states: list[torch.Tensor]) -> None:
+        normed = [torch.nn.functional.normalize(s.float(), dim=-1).to("cpu") for s in states]
+        for j, prev in self.ring:
             tot = sum(float((p * n).sum(dtype=torch.float64)) for p, n in zip(prev, normed))
-            cos[j, idx] = cos[idx, j] = tot / stream.n_tokens
-        cos[idx, idx] = 1.0
-        ring.append((idx, normed))
-        while len(ring) > span:
-            ring.pop(0)
+            self.cos[j, idx] = self.cos[idx, j] = tot / self.n_tokens
+        self.cos[idx, idx] = 1.0
+        self.ring.append((idx, normed))
+        while len(self.ring) > self.span:
+            self.ring.pop(0)
 
-    for step in stream:
-        if want_cos and step.index == 0:
-            push_state(0, step.inputs)
-        step.outputs = step.run(hooks=stat_hooks(adapter, acc, f"layer.{step.index}.", requests))
-        if want_cos:
-            push_state(step.index + 1, step.outputs)
-        if progress:
-            progress(step.index + 1, n_layers)
-    out = {k: v.cpu() for k, v in acc.data.items()}
-    if want_cos:
-        out["cosine"] = cos.float()
-    out["tokens"] = torch.tensor(stream.n_tokens)
-    return out
+    def begin(self, step: LayerStep) -> None:
+        if self.want_cos and step.index == 0:
+            self._push(0, step.inputs)
+
+    def observe(self, step: LayerStep) -> dict:
+        return stat_hooks(self.adapter, self.acc, f"layer.{step.index}.", self.requests)
+
+    def after(self, step: LayerStep) -> bool:
+        if self.want_cos:
+            self._push(step.index + 1, step.outputs)
+        return False
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {k: v.cpu() for k, v in self.acc.data.items()}
+        if self.want_cos:
+            out["cosine"] = self.cos.float()
+        out["tokens"] = torch.tensor(self.n_tokens)
+        return out

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..placement import resident_layers
+from ..engine import visit_layers
 from ..select import layer_ratios, plan_from_scores
 from .base import Method, MethodSettings, register
 
@@ -35,7 +35,8 @@ def _per_head(v: torch.Tensor, hd: int) -> torch.Tensor:
 def _magnitude(model, adapter, p: int) -> dict[str, torch.Tensor]:
     out = {}
     hd = adapter.head_dim(model)
-    for i, layer in resident_layers(model, adapter):  # one layer's weights at a time (placement disk)
+
+    def visit(i, layer):  # one layer's weights at a time (the engine brings each once)
         s = adapter.layer_shape(model, layer)
         rep = s.n_heads // s.n_kv_heads
 
@@ -51,13 +52,16 @@ def _magnitude(model, adapter, p: int) -> dict[str, torch.Tensor]:
         for name in adapter.mlp_in:
             f = f + m(adapter.proj(layer, name).weight, 1)
         out[f"ffn.{i}"] = f ** (1.0 / p)
+
+    visit_layers(model, adapter, visit)
     return out
 
 
 def _activation(model, adapter, stats, wanda: bool) -> dict[str, torch.Tensor]:
     out = {}
     hd = adapter.head_dim(model)
-    for i, layer in resident_layers(model, adapter):
+
+    def visit(i, layer):
         a = stats[f"layer.{i}.attn_in_sq"].float().sqrt()
         f = stats[f"layer.{i}.mlp_in_sq"].float().sqrt()
         if wanda:
@@ -67,6 +71,8 @@ def _activation(model, adapter, stats, wanda: bool) -> dict[str, torch.Tensor]:
         else:
             out[f"heads.{i}"] = _per_head(a * a, hd).sqrt()
         out[f"ffn.{i}"] = f
+
+    visit_layers(model, adapter, visit, read_weights=wanda)
     return out
 
 

@@ -25,10 +25,11 @@ Llama-like models have no such biases: zero biases are added to o_proj / down_pr
 as the equivalent stock Llama when no layer uses a sliding window, else with a per-layer record of
 the biases that `checkpoint.load_pruned` reads.
 
-Streaming: with `uniform`, layers are processed in order on the outputs of the already pruned
-layers (as FLAP's UL-UM loop compresses each layer before computing its outputs). `al_am` needs
-all layers' scores before the global threshold, so (as in FLAP) its statistics are taken on the
-dense model in one pass, then every layer is pruned.
+Streaming (consumers of the layer engine): with `uniform`, layers are processed in order on the
+outputs of the already pruned layers (as FLAP's UL-UM loop compresses each layer before computing its
+outputs). `al_am` needs all layers' scores before the global threshold, so (as in FLAP) its
+statistics are taken on the dense model in one pass, then a second, weights-only pass prunes every
+layer while it is resident (under `placement: disk` too: the changed layers are spilled).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..capture import Accumulator, LayerStream
+from ..capture import Accumulator
+from ..engine import run_pass
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
 from ..select import check_ratio, sizes_plan, solve_schedule, unit_counts
@@ -98,7 +100,8 @@ def _scores(shape, o_lin, d_lin, acc: Accumulator, metric: str, gqa: str):
     return head, f, (ma, mm)
 
 
-def _apply(model, adapter, layer, shape, lp: LayerPlan, gone_units, gone_ffn, means, gqa, bias: bool):
+def _apply(model, adapter, layer, shape, lp: LayerPlan, gone_units, gone_ffn, means, gqa, bias: bool) -> bool:
+    """Zero the removed units' columns (and compensate the bias) of a resident layer; True if it changed."""
     o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
     rep = shape.n_heads // shape.n_kv_heads
     hd = shape.head_dim
@@ -118,13 +121,16 @@ def _apply(model, adapter, layer, shape, lp: LayerPlan, gone_units, gone_ffn, me
         lp.ffn = [j for j in range(shape.ffn) if j not in set(gone_ffn)]
     if bias and (cols.numel() or ffn.numel()):
         adapter.add_bias(layer, (adapter.o, adapter.mlp_out))
+    changed = False
     for lin, idx, mean in ((o_lin, cols, means[0]), (d_lin, ffn, means[1])):
         if idx.numel() == 0:
             continue
+        changed = True
         if bias:
             b = flap_bias(lin.weight.data.cpu(), mean.cpu(), idx)
             lin.bias.data += b.to(lin.bias.dtype).to(lin.bias.device)
         lin.weight.data[:, idx.to(lin.weight.device)] = 0
+    return changed or bool(bias and (cols.numel() or ffn.numel()))
 
 
 def _lowest(scores: torch.Tensor, k: int, bucket: torch.Tensor | None = None, per: int | None = None) -> list[int]:
@@ -139,6 +145,41 @@ def _lowest(scores: torch.Tensor, k: int, bucket: torch.Tensor | None = None, pe
     return sorted(out)
 
 
+class _Uniform:
+    """UL-UM as an engine consumer: each layer's statistics on the outputs of the already pruned
+    layers, then the layer is pruned before the engine computes its outputs."""
+
+    def __init__(self, model, adapter, sched, s: FLAPSettings, layers_plan, progress):
+        self.model, self.adapter, self.sched, self.s = model, adapter, sched, s
+        self.layers_plan, self.progress, self.n = layers_plan, progress, len(adapter.layers(model))
+        self._changed = False
+
+    def begin(self, step) -> None:
+        model, adapter, s = self.model, self.adapter, self.s
+        i, layer = step.index, step.layer
+        lp, shape = LayerPlan(i), adapter.layer_shape(model, layer)
+        kh, kf = self.sched["heads"][i], self.sched["ffn"][i]
+        self._changed = False
+        if shape.kind == "decoder" and (kh or kf):
+            o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
+            acc, hooks = _moment_hooks(adapter)
+            step.run(hooks=hooks, keep_outputs=False)
+            head, f, means = _scores(shape, o_lin, d_lin, acc, s.metric, s.gqa)
+            rep = shape.n_heads // shape.n_kv_heads
+            if s.gqa == "per_group" and rep > 1:
+                gone = _lowest(head, kh * shape.n_kv_heads, torch.arange(shape.n_heads) // rep, kh)
+            else:
+                gone = _lowest(head, kh)
+            self._changed = _apply(model, adapter, layer, shape, lp, gone, _lowest(f, kf), means, s.gqa,
+                                   s.bias_compensation)
+        self.layers_plan.append(lp)
+
+    def after(self, step) -> bool:
+        if self.progress:
+            self.progress(step.index + 1, self.n)
+        return self._changed
+
+
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPSettings | None = None,
           device="cpu", progress=None) -> PrunePlan:
     """FLAP on `model` in place (pruned columns zeroed, biases compensated); returns the plan."""
@@ -147,31 +188,14 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
     if s.structure == "al_am" and s.gqa != "kv_group":
         raise ConfigError("method.settings.gqa", s.gqa, "kv_group (al_am pools whole KV groups)")
     layers_plan: list[LayerPlan] = []
-    n_layers = len(adapter.layers(model))
-    stream = LayerStream(model, adapter, calib_ids, device=torch.device(device), batch_size=s.batch_size)
+    dev = torch.device(device)
     if s.structure == "uniform":
         sched = solve_schedule(model, adapter, ratio, "uniform", gqa=s.gqa)
         per_layer = sched["ratios"]
-        for step in stream:
-            i, layer = step.index, step.layer
-            lp, shape = LayerPlan(i), adapter.layer_shape(model, layer)
-            kh, kf = sched["heads"][i], sched["ffn"][i]
-            if shape.kind == "decoder" and (kh or kf):
-                o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-                acc, hooks = _moment_hooks(adapter)
-                step.run(hooks=hooks, keep_outputs=False)
-                head, f, means = _scores(shape, o_lin, d_lin, acc, s.metric, s.gqa)
-                rep = shape.n_heads // shape.n_kv_heads
-                if s.gqa == "per_group" and rep > 1:
-                    gone = _lowest(head, kh * shape.n_kv_heads, torch.arange(shape.n_heads) // rep, kh)
-                else:
-                    gone = _lowest(head, kh)
-                _apply(model, adapter, layer, shape, lp, gone, _lowest(f, kf), means, s.gqa, s.bias_compensation)
-            layers_plan.append(lp)
-            if progress:
-                progress(i + 1, n_layers)
+        run_pass(model, adapter, [_Uniform(model, adapter, sched, s, layers_plan, progress)], calib_ids, device=dev,
+                 batch_size=s.batch_size)
     else:
-        per_layer = _al_am(model, adapter, stream, ratio, s, layers_plan, progress)
+        per_layer = _al_am(model, adapter, calib_ids, dev, ratio, s, layers_plan, progress)
     plan = PrunePlan(method="flap", settings=s.model_dump(), layers=layers_plan, target_ratio=ratio,
                      per_layer_ratio=[float(r) for r in per_layer])
     from ..metrics import plan_params
@@ -204,19 +228,63 @@ def _global_removal(entries, units, collected, goal: float, heads_per_layer: int
     return gone
 
 
-def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress) -> list[float]:
+class _DenseScores:
+    """al_am's first pass: every decoder layer's scores on the dense model's statistics."""
+
+    def __init__(self, model, adapter, metric: str, n: int, progress):
+        self.model, self.adapter, self.metric, self.n, self.progress = model, adapter, metric, n, progress
+        self.collected: dict = {}
+        self._acc = None
+
+    def observe(self, step) -> dict:
+        self._acc = None
+        if self.adapter.layer_shape(self.model, step.layer).kind != "decoder":
+            return {}
+        self._acc, hooks = _moment_hooks(self.adapter)
+        return hooks
+
+    def after(self, step) -> bool:
+        if self._acc is not None:
+            a, layer = self.adapter, step.layer
+            shape = a.layer_shape(self.model, layer)
+            o_lin, d_lin = a.proj(layer, a.o), a.proj(layer, a.mlp_out)
+            self.collected[step.index] = (shape, *_scores(shape, o_lin, d_lin, self._acc, self.metric, "kv_group"))
+        if self.progress:
+            self.progress(step.index + 1, self.n)
+        return False
+
+
+class _ApplyGone:
+    """al_am's second pass (weights only): every layer loses its globally chosen units."""
+
+    def __init__(self, model, adapter, collected, gone, units, s: FLAPSettings, layers_plan):
+        self.model, self.adapter, self.collected, self.gone, self.units = model, adapter, collected, gone, units
+        self.s, self.layers_plan, self.ratios = s, layers_plan, []
+        self._changed = False
+
+    def begin(self, step) -> None:
+        i, lp, gone = step.index, LayerPlan(step.index), self.gone
+        self._changed = False
+        if i in self.collected:
+            shape, _h, _f, means = self.collected[i]
+            self._changed = _apply(self.model, self.adapter, step.layer, shape, lp, sorted(gone[i]["head"]),
+                                   gone[i]["ffn"], means, "kv_group", self.s.bias_compensation)
+            u = self.units[i]
+            self.ratios.append((len(gone[i]["head"]) * u["unit_params"] + len(gone[i]["ffn"]) * u["ch_params"])
+                               / u["total"])
+        else:
+            self.ratios.append(0.0)
+        self.layers_plan.append(lp)
+
+    def after(self, step) -> bool:
+        return self._changed
+
+
+def _al_am(model, adapter, calib_ids, dev, ratio, s: FLAPSettings, layers_plan, progress) -> list[float]:
     units = unit_counts(model, adapter, "kv_group")
-    collected = {}
-    for step in stream:  # dense statistics, one pass
-        i, layer = step.index, step.layer
-        shape = adapter.layer_shape(model, layer)
-        if shape.kind == "decoder":
-            o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-            acc, hooks = _moment_hooks(adapter)
-            step.outputs = step.run(hooks=hooks)
-            collected[i] = (shape, *_scores(shape, o_lin, d_lin, acc, s.metric, "kv_group"))
-        if progress:
-            progress(i + 1, len(units))
+    dense = _DenseScores(model, adapter, s.metric, len(units), progress)
+    run_pass(model, adapter, [dense], calib_ids, device=dev, batch_size=s.batch_size)  # dense statistics
+    collected = dense.collected
     # z-score within each layer and module, then one global threshold weighted by parameter count
     entries = []  # (z, params, layer, kind, unit)
     for i, (_shape, head, f, _m) in collected.items():
@@ -229,19 +297,9 @@ def _al_am(model, adapter, stream, ratio, s: FLAPSettings, layers_plan, progress
     if s.servable == "vllm":  # the same number of KV groups in every layer: the mean of the free choice
         k = int(sum(len(g["head"]) for g in gone.values()) / max(len(gone), 1) + 0.5)
         gone = _global_removal(entries, units, collected, ratio * total, heads_per_layer=k)
-    ratios = []
-    for i, layer in enumerate(adapter.layers(model)):
-        lp = LayerPlan(i)
-        if i in collected:
-            shape, _h, _f, means = collected[i]
-            _apply(model, adapter, layer, shape, lp, sorted(gone[i]["head"]), gone[i]["ffn"], means, "kv_group",
-                   s.bias_compensation)
-            u = units[i]
-            ratios.append((len(gone[i]["head"]) * u["unit_params"] + len(gone[i]["ffn"]) * u["ch_params"]) / u["total"])
-        else:
-            ratios.append(0.0)
-        layers_plan.append(lp)
-    return ratios
+    apply = _ApplyGone(model, adapter, collected, gone, units, s, layers_plan)
+    run_pass(model, adapter, [apply])  # weights only: each layer resident while it is pruned
+    return apply.ratios
 
 
 def planned_sizes(model, adapter, ratio: float, settings: FLAPSettings | None = None) -> PrunePlan | None:

@@ -57,6 +57,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..engine import visit_layers
 from ..errors import DataError
 from ..metrics import plan_params
 from ..plan import LayerPlan, PrunePlan
@@ -212,17 +213,11 @@ def _norm(stats: dict, key: str) -> torch.Tensor:
     return stats[key].to(_DT).clamp_min(0).sqrt()
 
 
-def _decoder_layers(model, adapter, weights: bool = False):
-    """(index, layer) of the decoder layers; `weights`: each resident while it is used (placement disk)."""
-    from ..placement import resident
-
+def _decoder_layers(model, adapter):
+    """(index, layer) of the decoder layers (shapes only; weights come through `engine.visit_layers`)."""
     for i, layer in enumerate(adapter.layers(model)):
         if getattr(layer, "pruneflow_kind", "decoder") == "decoder":
-            if weights:
-                with resident(layer):
-                    yield i, layer
-            else:
-                yield i, layer
+            yield i, layer
 
 
 def rank_ffn(model, adapter, stats: dict, settings, kind: str = "wpr") -> dict[str, torch.Tensor]:
@@ -232,24 +227,27 @@ def rank_ffn(model, adapter, stats: dict, settings, kind: str = "wpr") -> dict[s
     gamma = getattr(settings, "gamma", 0.0)
     theta = getattr(settings, "theta", 0.5)
     scores: dict[str, torch.Tensor] = {}
-    prior = None  # importance of the residual-stream nodes entering the next FFN (chained)
+    state = {"prior": None}  # importance of the residual-stream nodes entering the next FFN (chained)
+
+    def visit(i, layer):  # the engine brings each decoder layer once, in order
+        up = adapter.proj(layer, adapter.mlp_in[-1]).weight.detach()
+        down = adapter.proj(layer, adapter.mlp_out).weight.detach()
+        node = _norm(stats, f"layer.{i}.{node_key}")
+        prior = state["prior"]
+        if prior is None or not chained:
+            prior = _norm(stats, f"layer.{i}.mlp_x_sq")
+        if kind == "wpr":
+            p_up = wpr_layer(up, prior, node, gamma, theta)
+        else:
+            p_up = mpr_layer(up, prior, node)
+        scores[f"ffn.{i}"] = p_up.float().cpu()
+        if chained and (kind != "wpr" or gamma > 0):
+            out = _norm(stats, f"layer.{i}.mlp_out_sq")
+            prior = wpr_layer(down, p_up, out, gamma, theta) if kind == "wpr" else mpr_layer(down, p_up, out)
+        state["prior"] = prior
+
     with torch.no_grad():
-        for i, layer in _decoder_layers(model, adapter, weights=True):
-            up = adapter.proj(layer, adapter.mlp_in[-1]).weight.detach()
-            down = adapter.proj(layer, adapter.mlp_out).weight.detach()
-            node = _norm(stats, f"layer.{i}.{node_key}")
-            if prior is None or not chained:
-                prior = _norm(stats, f"layer.{i}.mlp_x_sq")
-            if kind == "wpr":
-                p_up = wpr_layer(up, prior, node, gamma, theta)
-            else:
-                p_up = mpr_layer(up, prior, node)
-            scores[f"ffn.{i}"] = p_up.float().cpu()
-            if chained and (kind != "wpr" or gamma > 0):
-                out = _norm(stats, f"layer.{i}.mlp_out_sq")
-                prior = (
-                    wpr_layer(down, p_up, out, gamma, theta) if kind == "wpr" else mpr_layer(down, p_up, out)
-                )
+        visit_layers(model, adapter, visit, only_decoders=True)
     return scores
 
 

@@ -14,7 +14,7 @@ For every decoder layer, in order, on the outputs of the already *pruned* previo
    group (`gqa="per_group"`);
 3. re-run the layer, accumulate H of the `down_proj` inputs, prune FFN channels by batched greedy
    with the dynamic group size schedule (§3.3), updating the surviving `down_proj` columns;
-4. the stream re-runs the modified layer; its outputs feed layer i+1 (`hessian_inputs="dense"`: the
+4. the layer engine re-runs the modified layer; its outputs feed layer i+1 (`hessian_inputs="dense"`: the
    layer's dense outputs do, so no layer sees the pruning of the earlier ones — an ablation).
 
 Per-layer ratio: the incremental pruning ratio (§3.4) r_i = r_0 + (r_last − r_0)·ln(1+i)/ln(L) with
@@ -36,7 +36,8 @@ import torch
 from pydantic import Field
 
 from .. import obs
-from ..capture import Accumulator, LayerStream
+from ..capture import Accumulator
+from ..engine import run_pass
 from ..plan import LayerPlan, PrunePlan
 from ..select import SCHEDULE_NAMES, check_ratio, sizes_plan, solve_schedule
 from .base import Method, MethodSettings, register
@@ -81,6 +82,76 @@ def _hessian(grams: Accumulator, key: str) -> torch.Tensor:
     return grams.data[key] * (2.0 / max(grams.rows[key], 1))
 
 
+class SlimGPTConsumer:
+    """The per-layer OBS step as a consumer of the layer engine: `begin` takes the Hessians on the
+    layer's inputs (the already pruned layers' outputs), prunes and updates it in place; the engine
+    then runs the pruned layer to give the next layer its inputs (or the dense outputs, ablation)."""
+
+    def __init__(self, model, adapter, sched: dict, s: SlimGPTSettings, dev: torch.device, progress=None):
+        self.model, self.adapter, self.sched, self.s, self.dev = model, adapter, sched, s, dev
+        self.sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
+        self.layers_plan: list[LayerPlan] = []
+        self.losses: list[dict] = []
+        self.progress, self.n_layers = progress, len(adapter.layers(model))
+        self._changed = False
+
+    def begin(self, step) -> None:
+        model, adapter, s, sdt, dev = self.model, self.adapter, self.s, self.sdt, self.dev
+        i, layer = step.index, step.layer
+        lp = LayerPlan(i)
+        self._changed = False
+        shape = adapter.layer_shape(model, layer)
+        kh, kf = self.sched["heads"][i], self.sched["ffn"][i]
+        if shape.kind != "decoder" or (kh == 0 and kf == 0):
+            self.layers_plan.append(lp)
+            return
+        self._changed = True
+        o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
+        grams = Accumulator(sdt)
+        h_attn = {adapter.module_name(adapter.o): grams.gram_hook("attn")}
+        h_mlp = {adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")}
+        hooks = h_attn if kh > 0 else {**h_attn, **h_mlp}
+        dense_out = step.run(hooks=hooks, keep_outputs=s.hessian_inputs == "dense")
+        loss = {}
+        if kh > 0:
+            W = o_lin.weight.data.to(sdt).clone()
+            H, _ = obs.prepare_hessian(_hessian(grams, "attn"), W, s.percdamp)
+            W0, H0 = W.clone(), H.clone()
+            groups, bucket = _head_groups(shape.n_heads, shape.n_kv_heads, shape.head_dim, s.gqa)
+            if bucket is None:
+                gone = obs.prune_groups(W, H, groups.to(dev), kh, s.head_score, s.compensate)
+                rep = shape.n_heads // shape.n_kv_heads
+                lp.kv_heads = [g for g in range(shape.n_kv_heads) if g not in gone]
+                lp.heads = [g * rep + j for g in lp.kv_heads for j in range(rep)]
+            else:
+                gone = obs.prune_groups(W, H, groups.to(dev), kh * shape.n_kv_heads, s.head_score,
+                                        s.compensate, bucket=bucket, per_bucket=kh)
+                lp.heads = [h for h in range(shape.n_heads) if h not in gone]
+                lp.kv_heads = list(range(shape.n_kv_heads))
+            loss["attn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
+            o_lin.weight.data.copy_(W.to(o_lin.weight.dtype))
+            if kf > 0:
+                step.run(hooks=h_mlp, keep_outputs=False)
+        if kf > 0:
+            W = d_lin.weight.data.to(sdt).clone()
+            H, _ = obs.prepare_hessian(_hessian(grams, "mlp"), W, s.percdamp)
+            W0, H0 = W.clone(), H.clone()
+            sizes = obs.dgs_group_sizes(kf, s.ffn_group_floor, s.ffn_group_cap, s.dynamic_group_size)
+            gone = set(obs.prune_columns_batched(W, H, kf, sizes, s.compensate))
+            lp.ffn = [j for j in range(shape.ffn) if j not in gone]
+            loss["ffn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
+            d_lin.weight.data.copy_(W.to(d_lin.weight.dtype))
+        if dense_out is not None:  # the next layer sees this layer's dense outputs
+            step.outputs = dense_out
+        self.losses.append(loss)
+        self.layers_plan.append(lp)
+
+    def after(self, step) -> bool:
+        if self.progress:
+            self.progress(step.index + 1, self.n_layers)
+        return self._changed
+
+
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimGPTSettings | None = None,
           device="cpu", progress=None) -> PrunePlan:
     """SlimGPT on `model` in place (surviving o_proj / down_proj columns updated, pruned ones zeroed).
@@ -89,70 +160,18 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     ratio = check_ratio(ratio)
     sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
                            uniform_heads=s.servable == "vllm")
-    sdt = torch.float64 if s.stat_dtype == "float64" else torch.float32
-    dev = torch.device(device)
-    layers_plan, t0 = [], time.perf_counter()
-    losses = []
+    t0 = time.perf_counter()
+    cons = SlimGPTConsumer(model, adapter, sched, s, torch.device(device), progress)
     with obs.exact_matmul():  # TF32 off for this block only (other threads' blocks counted, obs.py)
-        stream = LayerStream(model, adapter, calib_ids, device=dev, batch_size=s.batch_size)
-        n_layers = len(adapter.layers(model))
-        for step in stream:
-            i, layer = step.index, step.layer
-            lp = LayerPlan(i)
-            shape = adapter.layer_shape(model, layer)
-            kh, kf = sched["heads"][i], sched["ffn"][i]
-            if shape.kind != "decoder" or (kh == 0 and kf == 0):
-                layers_plan.append(lp)
-                continue
-            o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
-            grams = Accumulator(sdt)
-            h_attn = {adapter.module_name(adapter.o): grams.gram_hook("attn")}
-            h_mlp = {adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")}
-            hooks = h_attn if kh > 0 else {**h_attn, **h_mlp}
-            dense_out = step.run(hooks=hooks, keep_outputs=s.hessian_inputs == "dense")
-            loss = {}
-            if kh > 0:
-                W = o_lin.weight.data.to(sdt).clone()
-                H, _ = obs.prepare_hessian(_hessian(grams, "attn"), W, s.percdamp)
-                W0, H0 = W.clone(), H.clone()
-                groups, bucket = _head_groups(shape.n_heads, shape.n_kv_heads, shape.head_dim, s.gqa)
-                if bucket is None:
-                    gone = obs.prune_groups(W, H, groups.to(dev), kh, s.head_score, s.compensate)
-                    rep = shape.n_heads // shape.n_kv_heads
-                    lp.kv_heads = [g for g in range(shape.n_kv_heads) if g not in gone]
-                    lp.heads = [g * rep + j for g in lp.kv_heads for j in range(rep)]
-                else:
-                    gone = obs.prune_groups(W, H, groups.to(dev), kh * shape.n_kv_heads, s.head_score,
-                                            s.compensate, bucket=bucket, per_bucket=kh)
-                    lp.heads = [h for h in range(shape.n_heads) if h not in gone]
-                    lp.kv_heads = list(range(shape.n_kv_heads))
-                loss["attn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
-                o_lin.weight.data.copy_(W.to(o_lin.weight.dtype))
-                if kf > 0:
-                    step.run(hooks=h_mlp, keep_outputs=False)
-            if kf > 0:
-                W = d_lin.weight.data.to(sdt).clone()
-                H, _ = obs.prepare_hessian(_hessian(grams, "mlp"), W, s.percdamp)
-                W0, H0 = W.clone(), H.clone()
-                sizes = obs.dgs_group_sizes(kf, s.ffn_group_floor, s.ffn_group_cap, s.dynamic_group_size)
-                gone = set(obs.prune_columns_batched(W, H, kf, sizes, s.compensate))
-                lp.ffn = [j for j in range(shape.ffn) if j not in gone]
-                loss["ffn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
-                d_lin.weight.data.copy_(W.to(d_lin.weight.dtype))
-            if dense_out is not None:  # the next layer sees this layer's dense outputs
-                step.outputs = dense_out
-            losses.append(loss)
-            layers_plan.append(lp)
-            if progress:
-                progress(i + 1, n_layers)
-    plan = PrunePlan(method="slimgpt", settings=s.model_dump(), layers=layers_plan, target_ratio=ratio,
+        run_pass(model, adapter, [cons], calib_ids, device=torch.device(device), batch_size=s.batch_size)
+    plan = PrunePlan(method="slimgpt", settings=s.model_dump(), layers=cons.layers_plan, target_ratio=ratio,
                      per_layer_ratio=[float(r) for r in sched["ratios"]])
     from ..metrics import plan_params
 
     plan.params_before, plan.params_after = plan_params(model, plan)
     plan.notes = {"r_last": sched["r_last"], "realised_decoder_ratio": sched["realised"],
                   "removed_head_units": sched["heads"], "removed_ffn": sched["ffn"],
-                  "relative_layer_loss": losses, "seconds": time.perf_counter() - t0}
+                  "relative_layer_loss": cons.losses, "seconds": time.perf_counter() - t0}
     return plan
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning_core import adapter_for, capture_stats, tiny_model
-from pruning_core.capture import LayerStream
+from pruning_core.engine import run_pass
 from pruning_core.errors import ConfigError
 
 
@@ -67,10 +67,7 @@ def test_stream_outputs_match_model_hidden_state():
     m = tiny_model("llama", n_layers=3)
     a = adapter_for(m)
     ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(2))
-    stream = LayerStream(m, a, ids, batch_size=2)
-    for _ in stream:
-        pass
-    final = torch.cat(stream.final_hidden)
+    final = torch.cat(run_pass(m, a, [], ids, batch_size=2, keep_final=True).final_hidden)
     with torch.no_grad():
         ref = m.model(input_ids=ids, output_hidden_states=True).hidden_states
     # HF's last hidden state is after the final norm: compare through it
@@ -97,14 +94,25 @@ def test_stream_gives_each_layer_its_own_mask_sliding_window_mix():
         m(input_ids=ids, use_cache=False)
     for h in hooks:
         h.remove()
-    streamed = [torch.cat(step.run()) for step in LayerStream(m, a, ids, batch_size=2)]
+    class Outputs:  # a consumer that keeps every layer's outputs
+        def __init__(self):
+            self.outs, self.steps = [], []
+
+        def after(self, step):
+            self.outs.append(torch.cat(step.outputs))
+            self.steps.append((step.inputs, step.kwargs))
+            return False
+
+    rec = Outputs()
+    run_pass(m, a, [rec], ids, batch_size=2)
+    streamed = rec.outs
     for i, (got, want) in enumerate(zip(streamed, real)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"layer {i}")
     # and the sliding mask matters here: the full mask on layer 2 gives something else
-    stream = iter(LayerStream(m, a, ids, batch_size=3))
-    steps = [next(stream) for _ in range(3)]
-    full_kw = steps[0].kwargs[0]
-    wrong = a.layers(m)[2](steps[2].inputs[0], **full_kw)
+    rec = Outputs()
+    run_pass(m, a, [rec], ids, batch_size=3)
+    full_kw = rec.steps[0][1][0]
+    wrong = a.layers(m)[2](rec.steps[2][0][0], **full_kw)
     assert not torch.allclose(wrong[0] if isinstance(wrong, tuple) else wrong, real[2], atol=1e-3)
 
 
