@@ -30,14 +30,67 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, max_wind
     windows = ids[: n * seq_len].view(n, seq_len)
     total, count = 0.0, 0
     model.eval()
-    for b in range(0, n, batch_size):
-        x = windows[b:b + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+    from .placement import placement_of
+
+    placement = placement_of(model)
+    for x, logits in _window_logits(model, windows, batch_size, torch.device(device), placement):
+        logits = logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
         count += x[:, 1:].numel()
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": n,
             "protocol": f"fixed_window_{seq_len}"}
+
+
+def _window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, placement: str):
+    """(window batch, logits) per batch. `device`: whole-model forwards. `offload` / `disk`: layer-major —
+    one pass of the layer engine takes every window through layer i before layer i+1, so each layer is
+    read once per evaluation, not once per batch; then the final norm and head run per batch (the same
+    operations on the same batches, so the same numbers)."""
+    if placement == "device":
+        for b in range(0, windows.shape[0], batch_size):
+            x = windows[b:b + batch_size].to(device)
+            yield x, model(input_ids=x, use_cache=False).logits
+        return
+    from .capture import _place_non_layers, _restore
+    from .engine import run_pass
+
+    adapter = adapter_for(model)
+    h = model.config.hidden_size
+    acts = windows.numel() * h * 4
+    res = run_pass(model, adapter, [], windows, device=device, batch_size=batch_size,
+                   offload_acts=device.type == "cuda" and acts > 2**31, keep_final=True)
+    layers = adapter.layers(model)
+    originals = list(layers)
+    placed = _place_non_layers(model, adapter, device)
+    try:
+        for j, b in enumerate(range(0, windows.shape[0], batch_size)):
+            x = windows[b:b + batch_size].to(device)
+            for i, layer in enumerate(originals):
+                layers[i] = _Replay(layer, res.final_hidden[j].to(device) if i == 0 else None)
+            try:
+                yield x, model(input_ids=x, use_cache=False).logits
+            finally:
+                for i, layer in enumerate(originals):
+                    layers[i] = layer
+            res.final_hidden[j] = None
+    finally:
+        _restore(placed)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer whose output is already known: the first returns the last layer's
+    output, the others pass it on, so the model's own final norm and head compute the logits."""
+
+    def __init__(self, inner: nn.Module, out: torch.Tensor | None):
+        super().__init__()
+        self.out = out
+        for a in ("attention_type", "layer_idx"):
+            if hasattr(inner, a):
+                setattr(self, a, getattr(inner, a))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.out is None else self.out
 
 
 def _lin(o: int, i: int, bias: bool) -> int:
