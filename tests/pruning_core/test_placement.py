@@ -62,7 +62,16 @@ def _logits(path, placement="device"):
 
 CASES = [(m.name, FAST.get(m.name, {})) for m in list_methods()]
 CASES += [("llm-streamline", {**FAST["llm-streamline"], "replacement": "ffn"}),
-          ("slimgpt", {"schedule": "log_increase"})]
+          ("llm-streamline", {**FAST["llm-streamline"], "replacement": "collapse"}),
+          ("slimgpt", {"schedule": "log_increase"}),
+          ("slimgpt", {"hessian_inputs": "dense", "gqa": "kv_group"}),
+          # every FLAP structure (al_am used to crash under disk: its layers were pruned after release)
+          ("flap", {"structure": "al_am"}),
+          ("flap", {"structure": "al_am", "bias_compensation": False}),
+          ("flap", {"structure": "al_am", "servable": "vllm"}),
+          ("flap", {"gqa": "per_group", "metric": "wifn"}),
+          ("flap", {"bias_compensation": False}),
+          ("llm-rank", {"pipeline": "isolated", "allocation": "global"})]
 
 
 @pytest.mark.parametrize("name,settings", CASES, ids=[f"{n}-{'-'.join(map(str, s.values()))}" for n, s in CASES])
