@@ -253,6 +253,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "rounding": ckpt.get("rounding"),
         "uniform": ckpt.get("uniform"),
         "protocols": {**dense.get("protocols", {}), **after.get("protocols", {})},
+        "eval_placement": {"dense": dense.get("placement"), "pruned": after.get("placement")},
         "stability": _stability(sl.ctx["store"], dense, after),
         "recovery_info": ({**{("module" if k == "kind" else k): v for k, v in rec.items() if k != "lr_curve"},
                            "kind": spec.recovery.kind} if rec else None),

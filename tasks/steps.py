@@ -713,7 +713,13 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
                 if isinstance(v, (int, float)):
                     metrics[f"eff.{k}"] = v
         man = store.put_json(metrics, "metrics.json", "metrics", f"evaluate:{label}")
-        return {**man, "metrics": metrics, "protocols": protocols,
+        from pruning_core.placement import placement_of
+
+        where = placement_of(m)  # perplexity is layer-major off the device; lm-eval runs whole-model forwards
+        used = {"ppl": f"{where}, " + ("layer-major" if where != "device" else "whole-model forwards")}
+        if tasks:
+            used["lm_eval"] = f"{where}, whole-model forwards"
+        return {**man, "metrics": metrics, "protocols": protocols, "placement": used,
                 **({"samples": samples_man} if samples_man else {})}
 
     return run_step("evaluate", params, compute)

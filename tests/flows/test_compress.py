@@ -20,6 +20,8 @@ def _check_report(rep: dict) -> None:
     assert rep["metrics_after"]["ppl"] > 0
     assert set(COMPUTE_STEPS) <= set(rep["cache"])
     assert rep["cache"]["recover"] == "skipped"
+    # which placement the evaluation used (perplexity layer-major off the device, lm-eval whole-model)
+    assert rep["eval_placement"]["pruned"]["ppl"].startswith(("device", "offload", "disk"))
 
 
 def test_compress_twice_local_second_is_all_cache_hits(prefect_harness, tiny_spec, pf_home):
