@@ -12,6 +12,9 @@ machine's memory is never held in memory; the tokenizer is SmolLM2's (vocab 4915
     python benchmarks/bench_scale.py matrix --layers 2 4 8 --methods wanda llm-rank slimgpt llm-streamline
     # one checkpoint larger than memory, pruned with wanda and llm-rank under placement=disk
     python benchmarks/bench_scale.py big --layers 58 --methods wanda llm-rank --delete
+    # the layer engine (issue 22): prune + evaluate in-process under offload and disk, this tree against
+    # an older checkout (e.g. `git worktree add /tmp/old56 56b0293`), with the bytes read from weight files
+    python benchmarks/bench_scale.py engine --layers 4 --before-root /tmp/old56
 """
 
 from __future__ import annotations
@@ -152,13 +155,130 @@ def base_args(model: Path, method: str, placement: str, a) -> list[str]:
     return out
 
 
+def engine_worker(a) -> None:
+    """One in-process run (the code under `--root`, imported through PYTHONPATH): open the dense model
+    under `--placements[0]`, capture + score + select (wanda), save the pruned checkpoint streaming,
+    open it and take its perplexity. Per step: seconds, peak RSS (VmHWM, reset through clear_refs),
+    bytes of decoder-layer tensors the weight-file reader returned (`TensorFiles.read`, counted by a wrapper) and the bytes the
+    process read from storage (/proc/self/io read_bytes; 0 when the files sit in the page cache)."""
+    import torch
+
+    from pruning_core import adapter_for, capture_stats, placement
+    from pruning_core.methods import get_method
+    from pruning_core.metrics import perplexity
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    counted = {"bytes": 0}
+    real_read = placement.TensorFiles.read
+
+    def read(self, names):
+        out = real_read(self, names)
+        counted["bytes"] += sum(t.numel() * t.element_size() for k, t in out.items() if ".layers." in k)
+        return out
+
+    placement.TensorFiles.read = read
+
+    def io_read() -> int:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+        return 0
+
+    def hwm() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    pl, ckpt = a.placements[0], Path(a.ckpt)
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 49152, (a.n_samples, a.seq_len), generator=g)
+    ev = torch.randint(0, 49152, (a.ppl_windows * a.ppl_seq_len,), generator=g)
+    meth = get_method("wanda")
+    st = meth.parse_settings({"gqa": "per_group"})
+    state, steps = {}, []
+
+    def load():
+        state["m"], _ = placement.open_model(ckpt, placement=pl, device=a.device, dtype=a.dtype, with_tokenizer=False)
+
+    def capture():
+        state["stats"] = capture_stats(state["m"], adapter_for(state["m"]), calib, requests={"norms"},
+                                       device=a.device, batch_size=a.n_samples)
+
+    def prune():
+        m = state["m"]
+        ad = adapter_for(m)
+        plan = meth.select(m, ad, meth.score(m, ad, state.pop("stats"), st), a.ratio, st)
+        placement.save_streaming(state.pop("m"), None, plan, Path(a.out))
+
+    def evaluate():
+        m, _ = placement.open_model(Path(a.out), placement=pl, device=a.device, dtype=a.dtype, with_tokenizer=False)
+        state["ppl"] = perplexity(m, ev, seq_len=a.ppl_seq_len, batch_size=a.eval_batch)["ppl"]
+
+    for name, fn in (("load", load), ("capture", capture), ("prune", prune), ("evaluate", evaluate)):
+        Path("/proc/self/clear_refs").write_text("5")
+        b0, r0, t0 = counted["bytes"], io_read(), time.perf_counter()
+        fn()
+        steps.append({"step": name, "seconds": time.perf_counter() - t0, "peak_rss": hwm(),
+                      "weight_bytes_read": counted["bytes"] - b0, "io_read_bytes": io_read() - r0})
+    print("RESULT " + json.dumps({"steps": steps, "ppl": state["ppl"]}), flush=True)
+
+
+def engine_mode(a, work: Path, n_layers: int) -> None:
+    """Before / after table of the layer engine: `engine_worker` once per (code, placement)."""
+    ckpt = work / f"llama-8b-{n_layers}L"
+    if not (ckpt / "config.json").exists():
+        write_random_llama(ckpt, "8b", n_layers)
+    size = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    print("(the pruned checkpoint's decoder layers are what `evaluate` reads: once per evaluation is their size)")
+    roots = ([("before", Path(a.before_root))] if a.before_root else []) + [("after", ROOT)]
+    rows = []
+    print(f"# bench_scale engine: 8B-shaped x {n_layers} layers ({size / 2**30:.2f} GiB {a.dtype}), wanda {a.ratio}, "
+          f"calibration {a.n_samples}x{a.seq_len}, ppl {a.ppl_windows}x{a.ppl_seq_len} eval batch {a.eval_batch}, "
+          f"device {a.device}", flush=True)
+    for pl in a.placements or ["offload", "disk"]:
+        for label, root in roots:
+            out = work / f"pruned-{label}-{pl}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "_worker", "--ckpt", str(ckpt),
+                   "--out", str(out), "--placements", pl, "--device", a.device, "--dtype", a.dtype,
+                   "--ratio", str(a.ratio), "--n-samples", str(a.n_samples), "--seq-len", str(a.seq_len),
+                   "--ppl-windows", str(a.ppl_windows), "--ppl-seq-len", str(a.ppl_seq_len),
+                   "--eval-batch", str(a.eval_batch)]
+            env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            res = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode or not res:
+                print(f"{label} {pl} failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}", flush=True)
+                continue
+            r = json.loads(res[-1][7:])
+            rows.append({"code": label, "placement": pl, "wall": wall, **r})
+            print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    print("\n| placement | code | load s | capture s | prune (score + streaming save) s | evaluate s | "
+          "prune + evaluate s | whole run s | peak RSS GiB | decoder-layer bytes read by evaluate (GiB) | "
+          "evaluate: storage read_bytes (GiB) | ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = {x["step"]: x for x in r["steps"]}
+        pe = sum(s[k]["seconds"] for k in ("capture", "prune", "evaluate"))
+        print(f"| {r['placement']} | {r['code']} | {s['load']['seconds']:.1f} | {s['capture']['seconds']:.1f} | "
+              f"{s['prune']['seconds']:.1f} | {s['evaluate']['seconds']:.1f} | {pe:.1f} | {r['wall']:.1f} | "
+              f"{max(x['peak_rss'] for x in r['steps']) / 2**30:.2f} | "
+              f"{s['evaluate']['weight_bytes_read'] / 2**30:.2f} | {s['evaluate']['io_read_bytes'] / 2**30:.2f} | "
+              f"{r['ppl']:.6g} |")
+    (work / "bench_scale_engine.json").write_text(json.dumps(rows, indent=1))
+
+
 def gib(b) -> str:
     return "–" if b is None else f"{b / 2**30:.2f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["growth", "matrix", "big"])
+    ap.add_argument("mode", choices=["growth", "matrix", "big", "engine", "_worker"])
     ap.add_argument("--shape", default=None, choices=list(SHAPES))
     ap.add_argument("--layers", type=int, nargs="+", default=None)
     ap.add_argument("--placements", nargs="+", default=None)
@@ -174,7 +294,20 @@ def main() -> None:
     ap.add_argument("--streamline-steps", type=int, default=4)
     ap.add_argument("--workdir", default=None, help="where checkpoints and homes go (default: a temporary folder)")
     ap.add_argument("--delete", action="store_true", help="delete each pruned checkpoint after its run (disk space)")
+    ap.add_argument("--before-root", default=None, help="engine: a checkout of the code to compare against")
+    ap.add_argument("--ppl-seq-len", type=int, default=256, help="engine: perplexity window (the spec's default)")
+    ap.add_argument("--eval-batch", type=int, default=1, help="engine: evaluation batch (the spec's default)")
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.mode == "_worker":
+        engine_worker(a)
+        return
+    if a.mode == "engine":
+        work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
+        work.mkdir(parents=True, exist_ok=True)
+        engine_mode(a, work, (a.layers or [4])[0])
+        return
     defaults = {
         "growth": ("1536", [4, 16], ["disk", "device"], ["wanda"], ["pydoc_next_sentence"]),
         "matrix": ("8b", [2, 4, 8], ["device", "offload", "disk"], ["wanda", "llm-rank", "slimgpt", "llm-streamline"], []),
