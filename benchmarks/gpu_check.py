@@ -189,9 +189,11 @@ def main() -> int:
         for r in rows:
             print(f"| {r['method']} | {r['placement']} | {r['step']} | {r['seconds']:.2f} | {r['gpu_gib']:.2f} | "
                   f"{r['host_gib']:.2f} |")
-        for r in rows:
-            if "ppl" in r:
-                print(f"ppl {r['method']} {r['placement']}: {r['ppl']:.4g}")
+        ppl = {(r["method"], r["placement"]): r["ppl"] for r in rows if "ppl" in r}
+        for (method, placement), v in ppl.items():
+            ref = ppl.get((method, "device"))
+            same = "" if ref is None or placement == "device" else f"  (== device: {v == ref})"
+            print(f"ppl {method} {placement}: {v!r}{same}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -233,19 +233,22 @@ _HOST_LOCK = threading.Lock()
 
 
 def _host_copies(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """The pinned host copy of an offloaded layer (made once: the layer's host tensors are replaced by
-    pinned ones, so a copy to the device can overlap compute)."""
+    """The pinned host copy of an offloaded layer: its host tensors are replaced by pinned ones once,
+    so a copy to the device can overlap compute. A tensor something else put there since (the
+    placement's own forward hooks move a layer with `.to`, which leaves unpinned copies) replaces
+    its stale entry, so no layer is held twice in host memory."""
     from .placement import _set_tensor
 
     with _HOST_LOCK:
         host = getattr(layer, "_pf_host", None)
         if host is None:
-            host = {}
-            for n, t in _own(layer).items():
-                if t.device.type == "cpu":
-                    host[n] = _pinned(t.detach())
-                    _set_tensor(layer, n, host[n])
-            layer._pf_host = host
+            host = layer._pf_host = {}
+        for n, t in _own(layer).items():
+            if t.device.type != "cpu":
+                continue
+            if n not in host or host[n].data_ptr() != t.data_ptr():
+                host[n] = _pinned(t.detach())
+                _set_tensor(layer, n, host[n])
         return host
 
 
