@@ -63,6 +63,7 @@ def _logits(path, placement="device"):
 CASES = [(m.name, FAST.get(m.name, {})) for m in list_methods()]
 CASES += [("llm-streamline", {**FAST["llm-streamline"], "replacement": "ffn"}),
           ("llm-streamline", {**FAST["llm-streamline"], "replacement": "collapse"}),
+          ("llm-streamline", {**FAST["llm-streamline"], "replacement": "none"}),
           ("slimgpt", {"schedule": "log_increase"}),
           ("slimgpt", {"hessian_inputs": "dense", "gqa": "kv_group"}),
           # every FLAP structure (al_am used to crash under disk: its layers were pruned after release)
