@@ -130,7 +130,7 @@ class LayerStream:
         offload: bool = False,
         write_back: bool | None = None,
     ):
-        """write_back (layers whose weights live on disk, `placement.disk`): True spills every layer
+        """write_back (layers whose weights live on disk, `residency`, disk): True spills every layer
         after its step, False never (read-only consumers such as `capture_stats`), None spills the
         layers the consumer changed (a digest of the layer is compared)."""
         self.write_back = write_back
@@ -193,7 +193,7 @@ class LayerStream:
         return hs, kws
 
     def __iter__(self) -> Iterator[LayerStep]:
-        from .placement import bring, home_of, release
+        from .residency import bring, home_of, release
 
         inputs, kwargs = self._catch_inputs()
         layers = self.adapter.layers(self.model)

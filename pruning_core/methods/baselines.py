@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..placement import resident_layers
+from ..residency import resident_layers
 from ..select import layer_ratios, plan_from_scores
 from .base import Method, MethodSettings, register
 

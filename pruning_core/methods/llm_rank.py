@@ -214,7 +214,7 @@ def _norm(stats: dict, key: str) -> torch.Tensor:
 
 def _decoder_layers(model, adapter, weights: bool = False):
     """(index, layer) of the decoder layers; `weights`: each resident while it is used (placement disk)."""
-    from ..placement import resident
+    from ..residency import resident
 
     for i, layer in enumerate(adapter.layers(model)):
         if getattr(layer, "pruneflow_kind", "decoder") == "decoder":

@@ -156,7 +156,7 @@ def train_replacement(
         raise DataError("recovery.train_ids", tuple(train_ids.shape), "[N, T] token blocks with N >= 2")
     n_val = max(1, round(train_ids.shape[0] * s.val_fraction))
     val_ids, tr_ids = train_ids[:n_val], train_ids[n_val:]
-    from ...placement import bring, home_of, placement_of
+    from ...residency import bring, home_of, placement_of
 
     if module is None:  # the replacement inside a pruned model (else: given on its own, `pruned_model` None)
         module = adapter.layers(pruned_model)[new_idx]
