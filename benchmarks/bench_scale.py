@@ -163,20 +163,29 @@ def engine_worker(a) -> None:
     process read from storage (/proc/self/io read_bytes; 0 when the files sit in the page cache)."""
     import torch
 
-    from pruning_core import adapter_for, capture_stats, placement
+    from pruning_core import adapter_for, capture_stats
     from pruning_core.methods import get_method
     from pruning_core.metrics import perplexity
 
+    try:  # placement.py was split (issue 22B); the code before the split has it all in one module
+        from pruning_core import weightfiles as files
+        from pruning_core.checkpoint import save_streaming
+        from pruning_core.loading import open_model
+    except ImportError:
+        from pruning_core import placement as files
+
+        open_model, save_streaming = files.open_model, files.save_streaming
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     counted = {"bytes": 0}
-    real_read = placement.TensorFiles.read
+    real_read = files.TensorFiles.read
 
     def read(self, names):
         out = real_read(self, names)
         counted["bytes"] += sum(t.numel() * t.element_size() for k, t in out.items() if ".layers." in k)
         return out
 
-    placement.TensorFiles.read = read
+    files.TensorFiles.read = read
 
     def io_read() -> int:
         for line in Path("/proc/self/io").read_text().splitlines():
@@ -199,7 +208,7 @@ def engine_worker(a) -> None:
     state, steps = {}, []
 
     def load():
-        state["m"], _ = placement.open_model(ckpt, placement=pl, device=a.device, dtype=a.dtype, with_tokenizer=False)
+        state["m"], _ = open_model(ckpt, placement=pl, device=a.device, dtype=a.dtype, with_tokenizer=False)
 
     def capture():
         state["stats"] = capture_stats(state["m"], adapter_for(state["m"]), calib, requests={"norms"},
@@ -209,10 +218,10 @@ def engine_worker(a) -> None:
         m = state["m"]
         ad = adapter_for(m)
         plan = meth.select(m, ad, meth.score(m, ad, state.pop("stats"), st), a.ratio, st)
-        placement.save_streaming(state.pop("m"), None, plan, Path(a.out))
+        save_streaming(state.pop("m"), None, plan, Path(a.out))
 
     def evaluate():
-        m, _ = placement.open_model(Path(a.out), placement=pl, device=a.device, dtype=a.dtype, with_tokenizer=False)
+        m, _ = open_model(Path(a.out), placement=pl, device=a.device, dtype=a.dtype, with_tokenizer=False)
         state["ppl"] = perplexity(m, ev, seq_len=a.ppl_seq_len, batch_size=a.eval_batch)["ppl"]
 
     for name, fn in (("load", load), ("capture", capture), ("prune", prune), ("evaluate", evaluate)):

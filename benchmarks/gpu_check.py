@@ -100,7 +100,8 @@ def run_case(ckpt: Path, out: Path, method: str, placement: str, a) -> list[dict
     from pruning_core import adapter_for, capture_stats
     from pruning_core.methods import get_method
     from pruning_core.metrics import perplexity
-    from pruning_core.placement import open_model, save_streaming
+    from pruning_core.checkpoint import save_streaming
+    from pruning_core.loading import open_model
 
     cuda = a.device.startswith("cuda")
     rows = []

@@ -167,9 +167,9 @@ def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None
                 cosine_span: int | None = None) -> dict:
     """{"placement", "placement_reason", "memory": {step: {device, host}}}; a one-line ConfigError
     when a step cannot fit the free memory under the chosen placement."""
+    from pruning_core.loading import resolve_dtype as dtype_for
+    from pruning_core.memory import check_fits, choose_placement, estimate_steps, free_memory, param_bytes
     from pruning_core.models import resolve_device
-    from pruning_core.placement import check_fits, choose_placement, estimate_steps, free_memory, param_bytes
-    from pruning_core.placement import resolve_dtype as dtype_for
 
     dev = resolve_device(spec.device)
     dt = dtype_for(spec.model.dtype, config, dev)
@@ -209,8 +209,9 @@ def disk_plan(spec: RunSpec, config, meth, placement: str, params_after: int) ->
     import os
     import tempfile
 
+    from pruning_core.loading import resolve_dtype
+    from pruning_core.memory import param_bytes, stats_bytes
     from pruning_core.models import resolve_device
-    from pruning_core.placement import param_bytes, resolve_dtype, stats_bytes
     from tasks.store import default_store_url, open_store
 
     dt = resolve_dtype(spec.model.dtype, config, resolve_device(spec.device))

@@ -132,7 +132,7 @@ def _count_tokens(folder: Path | None, text: str, trust_remote_code: bool) -> in
         from tokenizers import Tokenizer
 
         return len(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids)
-    from pruning_core.checkpoint import _load_tokenizer
+    from pruning_core.loading import _load_tokenizer
 
     tok = _load_tokenizer(folder, trust_remote_code)
     if tok is None:

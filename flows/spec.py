@@ -51,7 +51,7 @@ class ModelSpec(_Strict):
     ref: str = "smollm2-135m"  # embedded name, local folder, hub id org/name, or s3:// folder
     # auto: the checkpoint's own dtype on CUDA, float32 on CPU (statistics are fp32/fp64 regardless)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # where the weights live while a step runs (pruning_core.placement); auto picks by free memory
+    # where the weights live while a step runs (pruning_core.residency); auto picks by free memory
     placement: Literal["auto", "device", "offload", "disk"] = "auto"
     revision: str | None = None
     trust_remote_code: bool = False

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,19 +96,21 @@ class _Residency:
         h = _home(layer)
         if h is None or h.held:
             return
-        from .placement import is_resident
+        from .residency import is_resident, read_layer
 
         if h.mode == "disk":
             if h.files is None or is_resident(layer):
                 return
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(1, thread_name_prefix="pf-prefetch")
-            self.pending[i] = (layer, self.pool.submit(_read_disk, layer, h))
+            self.pending[i] = (layer, self.pool.submit(read_layer, layer, h))
         elif h.mode == "offload" and self._dev(h).type == "cuda":
-            self.pending[i] = (layer, self._copy_offload(layer, self._dev(h), prefetch=True))
+            self.pending[i] = (layer, self._copy_offload(layer, self._dev(h)))
 
-    def _copy_offload(self, layer: nn.Module, dev: torch.device, prefetch: bool) -> dict:
-        host = _host_copies(layer)
+    def _copy_offload(self, layer: nn.Module, dev: torch.device) -> dict:
+        from .residency import host_copies
+
+        host = host_copies(layer)
         if self.side is None:
             self.side = torch.cuda.Stream(dev)
         with torch.cuda.stream(self.side):
@@ -120,7 +121,7 @@ class _Residency:
 
     # -- bring / release --------------------------------------------------------------------------
     def bring(self, i: int) -> nn.Module:
-        from .placement import _layer_lock
+        from .residency import _layer_lock
 
         layer = self.layers[i]
         h = _home(layer)
@@ -145,7 +146,7 @@ class _Residency:
         return layer
 
     def _load(self, layer: nn.Module, h, pre) -> None:
-        from .placement import _set_tensor, is_resident
+        from .residency import _set_tensor, install, is_resident, read_layer
 
         dev = self._dev(h)
         if h.mode == "offload":
@@ -153,7 +154,7 @@ class _Residency:
                 layer.to(dev)  # host memory is the device: nothing moves
                 return
             if pre is None:
-                pre = self._copy_offload(layer, dev, prefetch=False)
+                pre = self._copy_offload(layer, dev)
             torch.cuda.current_stream(dev).wait_event(pre["event"])
             for n, t in pre["tensors"].items():
                 t.record_stream(torch.cuda.current_stream(dev))
@@ -161,17 +162,10 @@ class _Residency:
             return
         if is_resident(layer):
             return
-        if h.files is None:
-            from .errors import DataError
-
-            raise DataError("model.placement", "disk", "a layer still backed by its checkpoint files")
-        tensors = pre.result() if pre is not None else _read_disk(layer, h)
-        own = _own(layer)
-        for n, t in tensors.items():
-            _set_tensor(layer, n, t.to(device=dev, dtype=own[n].dtype))
+        install(layer, pre.result() if pre is not None else read_layer(layer, h), dev)
 
     def release(self, i: int, layer: nn.Module, changed: bool) -> None:
-        from .placement import _layer_lock, _set_tensor, _trim, release
+        from .residency import _layer_lock, _trim, release, release_offloaded
 
         h = _home(layer)
         if h is None:
@@ -188,13 +182,7 @@ class _Residency:
             if self._dev(h).type != "cuda":
                 layer.to("cpu")
                 return
-            host = _host_copies(layer)
-            for n, t in _own(layer).items():
-                if t.device.type == "cpu":
-                    continue
-                if changed or n not in host or host[n].shape != t.shape:
-                    host[n] = _pinned(t.detach().to("cpu"))
-                _set_tensor(layer, n, host[n])
+            release_offloaded(layer, changed)
         _trim()
 
     def close(self) -> None:
@@ -205,51 +193,6 @@ class _Residency:
         self.pending.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-
-
-def _own(layer: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t for n, t in layer.state_dict(keep_vars=True).items() if t is not None}
-
-
-def _read_disk(layer: nn.Module, h) -> dict[str, torch.Tensor]:
-    """The layer's tensors from its files (CPU, the file's dtype); tensors a method added to the layer
-    that the files do not hold yet (FLAP's zero biases) start as zeros."""
-    own = _own(layer)
-    missing = [n for n, t in own.items() if t.device.type == "meta"]
-    new = [n for n in missing if h.files.key(h.prefix + n) is None]
-    got = h.files.read([h.prefix + n for n in missing if n not in new])
-    out = {n: got[h.prefix + n] for n in missing if n not in new}
-    out.update({n: torch.zeros(own[n].shape, dtype=own[n].dtype) for n in new})
-    return out
-
-
-def _pinned(t: torch.Tensor) -> torch.Tensor:
-    if torch.cuda.is_available() and not t.is_pinned():
-        return t.pin_memory()
-    return t
-
-
-_HOST_LOCK = threading.Lock()
-
-
-def _host_copies(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """The pinned host copy of an offloaded layer: its host tensors are replaced by pinned ones once,
-    so a copy to the device can overlap compute. A tensor something else put there since (the
-    placement's own forward hooks move a layer with `.to`, which leaves unpinned copies) replaces
-    its stale entry, so no layer is held twice in host memory."""
-    from .placement import _set_tensor
-
-    with _HOST_LOCK:
-        host = getattr(layer, "_pf_host", None)
-        if host is None:
-            host = layer._pf_host = {}
-        for n, t in _own(layer).items():
-            if t.device.type != "cpu":
-                continue
-            if n not in host or host[n].data_ptr() != t.data_ptr():
-                host[n] = _pinned(t.detach())
-                _set_tensor(layer, n, host[n])
-        return host
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,7 +278,7 @@ def visit_layers(model: nn.Module, adapter: Adapter, fn: Callable[[int, nn.Modul
 
 def keep_resident(module: nn.Module, device: torch.device | str) -> None:
     """Take `module` (a layer a step trains) off its placement home: its weights stay on `device`."""
-    from .placement import bring
+    from .residency import bring
 
     if _home(module) is not None:
         bring(module, torch.device(device))

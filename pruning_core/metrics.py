@@ -30,7 +30,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, max_wind
     windows = ids[: n * seq_len].view(n, seq_len)
     total, count = 0.0, 0
     model.eval()
-    from .placement import placement_of
+    from .residency import placement_of
 
     placement = placement_of(model)
     for x, logits in _window_logits(model, windows, batch_size, torch.device(device), placement):

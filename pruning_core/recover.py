@@ -148,7 +148,7 @@ def replacement_recover(pruned_model: nn.Module, dense_model: nn.Module, plan, t
     s = StreamlineSettings(**(settings if settings is not None else plan.settings))
     if s.max_blocks is not None:
         train_ids = train_ids[: s.max_blocks]
-    from .placement import placement_of
+    from .residency import placement_of
 
     info = train_replacement(dense_model, pruned_model, plan, train_ids, s, device=device, progress=progress)
     if placement_of(pruned_model) == "device":

@@ -65,7 +65,7 @@ def apply_layer_plan(model: nn.Module, adapter: Adapter, layer: nn.Module, lp) -
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Physically remove what `plan` drops. Modifies and returns `model`; updates its config.
-    (A model whose layers live off the device or on disk: `placement.save_streaming` does the same
+    (A model whose layers live off the device or on disk: `checkpoint.save_streaming` does the same
     layer by layer while writing the checkpoint.)"""
     adapter = adapter_for(model)
     layers = list(adapter.layers(model))

@@ -182,7 +182,7 @@ def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: boo
                       placement: str = "device"):
     """(model, tokenizer) loaded once per process, read-only, shared by the threads that ask for it. A
     thread holds one model at a time (its previous one is let go before the next is read). A step that
-    modifies the model opens its own (`placement.open_model`)."""
+    modifies the model opens its own (`loading.open_model`)."""
     from pruning_core.models import load_model
 
     key = (str(path), dtype, str(device), trust_remote_code, placement)
@@ -218,7 +218,7 @@ def clear_models() -> None:
         for k in list(_MODELS):
             _release(k, me)
         gc.collect()
-    from pruning_core.placement import _trim
+    from pruning_core.residency import _trim
 
     _trim()
 

@@ -7,7 +7,7 @@ process dies (SIGKILL, OOM killer, a signal), its watchdog, or else the next run
 up (`tasks.cleanup`). Temporary files and folders carry the owner's tag in
 their names (`<pid>.<host digest>`), so a leftover can be told apart from a live writer's: scratch
 folders `pruneflow-<tag>-*` and disk-placement spills `pruneflow-spill-<tag>-*` (named by
-`pruning_core.placement`) in `$PRUNEFLOW_SCRATCH` and `$TMPDIR`, store temporaries `.tmp-<sha>-<tag>-*`.
+`pruning_core.weightfiles`) in `$PRUNEFLOW_SCRATCH` and `$TMPDIR`, store temporaries `.tmp-<sha>-<tag>-*`.
 
 Standard library only: the watchdog imports this module and nothing heavy.
 """

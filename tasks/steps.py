@@ -72,7 +72,8 @@ def _placement(ctx: dict, path: str, dtype: str, trust_remote_code: bool = False
     """`model.placement` for this step: auto resolved against free memory (logged with the reason)."""
     from transformers import AutoConfig
 
-    from pruning_core.placement import choose_placement, param_bytes, resolve_dtype
+    from pruning_core.loading import resolve_dtype
+    from pruning_core.memory import choose_placement, param_bytes
 
     req = ctx.get("placement", "auto")
     if req != "auto":
@@ -91,7 +92,7 @@ def _open(model: dict, ctx: dict, step: str, path: str | None = None, fresh: boo
     trc = model.get("trust_remote_code", False)
     placement = _placement(ctx, path, model["dtype"], trc, step=step)
     if fresh:
-        from pruning_core.placement import open_model
+        from pruning_core.loading import open_model
 
         clear_models()  # never two models in memory: the prune step starts from the stored checkpoint
         return open_model(path, placement=placement, device=_device(ctx), dtype=model["dtype"], trust_remote_code=trc)
@@ -197,8 +198,8 @@ def load_model_task(ctx: dict, ref: str, dtype: str = "auto", revision: str | No
 
         from transformers import AutoConfig
 
+        from pruning_core.loading import resolve_dtype
         from pruning_core.models import model_revision, resolve_source
-        from pruning_core.placement import resolve_dtype
 
         path, resolved = resolve_source(ref, revision)  # converts the embedded GGUF once; hub / s3 snapshots
         fp = model_revision(path)
@@ -250,8 +251,8 @@ def calibration_task(ctx: dict, model: dict, source: str, n_samples: int, seq_le
     params = {"ctx": ctx, "model": model, "source": source, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
 
     def compute():
-        from pruning_core.checkpoint import _load_tokenizer
         from pruning_core.data import calibration_set
+        from pruning_core.loading import _load_tokenizer
 
         tok = _load_tokenizer(Path(_model_path(model)), model.get("trust_remote_code", False))
         if tok is None:
@@ -375,9 +376,9 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
 
     def compute():
         from pruning_core.adapters import adapter_for
+        from pruning_core.checkpoint import save_streaming
         from pruning_core.methods import get_method
         from pruning_core.metrics import plan_params
-        from pruning_core.placement import save_streaming
         from pruning_core.surgery import count_params
 
         meth = get_method(method)
@@ -563,7 +564,7 @@ def recover_task(ctx: dict, checkpoint: dict, kind: str, settings: dict, model_r
             if placement == "device":
                 path = save_pruned(m.to("cpu"), tok, plan, Path(d) / "checkpoint")
             else:  # layer by layer, shard by shard; the plan is recorded, not applied again
-                from pruning_core.placement import save_streaming
+                from pruning_core.checkpoint import save_streaming
 
                 path = save_streaming(m, tok, plan, Path(d) / "checkpoint", apply=False)
             man = store.put_dir(path, "checkpoint", f"recover:{kind}")
@@ -593,8 +594,8 @@ def _dense_block(model: dict, ctx: dict, plan) -> list:
     """The dense model's layers [start, end) that LLM-Streamline's replacement stands for, read from the
     dense checkpoint on the step's device (every other tensor of the dense model stays on `meta`)."""
     from pruning_core.adapters import adapter_for
+    from pruning_core.loading import open_model
     from pruning_core.methods.streamline import replacement_of
-    from pruning_core.placement import open_model
 
     _, start, end, _ = replacement_of(plan)
     dense, _ = open_model(_model_path(model), placement="device", device=_device(ctx), dtype=model["dtype"],
@@ -713,7 +714,7 @@ def evaluate_task(ctx: dict, target: dict, settings: dict, model_revision: str, 
                 if isinstance(v, (int, float)):
                     metrics[f"eff.{k}"] = v
         man = store.put_json(metrics, "metrics.json", "metrics", f"evaluate:{label}")
-        from pruning_core.placement import placement_of
+        from pruning_core.residency import placement_of
 
         where = placement_of(m)  # perplexity is layer-major off the device; lm-eval runs whole-model forwards
         used = {"ppl": f"{where}, " + ("layer-major" if where != "device" else "whole-model forwards")}

@@ -25,7 +25,7 @@ def test_plan_prints_memory_per_step_and_placement(tiny_llama_dir, pf_home):
     # the decoder layers' weights are resident under device, one layer under disk
     from transformers import AutoConfig
 
-    from pruning_core.placement import param_bytes
+    from pruning_core.memory import param_bytes
 
     sizes = param_bytes(AutoConfig.from_pretrained(tiny_llama_dir), torch.float32)
     gap = dev["memory"]["capture"]["host"] - out["memory"]["capture"]["host"]
@@ -36,7 +36,7 @@ def test_plan_prints_memory_per_step_and_placement(tiny_llama_dir, pf_home):
 
 @pytest.mark.parametrize("placement", ["device", "auto"])
 def test_plan_refuses_a_step_that_cannot_fit(tiny_llama_dir, pf_home, monkeypatch, placement):
-    import pruning_core.placement as pl
+    import pruning_core.memory as pl
 
     monkeypatch.setattr(pl, "free_memory", lambda device: (10 * 2**20, 10 * 2**20))  # 10 MiB free
     res = runner.invoke(app, ["plan", "--model", str(tiny_llama_dir), "--set", f"model.placement={placement}"])
@@ -50,7 +50,7 @@ def test_plan_estimates_disk_spill_scratch_and_store(tiny_llama_dir, pf_home, tm
     the store keeps the pruned checkpoint; device placement spills nothing."""
     from transformers import AutoConfig
 
-    from pruning_core.placement import param_bytes
+    from pruning_core.memory import param_bytes
 
     monkeypatch.setenv("PRUNEFLOW_SCRATCH", str(tmp_path / "scratch"))
     args = ["plan", "--model", str(tiny_llama_dir), "--method", "slimgpt", "--set", "export=none", "--json"]

@@ -9,11 +9,12 @@ import collections
 import pytest
 import torch
 
-from pruning_core import adapter_for, capture_stats, engine, placement, tiny_model
+from pruning_core import adapter_for, capture_stats, engine, residency, tiny_model, weightfiles
 from pruning_core.checkpoint import save_pruned
 from pruning_core.methods import get_method, list_methods
 from pruning_core.metrics import perplexity
-from pruning_core.placement import is_resident, open_model
+from pruning_core.loading import open_model
+from pruning_core.residency import is_resident
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,22 +36,22 @@ def loads(monkeypatch):
     each layer's tensors from its files (disk)."""
     log = {"engine": [], "outside": 0, "reads": collections.Counter()}
     monkeypatch.setattr(engine, "LOADS", log["engine"])
-    real_bring = placement._bring
+    real_bring = residency._bring
 
     def counting_bring(layer, h, device, track_changes):
         if h.held == 0:
             log["outside"] += 1
         return real_bring(layer, h, device, track_changes)
 
-    monkeypatch.setattr(placement, "_bring", counting_bring)
-    real_read = placement.TensorFiles.read
+    monkeypatch.setattr(residency, "_bring", counting_bring)
+    real_read = weightfiles.TensorFiles.read
 
     def counting_read(self, names):
         for p in {".".join(n.split(".")[:3]) for n in names if ".layers." in n}:
             log["reads"][p] += 1
         return real_read(self, names)
 
-    monkeypatch.setattr(placement.TensorFiles, "read", counting_read)
+    monkeypatch.setattr(weightfiles.TensorFiles, "read", counting_read)
     return log
 
 
@@ -133,8 +134,8 @@ def test_a_changed_layer_is_written_back_an_unchanged_one_is_not(dense_dir, monk
     m, _ = open_model(dense_dir, placement="disk", device="cpu", dtype="float32")
     a = adapter_for(m)
     spilled = []
-    real = placement.TensorFiles.spill
-    monkeypatch.setattr(placement.TensorFiles, "spill", lambda self, t: (spilled.append(sorted(t)), real(self, t)))
+    real = weightfiles.TensorFiles.spill
+    monkeypatch.setattr(weightfiles.TensorFiles, "spill", lambda self, t: (spilled.append(sorted(t)), real(self, t)))
 
     class ZeroLayer2:
         def begin(self, step):

@@ -40,10 +40,10 @@ def test_threaded_loads_leave_tie_weights_alone(tmp_path):
 
 
 def test_empty_init_acts_only_in_its_own_thread():
-    """While one thread builds a model on `meta` (`placement.empty_init` swaps nn.Module's
+    """While one thread builds a model on `meta` (`loading.empty_init` swaps nn.Module's
     register_parameter), a layer another thread builds — a Dask branch's pruned layer — gets real
     parameters (the threaded sweep failed with 'Cannot copy out of meta tensor' when it did not)."""
-    from pruning_core.placement import empty_init
+    from pruning_core.loading import empty_init
 
     inside, done = threading.Event(), threading.Event()
 

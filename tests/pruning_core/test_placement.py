@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from pruning_core import adapter_for, capture_stats, tiny_model
-from pruning_core.checkpoint import load_pruned, save_pruned
+from pruning_core.checkpoint import load_pruned, save_pruned, save_streaming
+from pruning_core.loading import open_model
+from pruning_core.memory import choose_placement
 from pruning_core.methods import get_method, list_methods
 from pruning_core.metrics import perplexity
-from pruning_core.placement import (
-    choose_placement,
-    home_of,
-    is_resident,
-    open_model,
-    save_streaming,
-)
+from pruning_core.residency import home_of, is_resident
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,7 +146,7 @@ def test_auto_placement_rules():
 def test_dtype_auto_is_fp32_on_cpu_and_the_checkpoints_own_on_cuda(dense_dir):
     from transformers import AutoConfig
 
-    from pruning_core.placement import resolve_dtype
+    from pruning_core.loading import resolve_dtype
 
     cfg = AutoConfig.from_pretrained(dense_dir)
     cfg.dtype = "bfloat16"
@@ -167,7 +163,7 @@ def test_own_safetensors_writer_round_trips_every_dtype(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from pruning_core.placement import write_safetensors
+    from pruning_core.weightfiles import write_safetensors
 
     ts = {"a.f32": torch.randn(3, 5), "b.bf16": torch.randn(7).to(torch.bfloat16), "c.i64": torch.arange(4),
           "d.f16": torch.randn(2, 2, 2).half(), "e.empty": torch.zeros(0, 3), "f.bool": torch.tensor([True, False])}

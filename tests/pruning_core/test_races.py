@@ -8,7 +8,7 @@ import threading
 import torch
 from torch import nn
 
-from pruning_core import placement
+from pruning_core import residency
 from pruning_core.adapters import adapter_for
 from pruning_core.methods.slimgpt import SlimGPTSettings, prune
 from pruning_core.models import tiny_model
@@ -39,17 +39,17 @@ def test_a_second_thread_bringing_a_layer_waits_for_the_first_ones_read():
     weights = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     reading, go = threading.Event(), threading.Event()
     files = _SlowFiles(weights, reading, go)
-    layer._pf_home = placement.Home("disk", torch.device("cpu"), "", files)
-    placement.to_meta(layer)
+    layer._pf_home = residency.Home("disk", torch.device("cpu"), "", files)
+    residency.to_meta(layer)
     seen = {}
 
     def first():
-        placement.bring(layer)
-        seen["first"] = placement.is_resident(layer)
+        residency.bring(layer)
+        seen["first"] = residency.is_resident(layer)
 
     def second():
-        placement.bring(layer)  # while the first thread is still reading the layer
-        seen["second"] = placement.is_resident(layer)
+        residency.bring(layer)  # while the first thread is still reading the layer
+        seen["second"] = residency.is_resident(layer)
 
     a = threading.Thread(target=first)
     a.start()
@@ -61,11 +61,11 @@ def test_a_second_thread_bringing_a_layer_waits_for_the_first_ones_read():
     a.join(30)
     b.join(30)
     assert seen == {"first": True, "second": True}
-    assert placement.home_of(layer).held == 2
-    placement.release(layer)
-    assert placement.is_resident(layer)  # still held by the other thread
-    placement.release(layer)
-    assert not placement.is_resident(layer) and placement.home_of(layer).held == 0
+    assert residency.home_of(layer).held == 2
+    residency.release(layer)
+    assert residency.is_resident(layer)  # still held by the other thread
+    residency.release(layer)
+    assert not residency.is_resident(layer) and residency.home_of(layer).held == 0
 
 
 def _model():

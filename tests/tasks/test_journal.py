@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pruning_core.placement import TensorFiles, owner_tag
+from pruning_core.weightfiles import TensorFiles, owner_tag
 from tasks import cleanup, journal
 
 

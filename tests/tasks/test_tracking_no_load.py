@@ -18,13 +18,13 @@ def test_logging_a_uniform_checkpoint_never_loads_the_model(tmp_path, tiny_llama
     import transformers
 
     import pruning_core.checkpoint
-    import pruning_core.placement
+    import pruning_core.loading
     from tasks.tracking import track_compress_run
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_llama_dir, run_dir / "checkpoint")
     monkeypatch.setattr(pruning_core.checkpoint, "load_pruned", _refuse)
-    monkeypatch.setattr(pruning_core.placement, "open_model", _refuse)
+    monkeypatch.setattr(pruning_core.loading, "open_model", _refuse)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(_refuse))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

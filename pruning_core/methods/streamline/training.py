@@ -157,7 +157,7 @@ def train_replacement(
     n_val = max(1, round(train_ids.shape[0] * s.val_fraction))
     val_ids, tr_ids = train_ids[:n_val], train_ids[n_val:]
     from ...engine import keep_resident
-    from ...placement import placement_of
+    from ...residency import placement_of
 
     if module is None:  # the replacement inside a pruned model (else: given on its own, `pruned_model` None)
         module = adapter.layers(pruned_model)[new_idx]

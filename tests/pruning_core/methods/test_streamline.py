@@ -374,7 +374,7 @@ def test_replacement_trains_from_the_dense_block_alone_exactly_as_from_the_dense
     `open_model(only_layers=...)`; the rest of the dense model stays on `meta`): the pruned prefix
     gives the block's inputs, so training sees the same inputs and targets as with the whole dense
     model — the same loss curve and the same trained weights."""
-    from pruning_core.placement import open_model
+    from pruning_core.loading import open_model
 
     dense = tiny_model("llama", n_layers=6, seed=2, initializer_range=0.1)
     dense.save_pretrained(tmp_path / "dense")
@@ -403,7 +403,7 @@ def test_replacement_trains_from_the_dense_block_alone_exactly_as_from_the_dense
 
     # the recover step under offload / disk: the pruned model's layers come and go, the trained one stays;
     # the result is written layer by layer (the plan recorded, not applied again) and reloads the same
-    from pruning_core.placement import save_streaming
+    from pruning_core.checkpoint import save_streaming
 
     for placement in ("offload", "disk"):
         m, _ = load_pruned(tmp_path / "untrained", placement=placement)
