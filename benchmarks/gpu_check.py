@@ -98,10 +98,10 @@ def peaks(cuda: bool) -> tuple[float, float]:
 
 def run_case(ckpt: Path, out: Path, method: str, placement: str, a) -> list[dict]:
     from pruning_core import adapter_for, capture_stats
-    from pruning_core.methods import get_method
-    from pruning_core.metrics import perplexity
     from pruning_core.checkpoint import save_streaming
     from pruning_core.loading import open_model
+    from pruning_core.methods import get_method
+    from pruning_core.metrics import perplexity
 
     cuda = a.device.startswith("cuda")
     rows = []

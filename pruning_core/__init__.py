@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from .adapters import adapter_for, supported_architectures
 from .capture import capture_stats
-from .engine import run_pass
 from .checkpoint import is_uniform, load_pruned, save_pruned
 from .data import calibration_set, eval_tokens, load_text, tokenize_text
+from .engine import run_pass
 from .errors import ConfigError, DataError, PruneflowError, StorageError
 from .methods import get_method, list_methods
 from .metrics import flops_per_token, layer_table, perplexity, plan_params

@@ -11,9 +11,9 @@ import torch
 
 from pruning_core import adapter_for, capture_stats, engine, residency, tiny_model, weightfiles
 from pruning_core.checkpoint import save_pruned
+from pruning_core.loading import open_model
 from pruning_core.methods import get_method, list_methods
 from pruning_core.metrics import perplexity
-from pruning_core.loading import open_model
 from pruning_core.residency import is_resident
 
 pytestmark = pytest.mark.usefixtures("one_thread")
