@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .plan import PrunePlan
-from .residency import _own_tensors, bring, home_of, layers_prefix, placement_of, release, resident, to_meta
+from .residency import _own_tensors, home_of, layers_prefix, placement_of, resident, to_meta
 from .surgery import sync_config
 from .util import recover_dir, replace_dir, staged_dir
 from .weightfiles import ShardWriter
@@ -76,7 +76,7 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
     one layer at a time under `offload` / `disk`; under `disk` every layer is its own shard. After the
     call `model` describes the pruned shapes (under `disk` its layers hold no data any more)."""
     from .adapters import adapter_for
-    from .surgery import apply_layer_plan, set_layers, sync_config
+    from .surgery import set_layers, sync_config
 
     path = Path(path).expanduser()
     adapter = adapter_for(model)
@@ -87,36 +87,11 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
     mode = placement_of(model)
     with staged_dir(path) as tmp:
         writer = ShardWriter(tmp, 0 if mode == "disk" else shard_bytes)
-        kept: list[nn.Module] = []
-        for i, layer in enumerate(layers):
-            lp = plan.layers[i] if plan is not None and apply else None
-            if lp is not None and not lp.keep:
-                continue
-            span = []
-            if lp is not None and lp.replacement and "span" in lp.replacement:
-                a, b = (int(x) for x in lp.replacement["span"])
-                span = [layers[j] for j in range(a, b) if layers[j] is not layer]
-            with contextlib.ExitStack() as stack:
-                for other in span:
-                    stack.enter_context(resident(other))
-                bring(layer)
-                new = apply_layer_plan(model, adapter, layer, lp) if lp is not None else layer
-                writer.add({f"{prefix}.{len(kept)}.{k}": v for k, v in _own_tensors(new).items() if v is not None})
-                if mode == "disk":
-                    writer.flush()
-                if new is not layer:
-                    release(layer)
-                    if mode == "disk":
-                        to_meta(new)
-                    elif mode == "offload":
-                        new.to("cpu")
-                else:
-                    release(layer)
-                    if home_of(layer) is not None and mode == "disk":
-                        layer._pf_home.files = None  # the file no longer matches the pruned shapes
-                if home_of(new) is not None and new is not layer:
-                    new._pf_home = None
-            kept.append(new)
+        shards = _ShardConsumer(model, adapter, plan if apply else None, writer, prefix, mode)
+        from .engine import run_pass
+
+        run_pass(model, adapter, [shards])  # weights only; a layer the plan removes is not read
+        kept = shards.kept
         if not kept:
             raise ConfigError("plan.layers", "all removed", "a plan that keeps at least one layer")
         set_layers(model, adapter, kept)
@@ -142,6 +117,57 @@ def save_streaming(model: nn.Module, tokenizer, plan, path: str | Path, shard_by
                 pass
         finish_checkpoint(model, tokenizer, plan, stock, tmp, path)
     return path
+
+
+class _ShardConsumer:
+    """The surgery + shard writing of `save_streaming` as a consumer of one weights pass of the layer
+    engine: each kept layer is pruned (or replaced) while resident and written; the written shard is
+    its write-back, so the engine spills nothing. A replacement built from a block of layers
+    (`collapse`, `ffn`) holds the block's other layers — removed ones the pass skips — while it is built."""
+
+    def __init__(self, model, adapter, plan, writer: ShardWriter, prefix: str, mode: str):
+        self.model, self.adapter, self.plan, self.writer = model, adapter, plan, writer
+        self.prefix, self.mode = prefix, mode
+        self.layers = list(adapter.layers(model))
+        self.kept: list[nn.Module] = []
+
+    def _lp(self, i: int):
+        return self.plan.layers[i] if self.plan is not None else None
+
+    def wants(self, i: int) -> bool:
+        lp = self._lp(i)
+        return lp is None or lp.keep
+
+    def begin(self, step) -> None:
+        from .surgery import apply_layer_plan
+
+        layer, lp = step.layer, self._lp(step.index)
+        span = []
+        if lp is not None and lp.replacement and lp.replacement.get("kind") not in (None, "layer") \
+                and "span" in lp.replacement:
+            a, b = (int(x) for x in lp.replacement["span"])
+            span = [self.layers[j] for j in range(a, b) if self.layers[j] is not layer]
+        with contextlib.ExitStack() as stack:
+            for other in span:
+                stack.enter_context(resident(other))
+            new = apply_layer_plan(self.model, self.adapter, layer, lp) if lp is not None else layer
+        self.writer.add({f"{self.prefix}.{len(self.kept)}.{k}": v for k, v in _own_tensors(new).items()
+                         if v is not None})
+        if self.mode == "disk":
+            self.writer.flush()
+        if new is not layer:
+            if self.mode == "disk":
+                to_meta(new)
+            elif self.mode == "offload":
+                new.to("cpu")
+            if home_of(new) is not None:
+                new._pf_home = None
+        elif home_of(layer) is not None and self.mode == "disk":
+            layer._pf_home.files = None  # the file no longer matches the pruned shapes (released to meta)
+        self.kept.append(new)
+
+    def after(self, step) -> bool:
+        return False  # the shard is the write-back
 
 
 def finish_checkpoint(model, tokenizer, plan, stock: bool, tmp: Path, path: Path) -> None:

@@ -18,11 +18,13 @@ onloading, the modifiers only observe and compress). Every hook is optional:
                          the one that computes the layer's outputs (when no consumer set them)
 `after(step) -> bool`    the layer is still resident; True when the consumer changed its weights
 `finish()`               after the last layer
+`wants(i) -> bool`       weights-only passes: layer i is skipped (not read) when no consumer wants it
 =======================  =====================================================================
 
 Several consumers can share one pass: they see each layer in list order. Methods never move weights:
-capture (`capture.capture_stats`), the scorers (`visit_layers`), SlimGPT, FLAP, LLM-Rank and
-perplexity (`metrics.perplexity`, layer-major under offload / disk) all run through `run_pass`.
+capture (`capture.capture_stats`), the scorers (`visit_layers`), SlimGPT, FLAP, LLM-Rank, surgery +
+shard writing (`checkpoint.save_streaming`) and perplexity (`metrics.perplexity`, layer-major under
+offload / disk) all run through `run_pass`.
 `LOADS` (a list, None when off) records every real load as (pass number, layer index): the tests
 count them.
 """
@@ -220,12 +222,17 @@ def run_pass(model: nn.Module, adapter: Adapter, consumers: list, input_ids: tor
         inputs, kwargs = catch_inputs(model, adapter, input_ids, dev or torch.device("cpu"), batch_size, store)
         n_tokens = int(input_ids.numel())
     res = _Residency(layers, dev, pass_id)
+    order = list(range(n))
+    if input_ids is None and consumers and all(hasattr(c, "wants") for c in consumers):
+        order = [i for i in order if any(c.wants(i) for c in consumers)]  # weights only: skip the unwanted
     changed_layers: list[int] = []
     try:
-        res.prefetch(0)
-        for i in range(n):
+        if order:
+            res.prefetch(order[0])
+        for k, i in enumerate(order):
             brought = res.bring(i)
-            res.prefetch(i + 1)
+            if k + 1 < len(order):
+                res.prefetch(order[k + 1])
             step = LayerStep(i, brought, inputs, kwargs[i], dev or torch.device("cpu"), _store=store)
             changed = False
             try:

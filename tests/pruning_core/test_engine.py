@@ -1,6 +1,7 @@
 """The layer engine: every decoder layer is brought in exactly once per pass — for every registered
 method's prune step (capture, scoring, coupled pruning) and for perplexity, under `offload` and
-`disk` — and one pass serves several consumers."""
+`disk`, and for the streaming save (kept layers once, removed ones never unless a replacement is built
+from them) — and one pass serves several consumers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from pruning_core import adapter_for, capture_stats, engine, residency, tiny_model, weightfiles
-from pruning_core.checkpoint import save_pruned
+from pruning_core.checkpoint import save_pruned, save_streaming
 from pruning_core.loading import open_model
 from pruning_core.methods import get_method, list_methods
 from pruning_core.metrics import perplexity
@@ -34,13 +35,14 @@ def loads(monkeypatch):
     """Every real load of a decoder layer: the engine's (pass, layer) log, the loads that went around
     the engine (the placement's own forward hooks / `bring` on a layer nobody held), and the reads of
     each layer's tensors from its files (disk)."""
-    log = {"engine": [], "outside": 0, "reads": collections.Counter()}
+    log = {"engine": [], "outside": 0, "outside_layers": collections.Counter(), "reads": collections.Counter()}
     monkeypatch.setattr(engine, "LOADS", log["engine"])
     real_bring = residency._bring
 
     def counting_bring(layer, h, device, track_changes):
         if h.held == 0:
             log["outside"] += 1
+            log["outside_layers"][int(h.prefix.split(".")[-2])] += 1
         return real_bring(layer, h, device, track_changes)
 
     monkeypatch.setattr(residency, "_bring", counting_bring)
@@ -150,3 +152,34 @@ def test_a_changed_layer_is_written_back_an_unchanged_one_is_not(dense_dir, monk
     seen = {}
     engine.visit_layers(m, a, lambda i, layer: seen.__setitem__(i, float(a.proj(layer, a.o).weight.abs().sum())))
     assert seen[2] == 0 and all(seen[i] > 0 for i in (0, 1, 3))
+
+
+SAVE_CASES = [("wanda", {}), ("slimgpt", {}), ("flap", {"structure": "al_am"}), ("shortgpt", {})] + [
+    ("llm-streamline", {"steps": 2, "batch_size": 2, "replacement": r}) for r in ("layer", "ffn", "collapse", "none")]
+
+
+@pytest.mark.parametrize("where", ["offload", "disk"])
+@pytest.mark.parametrize("name,settings", SAVE_CASES, ids=[f"{n}-{'-'.join(map(str, s.values()))}" for n, s in SAVE_CASES])
+def test_streaming_save_brings_each_kept_layer_once_and_skips_removed_ones(dense_dir, tmp_path, loads, where, name,
+                                                                           settings):
+    m, _ = open_model(dense_dir, placement=where, device="cpu", dtype="float32")
+    a = adapter_for(m)
+    meth = get_method(name)
+    st = meth.parse_settings(settings)
+    if meth.coupled:
+        plan = meth.prune(m, a, IDS, 0.3, st, device="cpu")
+    else:
+        stats = capture_stats(m, a, IDS, requests=set(meth.needs) | {"norms"}, batch_size=2)
+        plan = meth.select(m, a, meth.score(m, a, stats, st), 0.3, st)
+    loads["engine"].clear()
+    loads["outside_layers"].clear()
+    save_streaming(m, None, plan, tmp_path / "out")
+    per_layer = collections.Counter(i for _p, i in loads["engine"]) + loads["outside_layers"]
+    kept = [i for i, lp in enumerate(plan.layers) if lp.keep]
+    span = set()
+    for lp in plan.layers:
+        if lp.replacement and lp.replacement.get("kind") not in (None, "layer") and "span" in lp.replacement:
+            span |= set(range(*lp.replacement["span"]))
+    assert {i for i in per_layer} == set(kept) | span, (per_layer, kept, span)
+    assert set(per_layer.values()) == {1}, per_layer  # a removed layer is read only to build a replacement
+    assert len(kept) < N_LAYERS or name not in ("shortgpt", "llm-streamline")
