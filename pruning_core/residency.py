@@ -225,13 +225,6 @@ def resident(layer: nn.Module, device: torch.device | None = None, write_back: b
         release(layer, write_back=write_back)
 
 
-def resident_layers(model: nn.Module, adapter, write_back: bool | None = False):
-    """Iterate (index, layer) with each layer resident only during its iteration."""
-    for i, layer in enumerate(adapter.layers(model)):
-        with resident(layer, write_back=write_back):
-            yield i, layer
-
-
 def _pre_hook(module, args):
     bring(module)
 
