@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter
-from .capture import LayerStep, _device_of, catch_inputs
+from .layer_io import LayerStep, _device_of, catch_inputs
 
 LOADS: list[tuple[int, int]] | None = None  # (pass, layer) of every real load, when a list
 _PASSES = itertools.count()

@@ -52,8 +52,8 @@ def _window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, dev
             x = windows[b:b + batch_size].to(device)
             yield x, model(input_ids=x, use_cache=False).logits
         return
-    from .capture import _place_non_layers, _restore
     from .engine import run_pass
+    from .layer_io import _place_non_layers, _restore
 
     adapter = adapter_for(model)
     h = model.config.hidden_size

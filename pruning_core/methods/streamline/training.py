@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ...adapters import Adapter, adapter_for
-from ...capture import first_output
 from ...errors import ConfigError, DataError
+from ...layer_io import first_output
 from ...plan import PrunePlan
 from .settings import StreamlineSettings, recovery_settings
 
