@@ -122,8 +122,8 @@ def test_efficiency_timings_key_on_the_runs_placement():
     from tasks.steps import _eval_keyparts
 
     def parts(placement, efficiency):
-        return _eval_keyparts({"ctx": {"device": "cpu", "placement": placement},
-                               "settings": {"source": "pydoc", "efficiency": efficiency}})
+        return _eval_keyparts({"ctx": {"device": "cpu", "placement": placement}, "target": {"sha256": "t" * 64},
+                               "model_revision": "m", "settings": {"source": "pydoc", "efficiency": efficiency}})[0]
 
     assert parts("device", True)["efficiency_placement"] == "device"
     assert parts("device", True) != parts("offload", True)
