@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pruning_core import mlp  # noqa: E402
+from benchmarks import mlp_models as mlp  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 METHODS = ("mlprank", "random", "l1", "activation", "wanda", "mpr")

@@ -55,6 +55,7 @@ class StepLog:
         self.ctx, self.timings, self.cache, self.artifacts = ctx, {}, {}, {}
         self.why: dict[str, str] = {}  # step -> why it missed (which part of its cache key is new)
         self.memory: dict[str, dict] = {}  # step -> host memory of this process after it (bytes)
+        self.placement: dict | None = None  # the run's placement and why (`place`)
         self.on_step = on_step
 
     def __call__(self, name: str, task, **kw) -> dict:
@@ -103,6 +104,17 @@ def prepare(spec: RunSpec, sl: StepLog) -> tuple[dict, dict]:
     calib = sl("calibration", steps.calibration_task, model=model, source=c.source, n_samples=c.n_samples,
                seq_len=c.seq_len, seed=c.seed)
     return model, calib
+
+
+def place(spec: RunSpec, sl: StepLog, model: dict, methods: list[tuple[str, dict]] | None = None,
+          ratios: list[float] | None = None) -> dict:
+    """The run's placement, chosen once after load (flows/placement.py); every later step, the dense
+    and the pruned evaluation included, runs under it (it goes to them in `ctx`)."""
+    from .placement import run_placement
+
+    sl.placement = run_placement(spec, model, methods, ratios)
+    sl.ctx["placement"] = sl.placement["placement"]
+    return sl.placement
 
 
 def capture_args(meth, settings: dict, ratios: list[float]) -> dict:
@@ -277,6 +289,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "timings": {k: sl.timings.get(k) for k in STEP_ORDER if k in sl.timings},
         "cache": {k: sl.cache.get(k) for k in STEP_ORDER if k in sl.cache},
         "host_memory": {k: sl.memory[k] for k in STEP_ORDER if k in sl.memory},  # peak RSS so far after each step
+        "placement": sl.placement,  # chosen once for the run: dense and pruned evaluated under the same one
         "cache_why": {k: sl.why[k] for k in STEP_ORDER if k in sl.why},
         "artifacts": {**sl.artifacts, "checkpoint": ckpt["uri"], "run_dir": run_dir,
                       "log": str(Path(run_dir) / "pruneflow.log")},
@@ -382,6 +395,7 @@ def compress(spec: dict, run_dir: str | None = None) -> dict:
     with _RunLog(rd):
         sl = StepLog(ctx, on_step=lambda n, c, dt: log.info("step %-14s %-7s %7.2f s", n, c, dt))
         model, calib = prepare(s, sl)
+        place(s, sl, model)
         scores = score_once(s, sl, model, calib, s.method.name, s.method.settings, [s.ratio])
         ckpt, after = prune_and_evaluate(s, sl, model, calib, scores, s.method.name, s.method.settings, s.ratio)
         dense = sl("evaluate_dense", steps.evaluate_task, target=model, settings=eval_settings(s),

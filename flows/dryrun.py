@@ -164,15 +164,18 @@ def distill_plan(spec: RunSpec, config) -> dict:
 
 
 def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None,
-                cosine_span: int | None = None) -> dict:
-    """{"placement", "placement_reason", "memory": {step: {device, host}}}; a one-line ConfigError
-    when a step cannot fit the free memory under the chosen placement."""
+                cosine_span: int | None = None, dtype: str | None = None, check: bool = True) -> dict:
+    """{"placement", "placement_reason", "working_set", "memory": {step: {device, host}}, "free_memory"}; a
+    one-line ConfigError (`check`) when a step cannot fit the free memory under the chosen placement.
+    `auto` is resolved with the largest working set of the steps (`estimate_steps`), against the free
+    memory (host memory within the cgroup's limit: `memory.free_memory`). `dtype`: the run's (the load
+    step's); default the spec's."""
     from pruning_core.loading import resolve_dtype as dtype_for
     from pruning_core.memory import check_fits, choose_placement, estimate_steps, free_memory, param_bytes
     from pruning_core.models import resolve_device
 
     dev = resolve_device(spec.device)
-    dt = dtype_for(spec.model.dtype, config, dev)
+    dt = dtype_for(dtype or spec.model.dtype, config, dev)
     free = free or free_memory(dev)
     c, e = spec.calibration, spec.evaluation
 
@@ -180,15 +183,14 @@ def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None
         return estimate_steps(config, dt, pl, dev, meth, c.n_samples, c.seq_len, c.batch_size, e.ppl_seq_len,
                               e.batch_size, cosine_span=cosine_span)
 
-    if spec.model.placement == "auto":
-        work = max(v["device"] or v["host"] for v in est("device").values()) - param_bytes(config, dt)["total"]
-        placement, why = choose_placement("auto", param_bytes(config, dt), work, dev, free)
-    else:
-        placement, why = spec.model.placement, "requested"
+    sizes = param_bytes(config, dt)
+    work = max(v["device"] or v["host"] for v in est("device").values()) - sizes["total"]
+    placement, why = choose_placement(spec.model.placement, sizes, work, dev, free)
     steps = est(placement)
-    check_fits(steps, free, placement, cuda=dev.type == "cuda")
+    if check:
+        check_fits(steps, free, placement, cuda=dev.type == "cuda")
     return {"placement": placement, "placement_reason": why, "dtype": str(dt).removeprefix("torch."),
-            "memory": steps, "free_memory": {"device": free[0], "host": free[1]}}
+            "working_set": work, "memory": steps, "free_memory": {"device": free[0], "host": free[1]}}
 
 
 def _free_bytes(path: Path) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from .compress import (
     capture_args,
     ctx_for,
     eval_settings,
+    place,
     prepare,
     recover_args,
     teacher_args,
@@ -85,6 +86,7 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
     t0 = time.perf_counter()
     sl = StepLog(ctx)
     model, calib = prepare(s, sl)
+    place(s, sl, model, [(m, _settings_for(s, m)) for m in methods], ratios)  # one placement for every branch
     for k in ("load", "calibration"):
         counts[k][sl.cache[k]] += 1
     ev = eval_settings(s)
@@ -142,7 +144,7 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
     result = {"model": s.model.ref, "methods": methods, "ratios": ratios, "rows": out_rows,
               "step_counts": {k: v for k, v in counts.items() if v["miss"] or v["hit"]},
               "metrics_before": dense["metrics"], "seconds": round(time.perf_counter() - t0, 3),
-              "store": ctx["store"], "versions": versions()}
+              "store": ctx["store"], "placement": sl.placement, "versions": versions()}
     # one folder per (spec, methods, ratios): sweeps that differ in any setting never share it
     tag = hashlib.sha256(json.dumps([s.digest(), methods, ratios]).encode()).hexdigest()[:8]
     run_dir = pruneflow_home() / "runs" / f"sweep-{Path(s.model.ref).name}-{'-'.join(methods)}-{tag}"

@@ -13,9 +13,10 @@ from .checkpoint import is_uniform, load_pruned, save_pruned
 from .data import calibration_set, eval_tokens, load_text, tokenize_text
 from .engine import run_pass
 from .errors import ConfigError, DataError, PruneflowError, StorageError
+from .loading import resolve_dtype
 from .methods import get_method, list_methods
 from .metrics import flops_per_token, layer_table, perplexity, plan_params
-from .models import load_model, model_revision, resolve_device, resolve_dtype, tiny_model
+from .models import load_model, model_revision, resolve_device, tiny_model
 from .plan import LayerPlan, PrunePlan
 from .select import layer_ratios, plan_from_scores
 from .surgery import apply_plan, count_params

@@ -67,8 +67,10 @@ def checkpoint_dtype(config) -> torch.dtype | None:
     return None
 
 
-def resolve_dtype(spec, config, device: torch.device) -> torch.dtype:
-    """`model.dtype`: auto = the checkpoint's own dtype on CUDA, fp32 elsewhere."""
+def resolve_dtype(spec, config=None, device: str | torch.device = "cpu") -> torch.dtype:
+    """The torch dtype of `model.dtype` (the one function that reads it): a name (float32 / fp32,
+    bfloat16 / bf16, float16 / fp16) or a torch dtype as given; None or "auto": the checkpoint's own
+    dtype (`config`) on CUDA, fp32 elsewhere (and fp32 when no config is given)."""
     if spec in (None, "auto"):
         if torch.device(device).type == "cuda":
             return checkpoint_dtype(config) or torch.float32

@@ -3,9 +3,16 @@
 
 `auto` is `device` when the model plus the step's working set fit the free device memory, else
 `offload` when they fit host memory, else `disk` (`choose_placement` says which and why).
+
+Free host memory is the smaller of what the node has available and what the process's cgroup still
+allows (a container's limit: a pod of 32 GiB on a node of 1 TiB has 32 GiB, not 1 TiB), read from
+`CGROUP_ROOT` (v2: `memory.max`, `memory.current`; v1: `memory/memory.limit_in_bytes`,
+`memory/memory.usage_in_bytes`), with the reclaimable page cache (`inactive_file`) not counted as used.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -34,11 +41,54 @@ def param_bytes(config, dtype: torch.dtype) -> dict:
     return {"total": total, "layers": sum(per), "layer_max": max(per) if per else 0, "other": total - sum(per)}
 
 
-def free_memory(device: torch.device) -> tuple[int, int]:
-    """(free device bytes, free host bytes)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _stat(path: Path, *keys: str) -> int:
+    for line in (_read(path) or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k in keys and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+def cgroup_available(root: str | Path | None = None) -> int | None:
+    """Bytes this cgroup may still allocate (limit - usage + reclaimable page cache), None when it has
+    no memory limit or there is no cgroup memory controller at `root` (default `CGROUP_ROOT`)."""
+    root = Path(root) if root is not None else CGROUP_ROOT
+    if (limit := _read(root / "memory.max")) is not None:  # cgroup v2
+        usage, stat, inactive = _read(root / "memory.current"), root / "memory.stat", ("inactive_file",)
+    else:  # cgroup v1
+        v1 = root / "memory"
+        limit, usage, stat = _read(v1 / "memory.limit_in_bytes"), _read(v1 / "memory.usage_in_bytes"), v1 / "memory.stat"
+        inactive = ("total_inactive_file", "inactive_file")
+    if limit is None or not limit.isdigit():  # "max" (v2): no limit
+        return None
+    used = int(usage) if usage and usage.isdigit() else 0
+    used = max(0, used - _stat(stat, *inactive))
+    return max(0, int(limit) - used)
+
+
+def host_available(cgroup_root: str | Path | None = None) -> tuple[int, str]:
+    """(free host bytes, where the figure comes from: "cgroup" or "node")."""
     import psutil
 
-    host = int(psutil.virtual_memory().available)
+    node = int(psutil.virtual_memory().available)
+    cg = cgroup_available(cgroup_root)  # v1 without a limit reports ~2**63: the node's figure wins
+    return (cg, "cgroup") if cg is not None and cg < node else (node, "node")
+
+
+def free_memory(device: torch.device, cgroup_root: str | Path | None = None) -> tuple[int, int]:
+    """(free device bytes, free host bytes); host memory within the cgroup's limit (`host_available`).
+    On a CPU device the two are the same memory."""
+    host, _source = host_available(cgroup_root)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free), host

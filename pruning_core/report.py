@@ -228,6 +228,8 @@ def render_markdown(report: dict, plots_dir: str | Path | None = None) -> str:
         ["removed of decoder-layer params", f"{100 * report['removed_decoder_fraction']:.1f} %"
          if isinstance(report.get("removed_decoder_fraction"), (int, float)) else "–"],
         *([["rounding", str(report["rounding"])]] if report.get("rounding") else []),
+        *([["placement (dense and pruned)", f"{report['placement'].get('placement')} "
+            f"({report['placement'].get('reason')})"]] if isinstance(report.get("placement"), dict) else []),
     ]))
     md += ["", "## Metrics", ""]
     keys = sorted(set(b) | set(a), key=lambda k: (not k.startswith("ppl"), "/" not in k, k))

@@ -221,6 +221,10 @@ def clear_models() -> None:
     from pruning_core.residency import _trim
 
     _trim()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # the dropped models' blocks go back to the device, not the allocator's cache
 
 
 def progress_enabled() -> bool:

@@ -69,7 +69,9 @@ def _model_path(model: dict) -> str:
 
 def _placement(ctx: dict, path: str, dtype: str, trust_remote_code: bool = False, working_set: int = 0,
                step: str = "") -> str:
-    """`model.placement` for this step: auto resolved against free memory (logged with the reason)."""
+    """`model.placement` for this step: the run's, which the flow chose once (`flows/placement.py`) and
+    passes in `ctx`. A task called on its own with `auto` resolves it here against free memory (logged
+    with the reason)."""
     from transformers import AutoConfig
 
     from pruning_core.loading import resolve_dtype
@@ -90,12 +92,13 @@ def _open(model: dict, ctx: dict, step: str, path: str | None = None, fresh: boo
     the steps of one process unless `fresh` (a step that modifies it: prune)."""
     path = path or _model_path(model)
     trc = model.get("trust_remote_code", False)
-    placement = _placement(ctx, path, model["dtype"], trc, step=step)
     if fresh:
         from pruning_core.loading import open_model
 
         clear_models()  # never two models in memory: the prune step starts from the stored checkpoint
+        placement = _placement(ctx, path, model["dtype"], trc, step=step)
         return open_model(path, placement=placement, device=_device(ctx), dtype=model["dtype"], trust_remote_code=trc)
+    placement = _placement(ctx, path, model["dtype"], trc, step=step)
     return load_model_cached(path, model["dtype"], str(_device(ctx)), trc, placement=placement)
 
 
@@ -631,6 +634,8 @@ def _eval_keyparts(p):
                               **({"pkgdocs": _source_fp("pkgdocs")} if any("pkgdocs" in t for t in tasks) else {})}
     if s.get("efficiency"):
         s["efficiency_device"] = _device_name(p.get("ctx") or {})
+        # tokens/s and peak memory depend on where the weights live: the run's placement is part of the key
+        s["efficiency_placement"] = (p.get("ctx") or {}).get("placement", "auto")
     return s, [p["target"]], p["model_revision"]
 
 

@@ -578,6 +578,8 @@ def _track(settings: TrackingSettings, uri: str, spec, report, run_dir: Path) ->
     flow_run = _flow_run_id(report)
     if flow_run:
         tags[f"{TAG}prefect_flow_run_id"] = flow_run
+    if isinstance(report.get("placement"), Mapping):  # the run's, chosen once: dense and pruned under it
+        tags[f"{TAG}placement"] = str(report["placement"].get("placement"))
     for name, st in steps.items():
         if st.get("cache"):
             tags[f"{TAG}cache.{sanitize_metric_name(name)}"] = str(st["cache"])

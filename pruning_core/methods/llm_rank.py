@@ -2,7 +2,7 @@
 
 Paper: Hoffmann, Budhathoki, Kleindessner, "LLM-Rank: A Graph Theoretical Approach to Pruning
 Large Language Models", arXiv 2410.13299 (2024); the MLP version ("MLP-Rank") is the same scorer
-applied to plain perceptrons (see `pruning_core.mlp`). The formula is the paper's modified
+applied to plain perceptrons (see `benchmarks/mlp_models.py`). The formula is the paper's modified
 weighted PageRank (Sec. 3) as its released code computes it.
 
 Each Linear layer with weight W (n_out x n_in) is a bipartite slice of a DAG: edge j -> i with

@@ -159,6 +159,19 @@ def test_dtype_auto_is_fp32_on_cpu_and_the_checkpoints_own_on_cuda(dense_dir):
     assert out.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in m.parameters())
 
 
+def test_one_resolve_dtype():
+    """The package's `resolve_dtype` is the loader's: names, torch dtypes, auto (fp32 without a config)."""
+    import pruning_core
+    from pruning_core.errors import ConfigError
+    from pruning_core.loading import resolve_dtype
+
+    assert pruning_core.resolve_dtype is resolve_dtype
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype(torch.float16) == torch.float16
+    assert resolve_dtype("auto") == torch.float32 and resolve_dtype(None, None, "cuda") == torch.float32
+    with pytest.raises(ConfigError, match="model.dtype"):
+        resolve_dtype("int3")
+
+
 def test_own_safetensors_writer_round_trips_every_dtype(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -114,3 +114,17 @@ def test_explain_miss_names_the_new_part():
 def test_closure_of_real_modules_stays_inside_the_project(mod):
     parts = cachekey.module_closure([mod])
     assert mod in parts and all(k.split(".")[0] in cachekey.PROJECT for k in parts)
+
+
+def test_efficiency_timings_key_on_the_runs_placement():
+    """tokens/s and peak memory differ between placements: the evaluate key follows the run's placement
+    when efficiency is measured, and not otherwise (perplexity is the same under every placement)."""
+    from tasks.steps import _eval_keyparts
+
+    def parts(placement, efficiency):
+        return _eval_keyparts({"ctx": {"device": "cpu", "placement": placement}, "target": {"sha256": "t" * 64},
+                               "model_revision": "m", "settings": {"source": "pydoc", "efficiency": efficiency}})[0]
+
+    assert parts("device", True)["efficiency_placement"] == "device"
+    assert parts("device", True) != parts("offload", True)
+    assert parts("device", False) == parts("disk", False)

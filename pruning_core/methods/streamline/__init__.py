@@ -50,12 +50,12 @@ from .selection import (
     select_shortgpt,
 )
 from .settings import ShortGPTSettings, StreamlineSettings
-from .training import block_io, lr_at, prefix_block_io, replacement_of, replacement_recover, train_replacement
+from .training import block_io, lr_at, prefix_block_io, replacement_of, train_replacement
 
 __all__ = [
     "ResidualFFN", "ShortGPTSettings", "StreamlineSettings", "best_block", "block_cosines", "block_influence", "block_span",
     "block_io", "collapse_block", "ffn_from_layer", "lr_at", "n_from_ratio", "prefix_block_io", "replacement_of",
-    "replacement_recover", "score", "select", "select_shortgpt", "train_replacement",
+    "score", "select", "select_shortgpt", "train_replacement",
 ]
 
 

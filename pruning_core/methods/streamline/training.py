@@ -20,7 +20,7 @@ from ...adapters import Adapter, adapter_for
 from ...errors import ConfigError, DataError
 from ...layer_io import first_output
 from ...plan import PrunePlan
-from .settings import StreamlineSettings, recovery_settings
+from .settings import StreamlineSettings
 
 
 class _Stop(Exception):
@@ -273,25 +273,3 @@ def train_replacement(
         "seconds": time.perf_counter() - t0,
         "train_tokens": s.steps * min(s.batch_size, n_tr) * int(tr_ids.shape[1]),
     }
-
-
-def replacement_recover(
-    pruned_model: nn.Module,
-    tokenizer,
-    train_ids: torch.Tensor,
-    settings: StreamlineSettings | dict | None,
-    dense_model: nn.Module,
-    plan: PrunePlan,
-    device: torch.device | str = "cpu",
-) -> tuple[nn.Module, dict]:
-    """The recovery step for LLM-Streamline: `train_replacement` with the pipeline's call shape
-    (model, tokenizer, train ids, settings) -> (model, info). `train_ids` may be [N, T] blocks or a
-    1-D token stream, cut into `seq_len` blocks (the first `max_blocks` of them when set)."""
-    s = settings if isinstance(settings, StreamlineSettings) else recovery_settings(settings)
-    if train_ids.dim() == 1:
-        n = train_ids.numel() // s.seq_len
-        train_ids = train_ids[: n * s.seq_len].view(n, s.seq_len)
-    if s.max_blocks is not None:
-        train_ids = train_ids[: s.max_blocks]
-    info = train_replacement(dense_model, pruned_model, plan, train_ids, s, device=device)
-    return pruned_model, info

@@ -322,20 +322,18 @@ def test_laco_collapse_merges_the_block_into_one_plain_layer():
 
 
 def test_replacement_recover_takes_a_token_stream_and_rejects_unknown_settings():
-    from pruning_core.methods.streamline import replacement_recover
+    from pruning_core.recover import replacement_recover
 
     dense = tiny_model("llama", n_layers=4, seed=3, initializer_range=0.1)
     ad = adapter_for(dense)
     plan = select(dense, ad, _scores(dense, ad), None, {"replacement": "ffn", "n_layers": 1})
     pruned = apply_plan(copy.deepcopy(dense), plan)
     stream = _ids(1, 20 * 16, seed=4, vocab=16).reshape(-1)
-    m, info = replacement_recover(
-        pruned, None, stream, {"seq_len": 16, "steps": 5, "batch_size": 4}, dense, plan
-    )
+    m, info = replacement_recover(pruned, dense, plan, stream, {"seq_len": 16, "steps": 5, "batch_size": 4})
     assert m is pruned and len(info["loss_curve"]) == 5 and info["train_tokens"] == 5 * 4 * 16
     assert info["val_mse_after"] <= info["val_mse_before"]
     with pytest.raises(ConfigError, match="recovery.settings"):
-        replacement_recover(pruned, None, stream, {"rank": 8}, dense, plan)
+        replacement_recover(pruned, dense, plan, stream, {"rank": 8})
 
 
 @pytest.mark.parametrize("kind", ["layer", "ffn"])

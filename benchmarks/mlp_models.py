@@ -1,4 +1,5 @@
-"""MLP-Rank on plain multilayer perceptrons: score hidden neurons, remove them physically.
+"""The benchmark models of MLP-Rank: plain multilayer perceptrons, their hidden neurons scored and
+removed physically (`bench_mlp_digits.py`; not part of `pruning_core`, whose subjects are LLMs).
 
 Paper: Hoffmann et al., "LLM-Rank" (arXiv 2410.13299), whose MLP experiments come from the
 MLP-Rank thesis code (github.com/amazon-science/mlp-rank-pruning). The scorer is the weighted
@@ -46,10 +47,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import slice_linear
-from .capture import Accumulator
-from .errors import ConfigError, DataError, StorageError
-from .methods.llm_rank import keep_global, keep_local, mpr_layer, normalise, wpr_layer
+from pruning_core.adapters import slice_linear
+from pruning_core.capture import Accumulator
+from pruning_core.errors import ConfigError, DataError, StorageError
+from pruning_core.methods.llm_rank import keep_global, keep_local, mpr_layer, normalise, wpr_layer
 
 METHODS = ("mlprank", "mpr", "random", "l1", "activation", "wanda")
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -151,11 +152,11 @@ def load_mlp(path: str | Path) -> nn.Sequential:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError("model", str(path), "a .safetensors file written by pruning_core.mlp.save_mlp")
+        raise DataError("model", str(path), "a .safetensors file written by benchmarks.mlp_models.save_mlp")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if "pruneflow_mlp" not in meta:
-        raise DataError("model", str(path), "a .safetensors file written by pruning_core.mlp.save_mlp")
+        raise DataError("model", str(path), "a .safetensors file written by benchmarks.mlp_models.save_mlp")
     model = build(json.loads(meta["pruneflow_mlp"]))
     model.load_state_dict(load_file(str(path)))
     return model.eval()
@@ -321,7 +322,7 @@ def layer_scores(
 
     def norm(key):
         if key not in stats:
-            raise DataError("stats", key, "statistics from pruning_core.mlp.calibrate on this model")
+            raise DataError("stats", key, "statistics from benchmarks.mlp_models.calibrate on this model")
         return stats[key].to(torch.float64).clamp_min(0).sqrt()
 
     out: dict[str, torch.Tensor] = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core import mlp
+from benchmarks import mlp_models as mlp
 from pruning_core.errors import ConfigError, DataError
 
 F64 = torch.float64
