@@ -129,7 +129,7 @@ def capture_stats(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     stat_dtype: torch.dtype = torch.float32,
-    offload: bool = False,
+    offload: bool | None = None,
     cosine_span: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:

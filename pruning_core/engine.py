@@ -202,13 +202,14 @@ class _Residency:
 
 @torch.no_grad()
 def run_pass(model: nn.Module, adapter: Adapter, consumers: list, input_ids: torch.Tensor | None = None,
-             device: torch.device | str | None = None, batch_size: int = 8, offload_acts: bool = False,
+             device: torch.device | str | None = None, batch_size: int = 8, offload_acts: bool | None = None,
              keep_final: bool = False, progress: Callable[[int, int], None] | None = None) -> PassResult:
     """Stream every decoder layer once through `consumers` (see the module doc).
 
     input_ids:   [N, L] token blocks, or None for a weights-only pass (no forwards: scorers, surgery)
     device:      the working device (default: each layer's home device; CPU for unplaced layers)
-    offload_acts: keep the intermediates in host memory between layers
+    offload_acts: keep the intermediates in host memory between layers (None: when the working device
+                 is CUDA and a layer's inputs + outputs would take over a quarter of its free memory)
     keep_final:  return the last layer's outputs"""
     layers = adapter.layers(model)
     n = len(layers)
@@ -216,6 +217,8 @@ def run_pass(model: nn.Module, adapter: Adapter, consumers: list, input_ids: tor
     pass_id = next(_PASSES)
     inputs: list[torch.Tensor] = []
     kwargs: list[list[dict]] = [[] for _ in range(n)]
+    if offload_acts is None:
+        offload_acts = input_ids is not None and _acts_too_big(model, input_ids, dev)
     store = torch.device("cpu") if offload_acts else (dev or torch.device("cpu"))
     n_tokens = 0
     if input_ids is not None:
@@ -259,6 +262,15 @@ def run_pass(model: nn.Module, adapter: Adapter, consumers: list, input_ids: tor
         if hasattr(c, "finish"):
             c.finish()
     return PassResult(inputs if keep_final and input_ids is not None else None, n_tokens, changed_layers)
+
+
+def _acts_too_big(model: nn.Module, input_ids: torch.Tensor, dev: torch.device | None) -> bool:
+    if dev is None or dev.type != "cuda":
+        return False
+    el = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
+    need = 2 * input_ids.numel() * int(model.config.hidden_size) * el  # inputs + outputs of one layer
+    free, _total = torch.cuda.mem_get_info(dev)
+    return need > free // 4
 
 
 class _Visit:

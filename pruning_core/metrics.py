@@ -56,10 +56,7 @@ def _window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, dev
     from .layer_io import _place_non_layers, _restore
 
     adapter = adapter_for(model)
-    h = model.config.hidden_size
-    acts = windows.numel() * h * 4
-    res = run_pass(model, adapter, [], windows, device=device, batch_size=batch_size,
-                   offload_acts=device.type == "cuda" and acts > 2**31, keep_final=True)
+    res = run_pass(model, adapter, [], windows, device=device, batch_size=batch_size, keep_final=True)
     layers = adapter.layers(model)
     originals = list(layers)
     placed = _place_non_layers(model, adapter, device)
