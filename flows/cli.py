@@ -302,20 +302,23 @@ def plan(
     model: str | None = typer.Option(None, "--model"),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda"),
     context: int = typer.Option(0, "--context", help="context length for attention FLOPs (0: weights only)"),
+    model_config: Path | None = typer.Option(
+        None, "--model-config", help="plan from this config.json alone (a recipe's model: no weights, tokenizer "
+        "or text read, nothing downloaded); model.ref stays the spec's"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = QuietOpt,
 ):
     """Dry run: parameters and FLOPs per token, before and after, per layer — no weights touched.
-    Runs the same pre-flight checks as `run`."""
+    Runs the same pre-flight checks as `run` (with --model-config: those the config alone answers)."""
     _env(quiet)
     s = _build(spec, set_, **{"ratio": ratio, "params": params, "method.name": method, "model.ref": model,
                               "device": device})
+    from .dryrun import dry_run
     from .preflight import preflight
 
-    preflight(s)
-    from .dryrun import dry_run
-
-    res = dry_run(s, context=context)
+    cfg = None if model_config is None else _config_json(model_config)
+    preflight(s, data=cfg is None, cfg=cfg)
+    res = dry_run(s, context=context, cfg=cfg)
     if as_json:
         typer.echo(json.dumps(res, indent=1))
         return
@@ -349,7 +352,8 @@ def plan(
                    f"{tt['bytes'] / 2**20:.1f} MiB on disk; trains {tt['train']}")
     if "memory" in res:
         gib = 2**30
-        typer.echo(f"placement {res['placement']} ({res['placement_reason']}), dtype {res['dtype']}")
+        typer.echo(f"placement {res['placement']} ({res['placement_reason']}), dtype {res['dtype']}, "
+                   f"weights {res['weights'] / gib:.2f} GiB")
         typer.echo(table(["step", "peak device GiB (est.)", "peak host GiB (est.)"],
                          [[k, f"{v['device'] / gib:.2f}", f"{v['host'] / gib:.2f}"] for k, v in res["memory"].items()]))
     if "disk" in res:
@@ -357,6 +361,18 @@ def plan(
         typer.echo(table(["disk (est.)", "GiB", "in", "free GiB"],
                          [[k, f"{v['bytes'] / gib:.2f}", v["path"], f"{d['free'][v['path']] / gib:.1f}"]
                           for k, v in d["places"].items()]))
+
+
+def _config_json(path: Path) -> dict:
+    """The content of a model's config.json (a file, or the folder holding it)."""
+    p = path / "config.json" if path.is_dir() else path
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"--model-config: got {str(path)!r}; accepted: a readable config.json ({type(e).__name__})")
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        fail(f"--model-config: got {str(path)!r}; accepted: a Hugging Face config.json with a model_type")
+    return cfg
 
 
 def _read_report(c: Path) -> dict:

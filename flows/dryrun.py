@@ -28,12 +28,23 @@ from pruning_core.errors import ConfigError
 from .spec import RunSpec
 
 
-def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None = None):
+def config_only(cfg: dict):
+    """A transformers config from a config.json's content alone (no folder, weights or hub)."""
+    from transformers import AutoConfig
+
+    cfg = dict(cfg)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None = None, cfg: dict | None = None):
+    """`ref`'s model on the meta device, from its config (`cfg`: a config.json's content instead of the ref's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pruning_core.models import resolve_model_path
 
-    if ref.startswith("s3://"):  # from its config.json alone: no weight is downloaded for a dry run
+    if cfg is not None:
+        config = config_only(cfg)
+    elif ref.startswith("s3://"):  # from its config.json alone: no weight is downloaded for a dry run
         from pruning_core.models import s3_config
 
         cfg = s3_config(ref)
@@ -105,12 +116,13 @@ def servable_check(rows: list[dict], model_type: str | None = "llama") -> dict:
                       "set servable: vllm"}
 
 
-def dry_run(spec: RunSpec, context: int = 0) -> dict:
+def dry_run(spec: RunSpec, context: int = 0, cfg: dict | None = None) -> dict:
+    """`cfg`: plan from this config.json content alone (a recipe's model: no weights, tokenizer or hub)."""
     from pruning_core.adapters import adapter_for
     from pruning_core.methods import get_method
     from pruning_core.metrics import flops_per_token, layer_table
 
-    model = _meta_model(spec.model.ref, spec.model.trust_remote_code, spec.model.revision)
+    model = _meta_model(spec.model.ref, spec.model.trust_remote_code, spec.model.revision, cfg)
     adapter = adapter_for(model)
     meth = get_method(spec.method.name)
     settings = meth.parse_settings(spec.method.settings)
@@ -190,7 +202,7 @@ def memory_plan(spec: RunSpec, config, meth, free: tuple[int, int] | None = None
     if check:
         check_fits(steps, free, placement, cuda=dev.type == "cuda")
     return {"placement": placement, "placement_reason": why, "dtype": str(dt).removeprefix("torch."),
-            "working_set": work, "memory": steps, "free_memory": {"device": free[0], "host": free[1]}}
+            "weights": sizes["total"], "working_set": work, "memory": steps, "free_memory": {"device": free[0], "host": free[1]}}
 
 
 def _free_bytes(path: Path) -> tuple[int, int]:

@@ -201,23 +201,24 @@ def check_target(spec: RunSpec, cfg: dict[str, Any]) -> None:
         raise ConfigError(field, val, f"a value that removes at most {int(n) - 1} of {n} layers")
 
 
-def param_budget(spec: RunSpec) -> tuple[int, int]:
-    """(all parameters, decoder-layer parameters) of the model, from its config on the meta device."""
+def param_budget(spec: RunSpec, cfg: dict | None = None) -> tuple[int, int]:
+    """(all parameters, decoder-layer parameters) of the model, from its config on the meta device
+    (`cfg`: a config.json's content instead of the model ref's)."""
     from pruning_core.adapters import adapter_for
 
     from .dryrun import _meta_model
 
-    model = _meta_model(spec.model.ref, spec.model.trust_remote_code)
+    model = _meta_model(spec.model.ref, spec.model.trust_remote_code, cfg=cfg)
     total = sum(p.numel() for p in model.parameters())
     decoder = sum(p.numel() for layer in adapter_for(model).layers(model) for p in layer.parameters())
     return total, decoder
 
 
-def resolve_params_target(spec: RunSpec) -> RunSpec:
+def resolve_params_target(spec: RunSpec, cfg: dict | None = None) -> RunSpec:
     """`params: 100M` -> the ratio of decoder-layer parameters that leaves that many (in place)."""
     if spec.params is None:
         return spec
-    total, decoder = param_budget(spec)
+    total, decoder = param_budget(spec, cfg)
     lo = total - decoder
     r = (total - spec.params) / decoder
     if not 0.0 <= r < 1.0:
@@ -227,17 +228,19 @@ def resolve_params_target(spec: RunSpec) -> RunSpec:
     return spec
 
 
-def preflight(spec: RunSpec, *, data: bool = True) -> dict[str, Any]:
+def preflight(spec: RunSpec, *, data: bool = True, cfg: dict | None = None) -> dict[str, Any]:
     """Run every check (`spec.ratio` is set from `spec.params` when given); returns {"config": model
-    config, "folder": local folder or None}. `data=False` skips the text and lm-eval checks."""
-    cfg, folder = model_config(spec.model.ref)
+    config, "folder": local folder or None}. `data=False` skips the text and lm-eval checks. `cfg`: the
+    model's config.json content, given instead of reading the model ref's (a recipe planned offline)."""
+    given = cfg
+    cfg, folder = (cfg, None) if cfg is not None else model_config(spec.model.ref)
     check_architecture(spec.model.ref, cfg)
     if folder is not None:  # a truncated or garbage weight file: from the headers, no weight is read
         from pruning_core.safetensors_check import check_weights
 
         check_weights(folder, ref=spec.model.ref)
     check_device(spec.device)
-    resolve_params_target(spec)
+    resolve_params_target(spec, given)
     check_target(spec, cfg)
     if data:
         check_calibration(spec, folder)
