@@ -143,7 +143,7 @@ def estimate_steps(config, dtype: torch.dtype, placement: str, device: torch.dev
                    n_samples: int, seq_len: int, batch_size: int, eval_seq_len: int, eval_batch: int,
                    cosine_span: int | None = None) -> dict[str, dict]:
     """Estimated peak {"device", "host"} bytes of each model step under `placement`, from the config
-    alone. Terms: resident weights (all / non-layer + one layer), calibration activations kept between
+    alone. Terms: resident weights (all / non-layer + one layer + the prefetched next one), calibration activations kept between
     layers, one batch's working set inside a layer, the method's statistics, evaluation logits.
     On a CPU device, device and host are the same memory: `device` is then 0 and `host` the sum."""
     sizes = param_bytes(config, dtype)
@@ -175,9 +175,12 @@ def estimate_steps(config, dtype: torch.dtype, placement: str, device: torch.dev
             per_layer = 4 * sizes["layer_max"] // el * 4 + 2 * tokens * h * 4  # fp32 master, grad, Adam + pairs
     if placement == "device":
         resident = sizes["total"]
+    elif placement == "offload":  # + the next layer, copied in (side stream) while the current one runs
+        resident = sizes["other"] + 2 * sizes["layer_max"]
     else:
         resident = sizes["other"] + sizes["layer_max"]
-    host_weights = {"device": 0, "offload": sizes["layers"], "disk": 0}[placement]
+    # disk: the next layer, read into host memory (a read thread) while the current one runs (engine.py)
+    host_weights = {"device": 0, "offload": sizes["layers"], "disk": sizes["layer_max"]}[placement]
     logits = eval_batch * eval_seq_len * vocab * 4 * 2
     on_dev = {
         "capture": resident + acts + work + stats,
