@@ -103,6 +103,8 @@ def _scores(shape, o_lin, d_lin, acc: Accumulator, metric: str, gqa: str):
 def _apply(model, adapter, layer, shape, lp: LayerPlan, gone_units, gone_ffn, means, gqa, bias: bool) -> bool:
     """Zero the removed units' columns (and compensate the bias) of a resident layer; True if it changed."""
     o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
+    if o_lin.weight.device.type == "meta" or d_lin.weight.device.type == "meta":  # never prune a shell silently
+        raise RuntimeError(f"FLAP: layer {lp.index} is not resident (the layer engine brings it for its pass)")
     rep = shape.n_heads // shape.n_kv_heads
     hd = shape.head_dim
     gone_heads: list[int] = []
