@@ -183,3 +183,19 @@ def test_streaming_save_brings_each_kept_layer_once_and_skips_removed_ones(dense
     assert {i for i in per_layer} == set(kept) | span, (per_layer, kept, span)
     assert set(per_layer.values()) == {1}, per_layer  # a removed layer is read only to build a replacement
     assert len(kept) < N_LAYERS or name not in ("shortgpt", "llm-streamline")
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", {}), ("opt", {}), ("mistral", {}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}),
+], ids=["llama", "opt", "mistral", "qwen2-sliding"])
+@pytest.mark.parametrize("where", ["offload", "disk"])
+def test_layer_major_perplexity_equals_whole_model_forwards_for_every_family(tmp_path, family, overrides, where):
+    """Layer-major (each layer's own caught kwargs: a sliding-window layer gets its sliding mask; the
+    model's own final norm / projection after the last layer) gives the same numbers, exactly."""
+    d = tmp_path / family
+    save_pruned(tiny_model(family, n_layers=4, seed=7, **overrides), None, None, d)
+    ids = torch.randint(0, 128, (6 * 16,), generator=torch.Generator().manual_seed(8))
+    ref, _ = open_model(d, placement="device", device="cpu", dtype="float32")
+    m, _ = open_model(d, placement=where, device="cpu", dtype="float32")
+    assert perplexity(m, ids, seq_len=16, batch_size=4) == perplexity(ref, ids, seq_len=16, batch_size=4)
