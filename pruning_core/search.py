@@ -1,0 +1,523 @@
+"""`schedule: search` — per-layer head / FFN widths found under a budget instead of a fixed profile.
+
+Why this shape (the literature):
+
+* EvoPress (Sieberling et al., ICML 2025) and DarwinLM (Tang et al., 2025) show that per-layer
+  compression levels chosen by *error monotonicity* assumptions (sum of layer-wise errors) can be
+  beaten by an evolutionary search whose fitness is the KL of the candidate's logits to the dense
+  model's; both build a *database* of per-layer compressed variants once and search over it.
+* Puzzletron / Puzzle (Bercovich et al., 2024) scores every per-block variant once (its "replace-1"
+  block quality, KL of the model with only that block replaced), then solves a mixed-integer program
+  that maximises summed quality under a memory / throughput budget — exactly, in seconds.
+* Minitron (Muralidharan et al., 2024) ranks width/depth axes by activation importance and finds that
+  width pruning of heads / FFN with a light search beats depth pruning at moderate ratios.
+
+We take Puzzletron's recipe, with SlimGPT's OBS maths for the per-variant tables, because the tables are
+almost free: (a) **tables** — one pass over the dense model collects each layer's `o_proj` / `down_proj`
+input Hessians; the greedy structured OBS of SlimGPT (§3.2–3.3) then gives the layer's reconstruction
+error at *every* FFN width (the sequential OBS error of each removed column, cumulated) and at every head
+count. Layer errors are not comparable across layers, so each layer's two curves are **calibrated
+against the final output**: the layer's sub-block is replaced by its OBS-pruned version at one reference
+width (heads: one unit; FFN: a quarter of the channels), the whole model is run on `kl_blocks`
+calibration blocks, and the KL to the dense logits divided by the layer error at that width is the
+layer's sensitivity (Puzzletron's replace-1 KL, used as the slope of the OBS curve); the costs are then
+"estimated KL to dense" and add over sub-blocks (the monotone / additive assumption EvoPress criticises;
+the evolutionary refinement that removes it is not implemented, see `SearchSettings`). `sensitivity:
+residual` is the cheaper alternative: the error relative to the residual stream's energy at the layer.
+(b) **solve** — a knapsack over integer parameter (or byte) units, by dynamic programming, picks one
+(heads, FFN width) option per layer minimising the summed cost while removing at least the budget; a
+fix-up moves single FFN channels (or width multiples) so the budget is met exactly (to one channel,
+or one multiple). The tables are one artifact reused by every ratio and budget; only the solve is redone.
+
+Budgets: `ratio` (fraction of decoder-layer parameters removed, as everywhere), `params` (parameters
+left, whole model) or `memory_mb` at `seq_len` x `batch`: the serving footprint
+weights x bytes + KV cache = 2 · batch · seq_len · Σ_layers kv_heads · head_dim · bytes (`serving_bytes`).
+Constraints: `servable: vllm` (one query-head count in every layer), FFN and head width multiples, a
+minimum width per layer, and optionally attention-free / FFN-free layers (`drop_blocks`, solver only:
+the coupled SlimGPT prune does not apply them yet and rejects the plan).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigError, validated
+
+
+class SearchSettings(BaseModel):
+    """Settings of `schedule: search` (the run spec's `search:` block)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ffn_multiple: int = Field(1, ge=1, description="every kept FFN width is a multiple of this")
+    head_multiple: int = Field(1, ge=1, description="every layer's kept query-head count is a multiple of this")
+    min_ffn: int = Field(1, ge=1, description="fewest FFN channels a layer keeps (unless FFN-free)")
+    min_heads: int = Field(1, ge=1, description="fewest query heads a layer keeps (unless attention-free)")
+    drop_blocks: bool = Field(False, description="allow attention-free / FFN-free layers (joint depth and width)")
+    sensitivity: Literal["kl", "residual"] = Field(
+        "kl", description="kl (layer error calibrated by the KL of a one-layer prune to dense) or residual")
+    kl_blocks: int = Field(4, ge=1, description="calibration blocks for the KL calibration")
+    ffn_batch: int = Field(128, ge=1, description="FFN columns per OBS batch while building the tables")
+    grid: int = Field(16, ge=1, description="FFN channels per knapsack unit (coarse solve before the exact fix-up)")
+
+
+class Budget(BaseModel):
+    """`budget: {memory_mb, seq_len, batch, bytes_per_param}`: the serving memory the result must fit."""
+
+    model_config = ConfigDict(extra="forbid")
+    memory_mb: float = Field(..., gt=0, description="weights + KV cache, in MiB")
+    seq_len: int = Field(2048, ge=1, description="tokens of KV cache per sequence")
+    batch: int = Field(1, ge=1, description="sequences served at once")
+    bytes_per_param: int = Field(2, ge=1, le=8, description="bytes per weight and per KV entry (2: bf16)")
+
+
+def parse_search(raw: dict | None) -> SearchSettings:
+    return validated(SearchSettings, raw, "search")
+
+
+def parse_budget(raw: dict | None) -> Budget | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("budget", raw, "a mapping {memory_mb, seq_len, batch, bytes_per_param}")
+    return validated(Budget, raw, "budget")
+
+
+# -- (a) the per-layer tables ------------------------------------------------------------------------
+
+
+def _obs_column_losses(W: torch.Tensor, H: torch.Tensor, cols: torch.Tensor, Hinv: torch.Tensor,
+                       compensate: bool) -> torch.Tensor:
+    """`obs.obs_prune` that returns the loss of every removed column (their sum is its loss)."""
+    from .obs import downdate
+
+    if not compensate:
+        losses = []
+        for c in cols.tolist():  # zeroing one at a time: the increments of tr(W_S H_SS W_Sᵀ)
+            w = W[:, c].clone()
+            cross = 2 * float((W @ H[:, c]) @ w) - float((w * w).sum() * H[c, c])
+            losses.append(cross)
+            W[:, c] = 0
+        downdate(H, cols)
+        return torch.tensor(losses, dtype=torch.float64)
+    n = H.shape[0]
+    mask = torch.ones(n, dtype=torch.bool, device=W.device)
+    mask[cols] = False
+    rest = torch.arange(n, device=W.device)[mask]
+    U_SS = torch.linalg.cholesky(Hinv[cols][:, cols], upper=True)
+    U_SR = torch.linalg.solve_triangular(U_SS.T, Hinv[cols][:, rest], upper=False)
+    err = torch.linalg.solve_triangular(U_SS, W[:, cols], upper=True, left=False)
+    W[:, rest] -= err @ U_SR
+    W[:, cols] = 0
+    downdate(H, cols)
+    return (err * err).sum(0).double().cpu()
+
+
+def ffn_curve(W: torch.Tensor, H: torch.Tensor, batch: int = 128, compensate: bool = True,
+              ref: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer loss after removing k = 0..n columns of W by SlimGPT's batched greedy OBS (the sequential
+    OBS error of each removed column, cumulated; k = n is the loss of removing the whole block).
+    W, H are modified. Returns (curve [n+1], W after `ref` columns or None)."""
+    from .obs import cholesky_inverse, column_scores
+
+    n = H.shape[0]
+    energy = float((W @ H * W).sum())
+    live = torch.ones(n, dtype=torch.bool)
+    losses, done, snap = [], 0, None
+    while done < n - 1:
+        g = min(batch, n - 1 - done)
+        if ref is not None and done < ref < done + g:
+            g = ref - done
+        Hinv = cholesky_inverse(H)
+        s = column_scores(W, Hinv).to(torch.float64).cpu()
+        s[~live] = math.inf
+        pick = torch.argsort(s, stable=True)[:g]
+        losses.append(_obs_column_losses(W, H, pick.to(W.device), Hinv, compensate))
+        live[pick] = False
+        done += g
+        if ref is not None and done == ref:
+            snap = W.clone()
+    curve = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cat(losses).cumsum(0)]) if losses else torch.zeros(1)
+    curve = torch.cat([curve, torch.tensor([energy], dtype=torch.float64)])
+    return torch.cummax(curve, 0).values, snap
+
+
+def head_curve(W: torch.Tensor, H: torch.Tensor, n_heads: int, n_kv: int, hd: int, gqa: str,
+               score: str = "grouped", compensate: bool = True, ref: int = 1):
+    """Layer loss after removing k = 0..n_units head units (KV groups, or one query head in every group),
+    k = n_units meaning the whole attention block; and W after `ref` units."""
+    from .methods.slimgpt import _head_groups
+    from .obs import layer_loss, prune_groups
+
+    groups, bucket = _head_groups(n_heads, n_kv, hd, gqa)
+    n_units = n_kv if bucket is None else n_heads // n_kv
+    out, snap = [0.0], None
+    for k in range(1, n_units):
+        Wk, Hk = W.clone(), H.clone()
+        if bucket is None:
+            prune_groups(Wk, Hk, groups, k, score, compensate)
+        else:
+            prune_groups(Wk, Hk, groups, k * n_kv, score, compensate, bucket=bucket, per_bucket=k)
+        out.append(layer_loss(W, Wk, H))
+        if k == ref:
+            snap = Wk
+    out.append(float((W @ H * W).sum()))
+    return torch.cummax(torch.tensor(out, dtype=torch.float64), 0).values, snap
+
+
+@torch.no_grad()
+def _kl(model, ids: torch.Tensor, dense_lp: list[torch.Tensor], batch: int) -> float:
+    tot, n = 0.0, 0
+    for j, b in enumerate(range(0, ids.shape[0], batch)):
+        lp = torch.log_softmax(model(input_ids=ids[b:b + batch]).logits.float(), -1)
+        tot += float((dense_lp[j].exp() * (dense_lp[j] - lp)).sum())
+        n += lp.shape[0] * lp.shape[1]
+    return tot / max(n, 1)
+
+
+@torch.no_grad()
+def build_tables(model, adapter, calib_ids: torch.Tensor, gqa: str = "per_group", percdamp: float = 0.01,
+                 compensate: bool = True, head_score: str = "grouped", settings: SearchSettings | None = None,
+                 device="cpu", batch_size: int = 8, progress=None) -> dict[str, torch.Tensor]:
+    """Per decoder layer i: `attn.i` [n_units+1] and `ffn.i` [ffn+1], the estimated cost (KL to dense, or
+    relative error with `sensitivity: residual`) of removing k head units / k FFN channels (the last
+    entry: the whole block); `raw_attn.i` / `raw_ffn.i` the layer errors, `scale` [L, 2] the calibration.
+    Computed on the dense model (`model` is left unchanged). One artifact for every ratio and budget."""
+    from .capture import Accumulator, LayerStream
+    from .obs import exact_matmul, prepare_hessian
+
+    st = settings or SearchSettings()
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    out: dict[str, torch.Tensor] = {}
+    snaps: dict[tuple[int, str], torch.Tensor] = {}
+    resid, refs = {}, {}
+    layers = adapter.layers(model)
+    L = len(layers)
+    with exact_matmul():
+        stream = LayerStream(model, adapter, calib_ids, device=dev, batch_size=batch_size, write_back=False)
+        for step in stream:
+            i, layer = step.index, step.layer
+            shape = adapter.layer_shape(model, layer)
+            if shape.kind != "decoder":
+                continue
+            grams = Accumulator(torch.float32)
+            hooks = {adapter.module_name(adapter.o): grams.gram_hook("attn"),
+                     adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")}
+            outs = step.run(hooks=hooks, keep_outputs=True)
+            step.outputs = outs
+            if outs is not None:
+                e = sum(float((o.float() ** 2).sum()) for o in outs)
+                resid[i] = e / max(sum(o.shape[0] * o.shape[1] for o in outs), 1)
+            for key, lin, kind in (("attn", adapter.o, "attn"), ("mlp", adapter.mlp_out, "ffn")):
+                mod = adapter.proj(layer, lin)
+                W = mod.weight.data.float().clone()
+                H = grams.data[key] * (2.0 / max(grams.rows[key], 1))
+                H, _ = prepare_hessian(H, W, percdamp)
+                if kind == "attn":
+                    curve, snap = head_curve(W, H, shape.n_heads, shape.n_kv_heads, shape.head_dim, gqa,
+                                             head_score, compensate, ref=1)
+                    ref = 1
+                else:
+                    ref = max(1, shape.ffn // 4)
+                    curve, snap = ffn_curve(W, H, st.ffn_batch, compensate, ref=ref)
+                out[f"raw_{kind}.{i}"] = curve
+                refs[(i, kind)] = ref
+                if snap is not None:
+                    snaps[(i, kind)] = snap.to("cpu")
+            if progress:
+                progress(i + 1, L)
+    scale = torch.ones(L, 2, dtype=torch.float64)
+    if st.sensitivity == "residual":
+        for i in range(L):
+            if i in resid:
+                scale[i] = 1.0 / (2.0 * max(resid[i], 1e-30))
+    else:  # replace-1: the KL of the model with this one sub-block pruned at its reference width
+        ids = calib_ids[: st.kl_blocks].to(dev)
+        dense = [torch.log_softmax(model(input_ids=ids[b:b + batch_size]).logits.float(), -1)
+                 for b in range(0, ids.shape[0], batch_size)]
+        for (i, kind), Wp in snaps.items():
+            mod = adapter.proj(layers[i], adapter.o if kind == "attn" else adapter.mlp_out)
+            keep = mod.weight.data.clone()
+            mod.weight.data.copy_(Wp.to(keep.dtype))
+            try:
+                kl = _kl(model, ids, dense, batch_size)
+            finally:
+                mod.weight.data.copy_(keep)
+            err = float(out[f"raw_{kind}.{i}"][refs[(i, kind)]])
+            scale[i, 0 if kind == "attn" else 1] = max(kl, 0.0) / max(err, 1e-30)
+            if progress:
+                progress(L, L)
+    for i in range(L):
+        for j, kind in enumerate(("attn", "ffn")):
+            if f"raw_{kind}.{i}" in out:
+                out[f"{kind}.{i}"] = out[f"raw_{kind}.{i}"] * scale[i, j]
+    out["scale"] = scale
+    out["seconds"] = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    return out
+
+
+# -- (b) the budget solve --------------------------------------------------------------------------
+
+
+def serving_bytes(n_params: int, kv_heads: list[int], head_dim: int, budget: Budget) -> int:
+    """Weights x bytes + KV cache (K and V, every layer, `batch` sequences of `seq_len` tokens)."""
+    b = budget.bytes_per_param
+    return n_params * b + 2 * budget.batch * budget.seq_len * sum(kv_heads) * head_dim * b
+
+
+def _layer_options(u: dict, shape, st: SearchSettings, gqa: str, q_fixed: int | None):
+    """[(kh, kept_q, kv_removed)] and [kf] allowed in a layer by the constraints."""
+    rep = shape.n_heads // shape.n_kv_heads
+    per_group = gqa == "per_group" and rep > 1
+    n_units = rep if per_group else shape.n_kv_heads
+    heads = []
+    for kh in range(n_units + 1):
+        kept_q = shape.n_kv_heads * (rep - kh) if per_group else (shape.n_kv_heads - kh) * rep
+        kv_rm = (0 if per_group else kh) if kh < n_units else shape.n_kv_heads
+        if kh == n_units:
+            if not st.drop_blocks or q_fixed is not None:
+                continue
+        elif kept_q < st.min_heads or kept_q % st.head_multiple:
+            continue
+        if q_fixed is not None and kept_q != q_fixed:
+            continue
+        heads.append((kh, kept_q, kv_rm))
+    ffn = [kf for kf in range(shape.ffn + 1)
+           if (kf == shape.ffn and st.drop_blocks)
+           or (kf < shape.ffn and shape.ffn - kf >= st.min_ffn and (shape.ffn - kf) % st.ffn_multiple == 0)]
+    return heads, ffn
+
+
+def solve(model, adapter, tables: dict[str, torch.Tensor], ratio: float | None = None, gqa: str = "per_group",
+          settings: SearchSettings | None = None, budget: Budget | None = None, servable: str = "none") -> dict:
+    """The per-layer (head units, FFN channels) removed that minimise the summed table cost while the
+    decoder layers lose `ratio` of their parameters (nearest to one FFN channel / multiple) or, with
+    `budget`, the serving memory fits `budget.memory_mb` (as close under it as one channel / multiple).
+    Returns solve_schedule's keys {ratios, heads, ffn, realised} plus {cost, params_after, memory_bytes,
+    kept_q, drop_attn, drop_ffn, solve_seconds}. Infeasible: a one-line ConfigError."""
+    from .select import check_ratio, unit_counts
+    from .surgery import count_params
+
+    t0 = time.perf_counter()
+    st = settings or SearchSettings()
+    units = unit_counts(model, adapter, gqa)
+    layers = adapter.layers(model)
+    shapes = [adapter.layer_shape(model, layer) for layer in layers]
+    dec = [i for i, u in enumerate(units) if u]
+    total = sum(units[i]["total"] for i in dec)
+    n_all = count_params(model)
+    hd = adapter.head_dim(model)
+    ch = units[dec[0]]["ch_params"]
+    if budget is None:
+        ratio = check_ratio(0.0 if ratio is None else ratio)
+        bpp, kvb, goal = 1, 0, ratio * total
+        field, value = "ratio", ratio
+    else:
+        bpp = budget.bytes_per_param
+        kvb = 2 * budget.batch * budget.seq_len * hd * bpp  # bytes of one KV head's cache
+        kv0 = [shapes[i].n_kv_heads if units[i] else 0 for i in range(len(units))]
+        goal = serving_bytes(n_all, kv0, hd, budget) - budget.memory_mb * 2**20
+        field, value = "budget.memory_mb", budget.memory_mb
+    step_w = ch * bpp  # bytes (params) of one FFN channel
+    grid = max(st.ffn_multiple, st.ffn_multiple * math.ceil(st.grid / st.ffn_multiple))
+    U = grid * step_w
+    G = max(0, math.ceil(goal / U - 1e-9))
+
+    def cost_of(i, kh, kf):
+        return float(tables[f"attn.{i}"][kh]) + float(tables[f"ffn.{i}"][kf])
+
+    def run_dp(q_fixed):
+        opts_all = []
+        for i in dec:
+            u = units[i]
+            heads, ffn = _layer_options(u, shapes[i], st, gqa, q_fixed)
+            if not heads or not ffn:
+                return None
+            # the coarse grid: FFN removals whose kept width is a multiple of `grid`, plus the extremes
+            coarse = sorted({kf for kf in ffn if (shapes[i].ffn - kf) % grid == 0 or kf in (ffn[0], ffn[-1])})
+            opts = []
+            for kh, kept_q, kv_rm in heads:
+                for kf in coarse:
+                    saved = _saved_params(u, shapes[i], gqa, kh, kf)
+                    w = saved * bpp + kv_rm * kvb
+                    opts.append((int(w // U), cost_of(i, kh, kf), kh, kf))
+            opts_all.append(opts)
+        max_w = sum(max(o[0] for o in opts) for opts in opts_all)
+        if max_w < G:
+            return None
+        dp = np.zeros(G + 1) + np.inf
+        dp[0] = 0.0
+        back = []
+        for opts in opts_all:
+            new = np.full(G + 1, np.inf)
+            ch_o = np.full(G + 1, -1, dtype=np.int32)
+            src = np.zeros(G + 1, dtype=np.int64)
+            idx = np.arange(G + 1)
+            for k, (w, c, _, _) in enumerate(opts):
+                cand = np.full(G + 1, np.inf)
+                s = np.zeros(G + 1, dtype=np.int64)
+                if w == 0:
+                    cand[:] = dp + c
+                    s[:] = idx
+                else:
+                    if w <= G:
+                        cand[w:G] = dp[:G - w] + c
+                        s[w:G] = idx[:G - w]
+                    lo = max(0, G - w)
+                    j = int(np.argmin(dp[lo:])) + lo
+                    cand[G] = dp[j] + c
+                    s[G] = j
+                better = cand < new
+                new[better], ch_o[better], src[better] = cand[better], k, s[better]
+            back.append((ch_o, src))
+            dp = new
+        if not np.isfinite(dp[G]):
+            return None
+        pick, b = [], G
+        for (ch_o, src), opts in zip(reversed(back), reversed(opts_all)):
+            o = opts[int(ch_o[b])]
+            pick.append((o[2], o[3]))
+            b = int(src[b])
+        return float(dp[G]), pick[::-1]
+
+    if servable == "vllm":
+        qs = sorted({q for i in dec for _, q, _ in _layer_options(units[i], shapes[i], st, gqa, None)[0]})
+        best = None
+        for q in qs:
+            r = run_dp(q)
+            if r is not None and (best is None or r[0] < best[0]):
+                best = r
+    else:
+        best = run_dp(None)
+    if best is None:
+        raise ConfigError(field, value, _max_msg(units, shapes, dec, st, gqa, bpp, kvb, total, budget, n_all, hd,
+                                                 servable))
+    kh = {i: p[0] for i, p in zip(dec, best[1])}
+    kf = {i: p[1] for i, p in zip(dec, best[1])}
+
+    def saved_bytes():
+        s = 0
+        for i in dec:
+            s += _saved_params(units[i], shapes[i], gqa, kh[i], kf[i]) * bpp
+            s += _kv_removed(shapes[i], gqa, kh[i]) * kvb
+        return s
+
+    # exact fix-up with single FFN moves of `ffn_multiple` channels, cheapest marginal cost first
+    m = st.ffn_multiple
+    for _ in range(100000):
+        r = saved_bytes() - goal
+        if budget is None:
+            if abs(r) <= m * step_w / 2:
+                break
+            sign = 1 if r < 0 else -1  # remove more (+) or give back (−)
+        else:
+            if r < 0:
+                sign = 1
+            elif r >= m * step_w:
+                sign = -1
+            else:
+                break
+        best_i, best_d = None, math.inf
+        for i in dec:
+            nk = kf[i] + sign * m
+            if not _ffn_ok(shapes[i].ffn, nk, st):
+                continue
+            d = sign * (cost_of(i, kh[i], nk) - cost_of(i, kh[i], kf[i]))
+            if d < best_d:
+                best_i, best_d = i, d
+        if best_i is None:
+            break
+        kf[best_i] += sign * m
+    saved = saved_bytes()
+    if (budget is None and abs(saved - goal) > m * step_w) or (budget is not None and saved < goal):
+        raise ConfigError(field, value, _max_msg(units, shapes, dec, st, gqa, bpp, kvb, total, budget, n_all, hd,
+                                                 servable))
+    heads = [kh.get(i, 0) for i in range(len(units))]
+    ffn = [kf.get(i, 0) for i in range(len(units))]
+    removed = sum(_saved_params(units[i], shapes[i], gqa, kh[i], kf[i]) for i in dec)
+    kv = [shapes[i].n_kv_heads - _kv_removed(shapes[i], gqa, kh[i]) if units[i] else 0 for i in range(len(units))]
+    mem_budget = budget or Budget(memory_mb=1, seq_len=2048, batch=1)
+    return dict(
+        ratios=[(_saved_params(units[i], shapes[i], gqa, kh[i], kf[i]) / units[i]["total"]) if units[i] else 0.0
+                for i in range(len(units))],
+        heads=heads, ffn=ffn, r_last=None, realised=removed / total, cost=sum(cost_of(i, kh[i], kf[i]) for i in dec),
+        params_after=n_all - removed, memory_bytes=serving_bytes(n_all - removed, kv, hd, mem_budget),
+        memory_at={"seq_len": mem_budget.seq_len, "batch": mem_budget.batch, "bytes_per_param": mem_budget.bytes_per_param},
+        kept_q=[_kept_q(shapes[i], gqa, kh[i]) if units[i] else 0 for i in range(len(units))],
+        kept_kv=kv, kept_ffn=[shapes[i].ffn - kf[i] if units[i] else 0 for i in range(len(units))],
+        drop_attn=[i for i in dec if kh[i] == _n_units(shapes[i], gqa)],
+        drop_ffn=[i for i in dec if kf[i] == shapes[i].ffn], solve_seconds=time.perf_counter() - t0)
+
+
+def _n_units(shape, gqa):
+    rep = shape.n_heads // shape.n_kv_heads
+    return rep if gqa == "per_group" and rep > 1 else shape.n_kv_heads
+
+
+def _kept_q(shape, gqa, kh):
+    rep = shape.n_heads // shape.n_kv_heads
+    return shape.n_kv_heads * (rep - kh) if gqa == "per_group" and rep > 1 else (shape.n_kv_heads - kh) * rep
+
+
+def _kv_removed(shape, gqa, kh):
+    if kh == _n_units(shape, gqa):
+        return shape.n_kv_heads
+    rep = shape.n_heads // shape.n_kv_heads
+    return 0 if gqa == "per_group" and rep > 1 else kh
+
+
+def _saved_params(u, shape, gqa, kh, kf):
+    """Parameters removed by kh head units and kf FFN channels; a whole block also loses its norm."""
+    n_units = _n_units(shape, gqa)
+    if kh == n_units:  # attention-free: every attention weight goes
+        s = n_units * u["unit_params"]
+        if gqa == "per_group" and shape.n_heads // shape.n_kv_heads > 1:  # + the K and V rows
+            hidden = u["unit_params"] // (2 * shape.n_kv_heads * shape.head_dim)
+            s += 2 * shape.n_kv_heads * shape.head_dim * hidden
+    else:
+        s = kh * u["unit_params"]
+    return s + kf * u["ch_params"]
+
+
+def _ffn_ok(n, kf, st):
+    return 0 <= kf <= n and ((kf == n and st.drop_blocks) or (kf < n and n - kf >= st.min_ffn
+                                                               and (n - kf) % st.ffn_multiple == 0))
+
+
+def _max_msg(units, shapes, dec, st, gqa, bpp, kvb, total, budget, n_all, hd, servable):
+    mx = 0
+    for i in dec:
+        heads, ffn = _layer_options(units[i], shapes[i], st, gqa, None)
+        if not heads or not ffn:
+            return "a budget the constraints allow (no width of some layer satisfies min_heads/head_multiple " \
+                   "and min_ffn/ffn_multiple)"
+        mx += max(_saved_params(units[i], shapes[i], gqa, kh, kf) * bpp + kv * kvb for kh, _, kv in heads for kf in ffn)
+    if budget is None:
+        return f"a ratio <= {mx / total:.4f} under these constraints (servable {servable}, min_ffn {st.min_ffn}, " \
+               f"min_heads {st.min_heads}, ffn_multiple {st.ffn_multiple}, head_multiple {st.head_multiple}, " \
+               f"drop_blocks {st.drop_blocks})"
+    kv0 = [shapes[i].n_kv_heads if units[i] else 0 for i in range(len(units))]
+    least = serving_bytes(n_all, kv0, hd, budget) - mx
+    return f"memory_mb >= {least / 2**20:.1f} at seq_len {budget.seq_len}, batch {budget.batch} under these constraints"
+
+
+def search_schedule(model, adapter, calib_ids, ratio, gqa="per_group", percdamp=0.01, compensate=True,
+                    head_score="grouped", settings: SearchSettings | None = None, budget: Budget | None = None,
+                    servable="none", device="cpu", batch_size=8, tables=None) -> dict:
+    """`build_tables` (unless given) then `solve`; the schedule records the search's cost."""
+    t0 = time.perf_counter()
+    hit = tables is not None
+    if tables is None:
+        tables = build_tables(model, adapter, calib_ids, gqa, percdamp, compensate, head_score, settings,
+                              device=device, batch_size=batch_size)
+    sched = solve(model, adapter, tables, ratio, gqa, settings, budget, servable)
+    sched["search"] = {"tables_seconds": float(tables["seconds"][0]), "tables_reused": hit,
+                       "solve_seconds": sched["solve_seconds"], "seconds": time.perf_counter() - t0,
+                       "candidates_scored": 0}
+    return sched
