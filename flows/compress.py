@@ -30,7 +30,7 @@ from .spec import RunSpec, validate
 
 log = logging.getLogger("pruneflow.flow")
 
-STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "distill_data", "teacher", "recover", "evaluate_dense", "evaluate", "export")
+STEP_ORDER = ("load", "calibration", "capture", "score", "layer_tables", "prune", "distill_data", "teacher", "recover", "evaluate_dense", "evaluate", "export")
 
 
 def _host_memory() -> dict:

@@ -189,8 +189,8 @@ class RunSpec(_Strict):
             if (self.schedule or raw.get("schedule")) != "search":
                 raise ConfigError("budget", self.budget, "schedule: search alongside (a memory budget is met by "
                                                          "searching the per-layer widths)")
-            if "ratio" in self.model_fields_set or self.params is not None:
-                raise ConfigError("budget", self.budget, "either budget or ratio / params, not both")
+            if self.params is not None:  # (ratio always has its default; a budget replaces it)
+                raise ConfigError("budget", self.budget, "either budget or params, not both")
         if self.servable is not None:  # pruneflow's vLLM plugin serves any result: the constraint is opt-in
             raw["servable"] = self.servable
         self.method.settings = m.parse_settings(raw).model_dump(mode="json")

@@ -271,13 +271,13 @@ def serving_bytes(n_params: int, kv_heads: list[int], head_dim: int, budget: Bud
     return n_params * b + 2 * budget.batch * budget.seq_len * sum(kv_heads) * head_dim * b
 
 
-def _layer_options(u: dict, shape, st: SearchSettings, gqa: str, q_fixed: int | None):
+def _layer_options(u: dict, shape, st: SearchSettings, gqa: str, q_fixed: int | None, targets=("heads", "ffn")):
     """[(kh, kept_q, kv_removed)] and [kf] allowed in a layer by the constraints."""
     rep = shape.n_heads // shape.n_kv_heads
     per_group = gqa == "per_group" and rep > 1
     n_units = rep if per_group else shape.n_kv_heads
     heads = []
-    for kh in range(n_units + 1):
+    for kh in range(n_units + 1 if "heads" in targets else 1):
         kept_q = shape.n_kv_heads * (rep - kh) if per_group else (shape.n_kv_heads - kh) * rep
         kv_rm = (0 if per_group else kh) if kh < n_units else shape.n_kv_heads
         if kh == n_units:
@@ -288,14 +288,15 @@ def _layer_options(u: dict, shape, st: SearchSettings, gqa: str, q_fixed: int | 
         if q_fixed is not None and kept_q != q_fixed:
             continue
         heads.append((kh, kept_q, kv_rm))
-    ffn = [kf for kf in range(shape.ffn + 1)
-           if (kf == shape.ffn and st.drop_blocks)
+    ffn = [kf for kf in range(shape.ffn + 1 if "ffn" in targets else 1)
+           if kf == 0 or (kf == shape.ffn and st.drop_blocks)
            or (kf < shape.ffn and shape.ffn - kf >= st.min_ffn and (shape.ffn - kf) % st.ffn_multiple == 0)]
     return heads, ffn
 
 
 def solve(model, adapter, tables: dict[str, torch.Tensor], ratio: float | None = None, gqa: str = "per_group",
-          settings: SearchSettings | None = None, budget: Budget | None = None, servable: str = "none") -> dict:
+          settings: SearchSettings | None = None, budget: Budget | None = None, servable: str = "none",
+          targets: tuple[str, ...] = ("heads", "ffn")) -> dict:
     """The per-layer (head units, FFN channels) removed that minimise the summed table cost while the
     decoder layers lose `ratio` of their parameters (nearest to one FFN channel / multiple) or, with
     `budget`, the serving memory fits `budget.memory_mb` (as close under it as one channel / multiple).
@@ -336,7 +337,7 @@ def solve(model, adapter, tables: dict[str, torch.Tensor], ratio: float | None =
         opts_all = []
         for i in dec:
             u = units[i]
-            heads, ffn = _layer_options(u, shapes[i], st, gqa, q_fixed)
+            heads, ffn = _layer_options(u, shapes[i], st, gqa, q_fixed, targets)
             if not heads or not ffn:
                 return None
             # the coarse grid: FFN removals whose kept width is a multiple of `grid`, plus the extremes
@@ -387,7 +388,7 @@ def solve(model, adapter, tables: dict[str, torch.Tensor], ratio: float | None =
         return float(dp[G]), pick[::-1]
 
     if servable == "vllm":
-        qs = sorted({q for i in dec for _, q, _ in _layer_options(units[i], shapes[i], st, gqa, None)[0]})
+        qs = sorted({q for i in dec for _, q, _ in _layer_options(units[i], shapes[i], st, gqa, None, targets)[0]})
         best = None
         for q in qs:
             r = run_dp(q)
@@ -426,7 +427,7 @@ def solve(model, adapter, tables: dict[str, torch.Tensor], ratio: float | None =
         best_i, best_d = None, math.inf
         for i in dec:
             nk = kf[i] + sign * m
-            if not _ffn_ok(shapes[i].ffn, nk, st):
+            if "ffn" not in targets or not _ffn_ok(shapes[i].ffn, nk, st):
                 continue
             d = sign * (cost_of(i, kh[i], nk) - cost_of(i, kh[i], kf[i]))
             if d < best_d:
@@ -509,15 +510,81 @@ def _max_msg(units, shapes, dec, st, gqa, bpp, kvb, total, budget, n_all, hd, se
 
 def search_schedule(model, adapter, calib_ids, ratio, gqa="per_group", percdamp=0.01, compensate=True,
                     head_score="grouped", settings: SearchSettings | None = None, budget: Budget | None = None,
-                    servable="none", device="cpu", batch_size=8, tables=None) -> dict:
-    """`build_tables` (unless given) then `solve`; the schedule records the search's cost."""
+                    servable="none", device="cpu", batch_size=8, tables=None, whole_blocks_ok=True) -> dict:
+    """`build_tables` (unless given) then `solve`; the schedule records the search's cost.
+    `whole_blocks_ok=False`: a plan with attention-free / FFN-free layers is a ConfigError (the method
+    cannot apply it)."""
     t0 = time.perf_counter()
     hit = tables is not None
     if tables is None:
         tables = build_tables(model, adapter, calib_ids, gqa, percdamp, compensate, head_score, settings,
                               device=device, batch_size=batch_size)
     sched = solve(model, adapter, tables, ratio, gqa, settings, budget, servable)
+    if not whole_blocks_ok and (sched["drop_attn"] or sched["drop_ffn"]):
+        raise ConfigError("search.drop_blocks", True, "false for this method (its prune does not remove whole "
+                                                       "attention / FFN blocks yet; export expresses them, surgery not)")
     sched["search"] = {"tables_seconds": float(tables["seconds"][0]), "tables_reused": hit,
                        "solve_seconds": sched["solve_seconds"], "seconds": time.perf_counter() - t0,
                        "candidates_scored": 0}
     return sched
+
+
+def searched_notes(sched: dict) -> dict:
+    """What a plan records of its search (report, plan view): cost, widths, budget figures."""
+    return {**sched["search"], **{k: sched[k] for k in (
+        "cost", "kept_q", "kept_kv", "kept_ffn", "params_after", "memory_bytes", "memory_at", "drop_attn", "drop_ffn")}}
+
+
+def needs_tables(method: str) -> ConfigError:
+    return ConfigError("schedule", "search", f"a run through the pipeline for {method!r} (its per-layer tables are the "
+                                             "layer_tables step), or a fixed schedule")
+
+
+def counts_plan(model, adapter, scores: dict, sched: dict, method: str, settings: dict, gqa: str, ratio: float):
+    """Keep each layer's highest-scoring units, in the numbers a solved schedule removes (`sched["heads"]`
+    head units — whole KV groups, or with `per_group` the same number of query heads in every group —
+    and `sched["ffn"]` channels): score-then-select methods under `schedule: search`."""
+    from .metrics import plan_params
+    from .plan import LayerPlan, PrunePlan
+
+    lps = []
+    for i, layer in enumerate(adapter.layers(model)):
+        s = adapter.layer_shape(model, layer)
+        lp = LayerPlan(i)
+        if s.kind != "decoder":
+            lps.append(lp)
+            continue
+        rep = s.n_heads // s.n_kv_heads
+        kh, kf = sched["heads"][i], sched["ffn"][i]
+        if kh and f"heads.{i}" in scores:
+            if gqa == "per_group" and rep > 1:
+                g = scores[f"heads.{i}"].double().view(s.n_kv_heads, rep)
+                keep = torch.argsort(g, dim=1, descending=True, stable=True)[:, : rep - kh]
+                lp.heads = sorted(k * rep + int(j) for k in range(s.n_kv_heads) for j in keep[k])
+                lp.kv_heads = list(range(s.n_kv_heads))
+            else:
+                g = scores[f"heads.{i}"].double().view(s.n_kv_heads, rep).sum(1)
+                lp.kv_heads = sorted(torch.argsort(g, descending=True, stable=True)[: s.n_kv_heads - kh].tolist())
+                lp.heads = [k * rep + j for k in lp.kv_heads for j in range(rep)]
+        if kf and f"ffn.{i}" in scores:
+            lp.ffn = sorted(torch.argsort(scores[f"ffn.{i}"].double(), descending=True, stable=True)[: s.ffn - kf].tolist())
+        lps.append(lp)
+    plan = PrunePlan(method=method, settings=settings, layers=lps, target_ratio=ratio,
+                     per_layer_ratio=[float(r) for r in sched["ratios"]])
+    plan.params_before, plan.params_after = plan_params(model, plan)
+    plan.notes = {"search": searched_notes(sched)}
+    return plan
+
+
+def select_searched(model, adapter, scores: dict, ratio: float, st, method: str, tables: dict):
+    """A score-then-select method (wanda, l1, l2, activation, random) under `schedule: search`: solve over
+    the tables, then keep the highest-scoring units in the searched numbers."""
+    t0 = time.perf_counter()
+    targets = tuple(getattr(st, "targets", ("heads", "ffn")))
+    sched = solve(model, adapter, tables, ratio, st.gqa, st.search, st.budget, st.servable, targets)
+    if sched["drop_attn"] or sched["drop_ffn"]:
+        raise ConfigError("search.drop_blocks", True, f"false for {method!r} (its select does not remove whole blocks)")
+    sched["search"] = {"tables_seconds": float(tables["seconds"][0]), "tables_reused": True,
+                       "solve_seconds": sched["solve_seconds"], "seconds": time.perf_counter() - t0,
+                       "candidates_scored": 0}
+    return counts_plan(model, adapter, scores, sched, method, st.model_dump(), st.gqa, ratio)

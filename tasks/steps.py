@@ -400,9 +400,10 @@ def layer_tables_task(ctx: dict, model: dict, calib: dict, method: str, settings
         adapter = adapter_for(m)
         bar, cb = _progress("layer tables", len(adapter.layers(m)))
         try:
+            # OBS-compensated curves for SlimGPT (its weight update), zeroing curves for the others
             t = build_tables(m, adapter, load_calibration(calib, ctx), st.gqa, getattr(st, "percdamp", 0.01),
-                             getattr(st, "compensate", True), getattr(st, "head_score", "grouped"), st.search,
-                             device=_device(ctx), batch_size=st.batch_size, progress=cb)
+                             getattr(st, "compensate", False), getattr(st, "head_score", "grouped"), st.search,
+                             device=_device(ctx), batch_size=getattr(st, "batch_size", 8), progress=cb)
         finally:
             if bar is not None:
                 bar.close()
@@ -441,6 +442,10 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
             finally:
                 if bar is not None:
                     bar.close()
+        elif tables:  # schedule: search (score-then-select): the searched counts, the method's scores
+            from pruning_core.search import select_searched
+
+            plan = select_searched(m, adapter, _load_tensors(scores, ctx), ratio, st, method, _load_tensors(tables, ctx))
         else:
             sc = _load_tensors(scores, ctx)
             plan = meth.select(m, adapter, sc, ratio, st)

@@ -38,8 +38,7 @@ from pydantic import Field
 from .. import obs
 from ..capture import Accumulator, LayerStream
 from ..plan import LayerPlan, PrunePlan
-from ..errors import ConfigError
-from ..search import Budget, SearchSettings, search_schedule
+from ..search import Budget, SearchSettings, search_schedule, searched_notes
 from ..select import SCHEDULE_NAMES, check_ratio, sizes_plan, solve_schedule
 from .base import Method, MethodSettings, register
 
@@ -90,12 +89,8 @@ def _schedule(model, adapter, calib_ids, ratio, s: SlimGPTSettings, device, tabl
     if s.schedule != "search":
         return solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
                               uniform_heads=s.servable == "vllm")
-    sched = search_schedule(model, adapter, calib_ids, ratio, s.gqa, s.percdamp, s.compensate, s.head_score,
-                            s.search, s.budget, s.servable, device, s.batch_size, tables=tables)
-    if sched["drop_attn"] or sched["drop_ffn"]:
-        raise ConfigError("search.drop_blocks", True, "false for slimgpt (its coupled prune does not remove "
-                                                       "whole attention / FFN blocks yet)")
-    return sched
+    return search_schedule(model, adapter, calib_ids, ratio, s.gqa, s.percdamp, s.compensate, s.head_score,
+                           s.search, s.budget, s.servable, device, s.batch_size, tables=tables, whole_blocks_ok=False)
 
 
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimGPTSettings | None = None,
@@ -171,8 +166,7 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
                   "removed_head_units": sched["heads"], "removed_ffn": sched["ffn"],
                   "relative_layer_loss": losses, "seconds": time.perf_counter() - t0}
     if "search" in sched:
-        plan.notes["search"] = {**sched["search"], **{k: sched[k] for k in (
-            "cost", "kept_q", "kept_kv", "kept_ffn", "params_after", "memory_bytes", "memory_at")}}
+        plan.notes["search"] = searched_notes(sched)
     return plan
 
 

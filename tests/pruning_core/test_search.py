@@ -134,3 +134,34 @@ def test_slimgpt_applies_the_searched_widths(setup):
     bad = meth.parse_settings({"schedule": "search", "search": {"drop_blocks": True}})
     with pytest.raises(ConfigError, match="^search.drop_blocks"):
         meth.prune(_model(), a, ids, 0.75, bad, tables=tabs["per_group"])
+
+
+def test_flap_and_score_then_select_methods_take_the_searched_counts(setup):
+    m0, a, ids, tabs = setup
+    zero = search.build_tables(m0, a, ids, "kv_group", compensate=False)
+    flap = get_method("flap")
+    st = flap.parse_settings({"schedule": "search"})
+    m = _model()
+    plan = flap.prune(m, a, ids, 0.3, st, tables=zero)
+    s = search.solve(m0, a, zero, 0.3, "kv_group")
+    assert plan.notes["search"]["kept_ffn"] == s["kept_ffn"]
+    apply_plan(m, plan)
+    assert plan.params_after == count_params(m)
+    with pytest.raises(ConfigError, match="^method.settings.schedule"):
+        flap.prune(_model(), a, ids, 0.3, flap.parse_settings({"schedule": "search", "structure": "al_am"}))
+    for name, gqa in (("wanda", "kv_group"), ("l2", "per_group")):
+        meth = get_method(name)
+        st = meth.parse_settings({"schedule": "search", "gqa": gqa, "search": {"ffn_multiple": 8}})
+        from pruning_core.capture import capture_stats
+
+        stats = capture_stats(m0, a, ids, requests=meth.needs) if meth.needs else {}
+        scores = meth.score(m0, a, stats, st)
+        with pytest.raises(ConfigError, match="^schedule: got 'search'"):
+            meth.select(m0, a, scores, 0.3, st)
+        plan = search.select_searched(m0, a, scores, 0.3, st, name, search.build_tables(m0, a, ids, gqa, compensate=False))
+        assert all(len(lp.ffn or range(128)) % 8 == 0 for lp in plan.layers)
+        total = _decoder_total(m0, a, gqa)
+        assert abs((plan.params_before - plan.params_after) - 0.3 * total) <= 8 * _ch(m0, a) / 2
+        m = _model()
+        apply_plan(m, plan)
+        assert count_params(m) == plan.params_after

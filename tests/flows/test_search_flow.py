@@ -1,0 +1,63 @@
+"""`schedule: search` through the real flow and command line: the per-layer tables are one cached step that a
+second budget reuses (only the solve and the prune are recomputed), and every bad search / budget field is
+one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.compress import compress
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _search_spec(tiny_spec: dict, **kw) -> dict:
+    return {**tiny_spec, "method": {"name": "slimgpt", "settings": {}}, "schedule": "search",
+            "search": {"kl_blocks": 2}, **kw}
+
+
+def test_a_second_budget_reuses_the_tables(prefect_harness, tiny_spec):
+    first = compress(spec=_search_spec(tiny_spec, ratio=0.4))
+    assert first["cache"]["layer_tables"] == "miss" and first["cache"]["prune"] == "miss"
+    second = compress(spec=_search_spec(tiny_spec, ratio=0.25))
+    assert second["cache"]["layer_tables"] == "hit", second["cache"]  # through Prefect's task cache + the store
+    assert second["cache"]["prune"] == "miss" and second["cache_why"]["prune"] == "settings: ratio: 0.4 -> 0.25"
+    # a memory budget: the same tables again
+    third = compress(spec=_search_spec({k: v for k, v in tiny_spec.items() if k != "ratio"},
+                                       budget={"memory_mb": 0.3, "seq_len": 64}))
+    assert third["cache"]["layer_tables"] == "hit"
+    # a table setting is part of the key
+    fourth = compress(spec=_search_spec(tiny_spec, ratio=0.25, search={"kl_blocks": 1}))
+    assert fourth["cache"]["layer_tables"] == "miss"
+
+
+def _cli(tmp: Path, spec: dict, *args: str) -> subprocess.CompletedProcess:
+    p = tmp / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return subprocess.run([sys.executable, "-m", "flows.cli", "plan", str(p), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"schedule": "searchh"}, "method.settings.schedule"),
+    ({"schedule": "search", "search": {"ffn_multiple": 0}}, "method.settings.search.ffn_multiple"),
+    ({"schedule": "search", "search": {"gird": 4}}, "method.settings.search.gird"),
+    ({"schedule": "search", "budget": {"memory_mb": "lots"}}, "method.settings.budget.memory_mb"),
+    ({"schedule": "search", "budget": {"memory_mb": 1, "seq": 3}}, "method.settings.budget.seq"),
+    ({"schedule": "search", "budget": 5}, "budget"),
+    ({"budget": {"memory_mb": 1}}, "budget"),
+    ({"schedule": "search", "budget": {"memory_mb": 1}, "params": "1M"}, "budget"),
+])
+def test_bad_search_fields_are_one_line_exit_2(tiny_spec, tmp_path, extra, field):
+    spec = {**tiny_spec, "method": {"name": "slimgpt", "settings": {}}, **extra}
+    spec.pop("ratio")
+    r = _cli(tmp_path, spec)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "accepted" in lines[0], r.stderr
