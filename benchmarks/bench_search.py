@@ -20,15 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_ood import Bench, _agg, _append  # noqa: E402
 
-from pruning_core import search  # noqa: E402
+from pruning_core import search_tables  # noqa: E402
 from pruning_core.methods import get_method  # noqa: E402
 from pruning_core.surgery import apply_plan  # noqa: E402
 
@@ -63,7 +61,7 @@ def run(a) -> None:
                 tk = st.search.sensitivity
                 if st.schedule == "search" and tk not in tables:
                     t0 = time.perf_counter()
-                    tables[tk] = search.build_tables(bench.model, bench.adapter, calib, st.gqa, st.percdamp,
+                    tables[tk] = search_tables.build_tables(bench.model, bench.adapter, calib, st.gqa, st.percdamp,
                                                      st.compensate, st.head_score, st.search, batch_size=st.batch_size)
                     row["tables_s"] = time.perf_counter() - t0
                 m = copy.deepcopy(bench.model)

@@ -383,7 +383,7 @@ def _tables_keyparts(p):
     return s, [p["model"], p["calib"]], p["model"]["sha256"]
 
 
-define_step("layer_tables", _tables_keyparts, lambda p: ["pruning_core.search", _tables_keyparts, layer_tables_task])
+define_step("layer_tables", _tables_keyparts, lambda p: ["pruning_core.search_tables", _tables_keyparts, layer_tables_task])
 
 
 @_task("layer_tables", gpu=True)
@@ -393,7 +393,7 @@ def layer_tables_task(ctx: dict, model: dict, calib: dict, method: str, settings
     def compute():
         from pruning_core.adapters import adapter_for
         from pruning_core.methods import get_method
-        from pruning_core.search import build_tables
+        from pruning_core.search_tables import build_tables
 
         st = get_method(method).parse_settings(settings)
         m, _tok = _open(model, ctx, "layer_tables")

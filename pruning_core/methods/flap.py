@@ -41,7 +41,7 @@ from pydantic import Field
 from ..capture import Accumulator, LayerStream
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
-from ..search import Budget, SearchSettings, search_schedule, searched_notes
+from ..search import Budget, SearchSettings, search_schedule, searched_notes, with_profile
 from ..select import check_ratio, sizes_plan, solve_schedule, unit_counts
 from ..surgery import settle_biases
 from .base import Method, MethodSettings, register
@@ -163,6 +163,8 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
             search_schedule(model, adapter, calib_ids, ratio, s.gqa, compensate=False, settings=s.search,
                             budget=s.budget, servable=s.servable, device=device, batch_size=s.batch_size,
                             tables=tables, whole_blocks_ok=False)
+        if "search" in sched:
+            sched = with_profile(model, adapter, sched, "uniform", s.gqa)
         per_layer = sched["ratios"]
         for step in stream:
             i, layer = step.index, step.layer

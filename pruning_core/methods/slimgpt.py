@@ -38,7 +38,7 @@ from pydantic import Field
 from .. import obs
 from ..capture import Accumulator, LayerStream
 from ..plan import LayerPlan, PrunePlan
-from ..search import Budget, SearchSettings, search_schedule, searched_notes
+from ..search import Budget, SearchSettings, search_schedule, searched_notes, with_profile
 from ..select import SCHEDULE_NAMES, check_ratio, sizes_plan, solve_schedule
 from .base import Method, MethodSettings, register
 
@@ -89,8 +89,10 @@ def _schedule(model, adapter, calib_ids, ratio, s: SlimGPTSettings, device, tabl
     if s.schedule != "search":
         return solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
                               uniform_heads=s.servable == "vllm")
-    return search_schedule(model, adapter, calib_ids, ratio, s.gqa, s.percdamp, s.compensate, s.head_score,
-                           s.search, s.budget, s.servable, device, s.batch_size, tables=tables, whole_blocks_ok=False)
+    sched = search_schedule(model, adapter, calib_ids, ratio, s.gqa, s.percdamp, s.compensate, s.head_score,
+                            s.search, s.budget, s.servable, device, s.batch_size, tables=tables, whole_blocks_ok=False)
+    return with_profile(model, adapter, sched, "log_increase", s.gqa, r0_fraction=s.r0_fraction,
+                        head_scale=s.head_ratio_scale)  # the default profile, for the report
 
 
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimGPTSettings | None = None,

@@ -4,7 +4,6 @@ one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +31,38 @@ def test_a_second_budget_reuses_the_tables(prefect_harness, tiny_spec):
     third = compress(spec=_search_spec({k: v for k, v in tiny_spec.items() if k != "ratio"},
                                        budget={"memory_mb": 0.3, "seq_len": 64}))
     assert third["cache"]["layer_tables"] == "hit"
+    # `pruneflow plan` solves over the cached tables: the widths the run used, and its memory figure
+    from flows.dryrun import dry_run
+    from flows.spec import build_spec
+
+    res = dry_run(build_spec(overrides=[], **_flat(_search_spec(tiny_spec, ratio=0.25))))
+    assert res["search"]["tables"] == "cached"
+    kept = second["plan_notes"]["search"]["kept_ffn"]
+    assert [r["ffn_after"] for r in res["layers"]] == kept
     # a table setting is part of the key
     fourth = compress(spec=_search_spec(tiny_spec, ratio=0.25, search={"kl_blocks": 1}))
     assert fourth["cache"]["layer_tables"] == "miss"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("settings", "search", "budget"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_plan_shows_an_estimate_and_rejects_an_infeasible_budget(tiny_spec, tmp_path):
+    spec = {**_search_spec(tiny_spec), "search": {"ffn_multiple": 8}}
+    r = _cli(tmp_path, spec)
+    assert r.returncode == 0, r.stderr
+    assert "schedule: search (estimate)" in r.stdout and "serving memory" in r.stdout
+    spec.pop("ratio")
+    r = _cli(tmp_path, {**spec, "budget": {"memory_mb": 0.01, "seq_len": 64}})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "budget.memory_mb: got 0.01; accepted: memory_mb >= " in r.stderr, r.stderr
 
 
 def _cli(tmp: Path, spec: dict, *args: str) -> subprocess.CompletedProcess:

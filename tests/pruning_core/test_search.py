@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_core import search
+from pruning_core import search, search_tables
 from pruning_core.adapters import adapter_for
 from pruning_core.errors import ConfigError
 from pruning_core.methods import get_method
@@ -26,7 +26,7 @@ def setup():
     m = _model()
     a = adapter_for(m)
     ids = torch.randint(0, m.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
-    return m, a, ids, {g: search.build_tables(m, a, ids, g) for g in ("per_group", "kv_group")}
+    return m, a, ids, {g: search_tables.build_tables(m, a, ids, g) for g in ("per_group", "kv_group")}
 
 
 def _decoder_total(m, a, gqa):
@@ -138,7 +138,7 @@ def test_slimgpt_applies_the_searched_widths(setup):
 
 def test_flap_and_score_then_select_methods_take_the_searched_counts(setup):
     m0, a, ids, tabs = setup
-    zero = search.build_tables(m0, a, ids, "kv_group", compensate=False)
+    zero = search_tables.build_tables(m0, a, ids, "kv_group", compensate=False)
     flap = get_method("flap")
     st = flap.parse_settings({"schedule": "search"})
     m = _model()
@@ -158,7 +158,7 @@ def test_flap_and_score_then_select_methods_take_the_searched_counts(setup):
         scores = meth.score(m0, a, stats, st)
         with pytest.raises(ConfigError, match="^schedule: got 'search'"):
             meth.select(m0, a, scores, 0.3, st)
-        plan = search.select_searched(m0, a, scores, 0.3, st, name, search.build_tables(m0, a, ids, gqa, compensate=False))
+        plan = search.select_searched(m0, a, scores, 0.3, st, name, search_tables.build_tables(m0, a, ids, gqa, compensate=False))
         assert all(len(lp.ffn or range(128)) % 8 == 0 for lp in plan.layers)
         total = _decoder_total(m0, a, gqa)
         assert abs((plan.params_before - plan.params_after) - 0.3 * total) <= 8 * _ch(m0, a) / 2
