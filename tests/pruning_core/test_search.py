@@ -165,3 +165,17 @@ def test_flap_and_score_then_select_methods_take_the_searched_counts(setup):
         m = _model()
         apply_plan(m, plan)
         assert count_params(m) == plan.params_after
+
+
+def test_report_plots_the_searched_widths_against_the_profile(setup, tmp_path):
+    from pruning_core.report import render_markdown
+
+    m0, a, ids, tabs = setup
+    meth = get_method("slimgpt")
+    plan = meth.prune(_model(), a, ids, 0.3, meth.parse_settings({"schedule": "search"}), tables=tabs["per_group"])
+    notes = plan.notes["search"]
+    assert notes["profile"]["name"] == "log_increase" and len(notes["profile"]["ratios"]) == 4
+    md = render_markdown({"model": "tiny", "method": "slimgpt", "plan_notes": {"search": notes},
+                          "cache": {"layer_tables": "hit"}}, tmp_path / "plots")
+    assert "## Searched widths" in md and "reused (cache hit)" in md and "candidates scored by the model: 0" in md
+    assert (tmp_path / "plots" / "searched_widths.png").stat().st_size > 0
