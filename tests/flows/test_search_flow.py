@@ -89,3 +89,14 @@ def test_bad_search_fields_are_one_line_exit_2(tiny_spec, tmp_path, extra, field
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "accepted" in lines[0], r.stderr
+
+
+def test_a_sweep_builds_the_tables_once_for_its_ratios(prefect_harness, tiny_spec, pf_home):
+    from flows.sweep import run_sweep
+
+    spec = {**tiny_spec, "schedule": "search", "search": {"kl_blocks": 2, "ffn_multiple": 4}}  # wanda, per_group
+    res = run_sweep(spec, ["wanda"], [0.2, 0.4], "sequential")
+    c = res["step_counts"]
+    assert c["layer_tables"] == {"miss": 1, "hit": 0} and c["prune"] == {"miss": 2, "hit": 0}
+    rows = sorted(res["rows"], key=lambda r: r["ratio"])
+    assert rows[0]["params_after"] > rows[1]["params_after"]
