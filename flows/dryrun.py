@@ -55,9 +55,10 @@ def _cached_tables(spec: RunSpec, settings) -> dict | None:
         from tasks.common import STEPS
         from tasks.store import open_store
 
-        from .compress import ctx_for
+        from tasks.store import default_store_url
 
-        ctx = ctx_for(spec)
+        # as flows.compress.ctx_for (not imported: compress imports this module's callers)
+        ctx = {"store": spec.store.url or default_store_url(), "device": spec.device, "placement": spec.model.placement}
         store = open_store(ctx.get("store"))
         m, c = spec.model, spec.calibration
         model = store.lookup("load", STEPS["load"].key({"ctx": ctx, "ref": m.ref, "dtype": m.dtype,
