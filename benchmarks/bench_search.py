@@ -31,6 +31,7 @@ from pruning_core.methods import get_method  # noqa: E402
 from pruning_core.surgery import apply_plan  # noqa: E402
 
 DEFAULT_JSON = HERE / ".bench_search.json"
+TABLES = HERE / ".bench_search_tables"
 ROWS = {  # row -> SlimGPT settings (defaults otherwise: per_group, heads at 0.75 r for the profile)
     "slimgpt log_increase (default)": {},
     "slimgpt search (kl)": {"schedule": "search"},
@@ -60,10 +61,21 @@ def run(a) -> None:
                 row = dict(row=name, ratio=ratio, seed=seed, calib=a.calib)
                 tk = st.search.sensitivity
                 if st.schedule == "search" and tk not in tables:
-                    t0 = time.perf_counter()
-                    tables[tk] = search_tables.build_tables(bench.model, bench.adapter, calib, st.gqa, st.percdamp,
-                                                     st.compensate, st.head_score, st.search, batch_size=st.batch_size)
-                    row["tables_s"] = time.perf_counter() - t0
+                    saved = TABLES / f"{a.calib}-{seed}-{tk}.safetensors"  # a restarted run reuses them
+                    if saved.exists():
+                        from safetensors.torch import load_file
+
+                        tables[tk] = load_file(str(saved))
+                    else:
+                        from safetensors.torch import save_file
+
+                        t0 = time.perf_counter()
+                        tables[tk] = search_tables.build_tables(bench.model, bench.adapter, calib, st.gqa, st.percdamp,
+                                                                st.compensate, st.head_score, st.search,
+                                                                batch_size=st.batch_size)
+                        row["tables_s"] = time.perf_counter() - t0
+                        TABLES.mkdir(exist_ok=True)
+                        save_file(tables[tk], str(saved))
                 m = copy.deepcopy(bench.model)
                 t0 = time.perf_counter()
                 plan = meth.prune(m, bench.adapter, calib, ratio, st,
@@ -82,6 +94,13 @@ def run(a) -> None:
 
 
 def table(rows: list[dict]) -> str:
+    seen, uniq = set(), []  # two processes sharing the file may have run a (row, ratio, seed) twice: the first counts
+    for r in rows:
+        k = (r["row"], r["ratio"], r["seed"])
+        if k not in seen:
+            seen.add(k)
+            uniq.append(r)
+    rows = uniq
     dense = next((r for r in rows if r["row"] == "dense"), None)
     head = ["row", "ratio", "params (M)", "seeds", "in-domain PPL (pydoc)", "out-of-domain PPL (pkgdocs)",
             "OOD vs log_increase, per seed", "prune s", "search s (tables + solve) / default prune at 20 %"]
