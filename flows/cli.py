@@ -346,6 +346,12 @@ def plan(
     typer.echo(table(["total", "before", "after", "after/before"],
                      [["params", t["params"], t["params_after"], t["params_after"] / t["params"]],
                       ["FLOPs/token", t["flops"], t["flops_after"], t["flops_after"] / t["flops"]]]))
+    if "search" in res:
+        se, at = res["search"], res["search"]["memory_at"]
+        typer.echo(f"schedule: search ({se['tables']}): {se['params_after']} params after (decoder ratio "
+                   f"{se['realised_ratio']:.4f}); serving memory {se['memory_bytes'] / 2**20:.1f} MiB = weights + KV cache "
+                   f"at seq_len {at['seq_len']}, batch {at['batch']}, {at['bytes_per_param']} B/param"
+                   + (f" (budget {se['budget']['memory_mb']} MiB)" if se.get("budget") else ""))
     if "teacher" in res:
         tt = res["teacher"]
         typer.echo(f"distillation: teacher over {tt['tokens']} tokens of {tt['source']!r}, top-{tt['top_k']}: "

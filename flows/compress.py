@@ -30,7 +30,7 @@ from .spec import RunSpec, validate
 
 log = logging.getLogger("pruneflow.flow")
 
-STEP_ORDER = ("load", "calibration", "capture", "score", "prune", "distill_data", "teacher", "recover", "evaluate_dense", "evaluate", "export")
+STEP_ORDER = ("load", "calibration", "capture", "score", "layer_tables", "prune", "distill_data", "teacher", "recover", "evaluate_dense", "evaluate", "export")
 
 
 def _host_memory() -> dict:
@@ -147,8 +147,12 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     from pruning_core.methods import get_method
 
     coupled = get_method(method).coupled
+    extra = {}
+    if settings.get("schedule") == "search":  # the per-layer tables: one cached artifact for every ratio / budget
+        extra["tables"] = sl("layer_tables", steps.layer_tables_task, model=model, calib=calib, method=method,
+                             settings=settings)
     ckpt = sl("prune", steps.prune_task, model=model, method=method, settings=settings, ratio=ratio,
-              scores=scores, calib=calib if coupled else None)
+              scores=scores, calib=calib if coupled else None, **extra)
     if spec.recovery.kind in RECOVERIES:
         ckpt = sl("recover", steps.recover_task, **recover_args(spec, model, calib, settings),
                   **teacher_args(spec, sl, model, calib), checkpoint=ckpt)

@@ -58,6 +58,73 @@ def _meta_model(ref: str, trust_remote_code: bool = False, revision: str | None 
     return model
 
 
+def _cached_tables(spec: RunSpec, settings) -> dict | None:
+    """The `layer_tables` artifact a run of this spec would reuse, when the store already holds it (a
+    previous run or sweep with the same model, calibration and table settings); None otherwise."""
+    try:
+        from tasks import steps  # noqa: F401 - defines the steps
+        from tasks.common import STEPS
+        from tasks.store import open_store
+
+        from tasks.store import default_store_url
+
+        # as flows.compress.ctx_for (not imported: compress imports this module's callers)
+        ctx = {"store": spec.store.url or default_store_url(), "device": spec.device, "placement": spec.model.placement}
+        store = open_store(ctx.get("store"))
+        m, c = spec.model, spec.calibration
+        model = store.lookup("load", STEPS["load"].key({"ctx": ctx, "ref": m.ref, "dtype": m.dtype,
+                                                        "revision": m.revision}))
+        if not model:
+            return None
+        calib = store.lookup("calibration", STEPS["calibration"].key(
+            {"ctx": ctx, "model": model, "source": c.source, "n_samples": c.n_samples, "seq_len": c.seq_len,
+             "seed": c.seed}))
+        if not calib:
+            return None
+        tp = {"ctx": ctx, "model": model, "calib": calib, "method": spec.method.name,
+              "settings": settings.model_dump(mode="json")}
+        man = store.lookup("layer_tables", STEPS["layer_tables"].key(tp))
+        if not man or not store.valid(man):
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(store.local_path(man)))
+    except Exception:  # noqa: BLE001 - a plan never fails on the cache: it falls back to the estimate
+        return None
+
+
+def search_plan(spec: RunSpec, model, adapter, meth, settings):
+    """`schedule: search` in a dry run: the searched widths over the cached tables when the store has them,
+    else an estimate (the budget solved over placeholder tables whose cost grows with each layer's removed
+    fraction, the same for every layer — it checks the budget is feasible under the constraints and gives the
+    sizes' scale; the real widths need the calibration pass). Returns (plan, basis, info)."""
+    from pruning_core import search
+    from pruning_core.select import sizes_plan, unit_counts
+
+    gqa = getattr(settings, "gqa", "kv_group")
+    tables = _cached_tables(spec, settings)
+    found = tables is not None
+    if not found:
+        tables = {}
+        for i, u in enumerate(unit_counts(model, adapter, gqa)):
+            if u:
+                s = adapter.layer_shape(model, adapter.layers(model)[i])
+                n_units = search._n_units(s, gqa)
+                tables[f"attn.{i}"] = (torch.arange(n_units + 1, dtype=torch.float64) / n_units) ** 2 * 0.5
+                tables[f"ffn.{i}"] = (torch.arange(s.ffn + 1, dtype=torch.float64) / s.ffn) ** 2
+    targets = tuple(t for t in getattr(settings, "targets", ("heads", "ffn")) if t in ("heads", "ffn"))
+    sched = search.solve(model, adapter, tables, spec.ratio, gqa, settings.search, settings.budget, settings.servable,
+                         targets)
+    plan = sizes_plan(model, adapter, sched, gqa, meth.name, settings.model_dump(), spec.ratio)
+    basis = ("schedule: search over the cached layer_tables (the widths a run with this calibration will use)" if found
+             else "schedule: search, ESTIMATE — the widths are found at run time from the layer_tables step "
+                  "(one calibration pass + one-layer KL checks); shown: the budget solved over placeholder costs")
+    info = {"tables": "cached" if found else "estimate", "memory_bytes": sched["memory_bytes"],
+            "memory_at": sched["memory_at"], "params_after": sched["params_after"], "realised_ratio": sched["realised"],
+            "budget": settings.budget.model_dump() if settings.budget else None}
+    return plan, basis, info
+
+
 def _plan(model, adapter, meth, settings, ratio: float):
     """(plan, basis): the method's kept sizes without calibration data."""
     from pruning_core.plan import PrunePlan
@@ -126,9 +193,13 @@ def dry_run(spec: RunSpec, context: int = 0, cfg: dict | None = None) -> dict:
     adapter = adapter_for(model)
     meth = get_method(spec.method.name)
     settings = meth.parse_settings(spec.method.settings)
-    plan, basis = _plan(model, adapter, meth, settings, spec.ratio)
+    searched = None
+    if getattr(settings, "schedule", None) == "search":
+        plan, basis, searched = search_plan(spec, model, adapter, meth, settings)
+    else:
+        plan, basis = _plan(model, adapter, meth, settings, spec.ratio)
     constraint = None
-    if settings.servable == "vllm":  # what the constraint changes, against the same method without it
+    if settings.servable == "vllm" and searched is None:  # what the constraint changes, against the same method without it
         free, _ = _plan(model, adapter, meth, settings.model_copy(update={"servable": "none"}), spec.ratio)
         free_rows = {r["layer"]: r for r in layer_table(model, free, context=context)}
         constraint = {"unconstrained_params_after": free.params_after, "changed": []}
@@ -157,7 +228,8 @@ def dry_run(spec: RunSpec, context: int = 0, cfg: dict | None = None) -> dict:
             "layers": rows, "total": total, "plan_params": [plan.params_before, plan.params_after],
             **distill_plan(spec, model.config),
             "servable": {**servable_check(rows, getattr(model.config, "model_type", None)),
-                         "constraint": settings.servable, "changes": constraint}, **memory}
+                         "constraint": settings.servable, "changes": constraint}, **memory,
+            **({"search": searched} if searched else {})}
 
 
 def distill_plan(spec: RunSpec, config) -> dict:

@@ -101,6 +101,12 @@ class TrackingSpec(_Strict):
     log_model: bool = True  # register the checkpoint folder as an MLflow model (copied as it is, never loaded)
 
 
+def _searchable() -> list[str]:
+    from pruning_core.methods import list_methods
+
+    return [m.name for m in list_methods() if "search" in m.settings.model_fields]
+
+
 class RunSpec(_Strict):
     name: str | None = None
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -109,6 +115,9 @@ class RunSpec(_Strict):
     ratio: float = Field(0.2, ge=0.0, lt=1.0)
     params: int | None = Field(None, ge=1)  # alternative target: parameters left (sets `ratio`, see preflight)
     schedule: str | None = None
+    # `schedule: search` (pruning_core/search.py): its settings, and a serving-memory budget instead of ratio
+    search: dict | None = None
+    budget: dict | None = None
     servable: Literal["none", "vllm"] | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
@@ -165,6 +174,23 @@ class RunSpec(_Strict):
             if "schedule" not in m.settings.model_fields:
                 raise ConfigError("schedule", self.schedule, f"no schedule (method {m.name!r} has none)")
             raw["schedule"] = self.schedule
+        for key in ("search", "budget"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if key not in m.settings.model_fields:
+                raise ConfigError(key, v, f"no {key} for method {m.name!r} (schedule: search is offered by "
+                                          f"{', '.join(_searchable())})")
+            if not isinstance(v, dict):
+                raise ConfigError(key, v, "a mapping" + (" {memory_mb, seq_len, batch, bytes_per_param}"
+                                                         if key == "budget" else " of search settings"))
+            raw[key] = v
+        if self.budget is not None:
+            if (self.schedule or raw.get("schedule")) != "search":
+                raise ConfigError("budget", self.budget, "schedule: search alongside (a memory budget is met by "
+                                                         "searching the per-layer widths)")
+            if self.params is not None:  # (ratio always has its default; a budget replaces it)
+                raise ConfigError("budget", self.budget, "either budget or params, not both")
         if self.servable is not None:  # pruneflow's vLLM plugin serves any result: the constraint is opt-in
             raw["servable"] = self.servable
         self.method.settings = m.parse_settings(raw).model_dump(mode="json")
@@ -172,7 +198,10 @@ class RunSpec(_Strict):
         if isinstance(sched, str):
             from pruning_core.select import SCHEDULES
 
-            if sched not in SCHEDULES:
+            if sched == "search" and "search" not in m.settings.model_fields:
+                raise ConfigError("schedule", sched, ", ".join(sorted(SCHEDULES)) + f" for {m.name!r} (search: "
+                                  + ", ".join(_searchable()) + ")")
+            if sched not in SCHEDULES and sched != "search":
                 field = "schedule" if self.schedule is not None else "method.settings.schedule"
                 raise ConfigError(field, sched, ", ".join(sorted(SCHEDULES)))
         if self.recovery.kind == "lora":

@@ -105,9 +105,14 @@ def sweep(spec: dict, methods: list[str], ratios: list[float]) -> dict:
             scores_f = steps.score_task.submit(ctx=ctx, model=model, stats=stats_f, method=method, settings=settings)
             branches.append(("capture", None, None, stats_f))
             branches.append(("score", None, None, scores_f))
+        extra = {}
+        if settings.get("schedule") == "search":  # one tables artifact for every ratio of the sweep
+            extra["tables"] = steps.layer_tables_task.submit(ctx=ctx, model=model, calib=calib, method=method,
+                                                             settings=settings)
+            branches.append(("layer_tables", None, None, extra["tables"]))
         for r in ratios:
             ck = steps.prune_task.submit(ctx=ctx, model=model, method=method, settings=settings, ratio=r,
-                                         scores=scores_f, calib=calib if meth.coupled else None)
+                                         scores=scores_f, calib=calib if meth.coupled else None, **extra)
             branches.append(("prune", method, r, ck))
             if s.recovery.kind in RECOVERIES:
                 def submit(step, task, _m=method, _r=r, **kw):  # per branch; the teacher's key is the same

@@ -116,6 +116,33 @@ def plot_layer_ratios(ratios: Sequence[float], path: str | os.PathLike, target: 
     return _save(fig, path)
 
 
+def plot_searched_widths(searched: Sequence[float], profile: Sequence[float] | None, path: str | os.PathLike,
+                         profile_name: str = "profile", kept_ffn: Sequence[int] | None = None,
+                         kept_q: Sequence[int] | None = None) -> Path:
+    """`schedule: search`: the fraction of each layer's parameters the search removed (bars) against the
+    method's fixed profile at the same overall ratio (line); the kept FFN widths / query heads as labels."""
+    vals = [float(r) for r in searched]
+    if not vals:
+        raise DataError("plan.notes.search.ratios", list(searched), "a non-empty list of per-layer fractions")
+    fig = Figure(figsize=(max(6.0, 0.25 * len(vals) + 2), 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(vals)), vals, width=0.8, label="searched")
+    if profile:
+        ax.plot(range(len(profile)), [float(r) for r in profile], color="C3", marker=".", linewidth=1.2,
+                label=f"fixed profile ({profile_name})")
+    if kept_ffn is not None:
+        for i, (v, f) in enumerate(zip(vals, kept_ffn)):
+            q = f"/{kept_q[i]}q" if kept_q is not None else ""
+            ax.text(i, v, f"{f}{q}", rotation=90, fontsize=5, ha="center", va="bottom")
+    ax.legend(fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("parameters removed")
+    top = max(vals + [float(r) for r in (profile or [])] + [1e-9])
+    ax.set_ylim(0, top * 1.3)
+    ax.set_title("searched per-layer widths vs the fixed profile (labels: kept FFN / query heads)")
+    return _save(fig, path)
+
+
 def _layer_key(name: str) -> tuple[str, int] | None:
     m = re.fullmatch(r"(\w+)\.(\d+)", name)
     return (m.group(1), int(m.group(2))) if m else None

@@ -323,7 +323,30 @@ def _figures(report: dict, pdir: Path) -> list[str]:
                             _kept(lp.get("ffn"), full.get("ffn"), lp), lp.get("replacement") or "–",
                             f"{100 * lp['ratio']:.1f} %" if isinstance(lp.get("ratio"), (int, float)) else "–"]
                            for lp in layers])]
+    search = (report.get("plan_notes") or {}).get("search")
+    if isinstance(search, dict):
+        md += ["", "## Searched widths (`schedule: search`)", "", search_line(search, (report.get("cache") or {}))]
+        prof = search.get("profile") or {}
+        if search.get("ratios"):
+            p = draw(plots.plot_searched_widths, search["ratios"], prof.get("ratios"), pdir / "searched_widths.png",
+                     profile_name=prof.get("name", "profile"), kept_ffn=search.get("kept_ffn"),
+                     kept_q=search.get("kept_q"))
+            if p:
+                md += ["", f"![searched widths]({rel(p)})"]
     return md
+
+
+def search_line(search: dict, cache: dict) -> str:
+    """The search's cost and result in one line: tables (time, reused or computed), solve, candidates."""
+    mem = search.get("memory_bytes")
+    at = search.get("memory_at") or {}
+    tables = "reused (cache hit)" if cache.get("layer_tables") == "hit" or search.get("tables_reused") else "computed"
+    return (f"Per-layer tables {tables}, built in {_fmt(search.get('tables_seconds'), 1)} s; solve "
+            f"{_fmt(search.get('solve_seconds'), 3)} s; candidates scored by the model: "
+            f"{search.get('candidates_scored', 0)} (no evolutionary refinement); estimated cost (KL to dense, "
+            f"additive): {_fmt(search.get('cost'), 4)}; params after {search.get('params_after')}; serving memory "
+            f"{_fmt(mem / 2**20 if isinstance(mem, (int, float)) else None, 1)} MiB at seq_len {at.get('seq_len')}, "
+            f"batch {at.get('batch')}, {at.get('bytes_per_param')} B/param.")
 
 
 def _kept(n, full, lp) -> str:

@@ -365,17 +365,63 @@ def score_task(ctx: dict, model: dict, stats: dict | None, method: str, settings
 # ================================================================================================
 def _prune_keyparts(p):
     s = {"method": p["method"], "settings": p["settings"], "ratio": p["ratio"]}
-    return s, [p["model"], p.get("scores"), p.get("calib")], p["model"]["sha256"]
+    tables = [p["tables"]] if p.get("tables") else []  # `schedule: search`: the per-layer tables it solved over
+    return s, [p["model"], p.get("scores"), p.get("calib")] + tables, p["model"]["sha256"]
 
 
 define_step("prune", _prune_keyparts, lambda p: [_score_module(p["method"]), _prune_keyparts, prune_task])
 
 
+# ================================================================================================
+# layer_tables: `schedule: search`'s per-layer cost of every head count and FFN width (one artifact per
+# model + calibration + the settings the tables depend on; every ratio and budget reuses it)
+# ================================================================================================
+TABLE_SETTINGS = ("gqa", "percdamp", "compensate", "head_score", "batch_size")
+TABLE_SEARCH = ("sensitivity", "kl_blocks", "ffn_batch")
+
+
+def _tables_keyparts(p):
+    st = p["settings"]
+    s = {"method": p["method"], **{k: st.get(k) for k in TABLE_SETTINGS},
+         "search": {k: (st.get("search") or {}).get(k) for k in TABLE_SEARCH}}
+    return s, [p["model"], p["calib"]], p["model"]["sha256"]
+
+
+define_step("layer_tables", _tables_keyparts, lambda p: ["pruning_core.search_tables", _tables_keyparts, layer_tables_task])
+
+
+@_task("layer_tables", gpu=True)
+def layer_tables_task(ctx: dict, model: dict, calib: dict, method: str, settings: dict) -> dict:
+    params = {"ctx": ctx, "model": model, "calib": calib, "method": method, "settings": settings}
+
+    def compute():
+        from pruning_core.adapters import adapter_for
+        from pruning_core.methods import get_method
+        from pruning_core.search_tables import build_tables
+
+        st = get_method(method).parse_settings(settings)
+        m, _tok = _open(model, ctx, "layer_tables")
+        adapter = adapter_for(m)
+        bar, cb = _progress("layer tables", len(adapter.layers(m)))
+        try:
+            # OBS-compensated curves for SlimGPT (its weight update), zeroing curves for the others
+            t = build_tables(m, adapter, load_calibration(calib, ctx), st.gqa, getattr(st, "percdamp", 0.01),
+                             getattr(st, "compensate", False), getattr(st, "head_score", "grouped"), st.search,
+                             device=_device(ctx), batch_size=getattr(st, "batch_size", 8), progress=cb)
+        finally:
+            if bar is not None:
+                bar.close()
+        return _save_tensors(t, "layer_tables.safetensors", "layer_tables", f"layer_tables:{method}", ctx,
+                             meta={"seconds": float(t["seconds"][0])})
+
+    return run_step("layer_tables", params, compute)
+
+
 @_task("prune", gpu=True)
 def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float, scores: dict | None = None,
-               calib: dict | None = None) -> dict:
+               calib: dict | None = None, tables: dict | None = None) -> dict:
     params = {"ctx": ctx, "model": model, "method": method, "settings": settings, "ratio": ratio,
-              "scores": scores, "calib": calib}
+              "scores": scores, "calib": calib, "tables": tables}
 
     def compute():
         from pruning_core.adapters import adapter_for
@@ -395,10 +441,15 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
             ids = load_calibration(calib, ctx)
             bar, cb = _progress(method, len(adapter.layers(m)))
             try:
-                plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx), progress=cb)
+                kw = {"tables": _load_tensors(tables, ctx)} if tables else {}
+                plan = meth.prune(m, adapter, ids, ratio, st, device=_device(ctx), progress=cb, **kw)
             finally:
                 if bar is not None:
                     bar.close()
+        elif tables:  # schedule: search (score-then-select): the searched counts, the method's scores
+            from pruning_core.search import select_searched
+
+            plan = select_searched(m, adapter, _load_tensors(scores, ctx), ratio, st, method, _load_tensors(tables, ctx))
         else:
             sc = _load_tensors(scores, ctx)
             plan = meth.select(m, adapter, sc, ratio, st)
@@ -420,7 +471,8 @@ def prune_task(ctx: dict, model: dict, method: str, settings: dict, ratio: float
                 # methods rounded it
                 "decoder_params_before": dec_before,
                 "removed_decoder_fraction": (before - after) / dec_before if dec_before else 0.0,
-                "rounding": (plan.notes or {}).get("rounding"), "uniform": uniform}
+                "rounding": (plan.notes or {}).get("rounding"), "uniform": uniform,
+                **({"search": plan.notes["search"]} if "search" in (plan.notes or {}) else {})}
 
     return run_step("prune", params, compute)
 

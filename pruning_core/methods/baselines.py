@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..engine import visit_layers
+from ..search import Budget, SearchSettings, needs_tables
 from ..select import layer_ratios, plan_from_scores
 from .base import Method, MethodSettings, register
 
@@ -24,8 +26,10 @@ from .base import Method, MethodSettings, register
 class BaselineSettings(MethodSettings):
     targets: list[Literal["heads", "ffn"]] = ["heads", "ffn"]
     gqa: Literal["kv_group", "per_group"] = "kv_group"
-    schedule: str = "uniform"
+    schedule: str = "uniform"  # a select.SCHEDULES name, or search (pruning_core/search.py; needs its tables)
     seed: int = 0
+    search: SearchSettings = Field(default_factory=SearchSettings, description="settings of schedule: search")
+    budget: Budget | None = Field(None, description="schedule: search under a serving-memory budget instead of ratio")
 
 
 def _per_head(v: torch.Tensor, hd: int) -> torch.Tensor:
@@ -86,6 +90,8 @@ def _random(model, adapter, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _select(model, adapter, scores, ratio, settings: BaselineSettings, name: str):
+    if settings.schedule == "search":
+        raise needs_tables(name)
     per_layer = layer_ratios(settings.schedule, ratio, len(adapter.layers(model)))
     return plan_from_scores(model, adapter, scores, ratio, targets=tuple(settings.targets), gqa=settings.gqa,
                             per_layer=per_layer, method=name, settings=settings.model_dump(),

@@ -43,6 +43,7 @@ from ..capture import Accumulator
 from ..engine import run_pass
 from ..errors import ConfigError
 from ..plan import LayerPlan, PrunePlan
+from ..search import Budget, SearchSettings, search_schedule, searched_notes, with_profile
 from ..select import check_ratio, sizes_plan, solve_schedule, unit_counts
 from ..surgery import settle_biases
 from .base import Method, MethodSettings, register
@@ -57,6 +58,10 @@ class FLAPSettings(MethodSettings):
         "kv_group (whole KV groups) or per_group (query heads, the same number in every KV group); "
         "al_am pools whole KV groups"))
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward call")
+    schedule: Literal["uniform", "search"] = Field("uniform", description=(
+        "uniform (the structure's counts) or search (pruning_core/search.py; structure uniform only)"))
+    search: SearchSettings = Field(default_factory=SearchSettings, description="settings of schedule: search")
+    budget: Budget | None = Field(None, description="schedule: search under a serving-memory budget instead of ratio")
 
 
 # -- pure maths ----------------------------------------------------------------------------------
@@ -183,16 +188,25 @@ class _Uniform:
 
 
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPSettings | None = None,
-          device="cpu", progress=None) -> PrunePlan:
-    """FLAP on `model` in place (pruned columns zeroed, biases compensated); returns the plan."""
+          device="cpu", progress=None, tables: dict | None = None) -> PrunePlan:
+    """FLAP on `model` in place (pruned columns zeroed, biases compensated); returns the plan.
+    `schedule: search`: the per-layer counts come from `search` over `tables` (built here when absent)."""
     s = settings or FLAPSettings()
     ratio = check_ratio(ratio)
     if s.structure == "al_am" and s.gqa != "kv_group":
         raise ConfigError("method.settings.gqa", s.gqa, "kv_group (al_am pools whole KV groups)")
+    if s.schedule == "search" and s.structure != "uniform":
+        raise ConfigError("method.settings.schedule", "search", "uniform with structure al_am (search sets the "
+                                                                "counts of structure uniform)")
     layers_plan: list[LayerPlan] = []
     dev = torch.device(device)
     if s.structure == "uniform":
-        sched = solve_schedule(model, adapter, ratio, "uniform", gqa=s.gqa)
+        sched = solve_schedule(model, adapter, ratio, "uniform", gqa=s.gqa) if s.schedule != "search" else \
+            search_schedule(model, adapter, calib_ids, ratio, s.gqa, compensate=False, settings=s.search,
+                            budget=s.budget, servable=s.servable, device=device, batch_size=s.batch_size,
+                            tables=tables, whole_blocks_ok=False)
+        if "search" in sched:
+            sched = with_profile(model, adapter, sched, "uniform", s.gqa)
         per_layer = sched["ratios"]
         run_pass(model, adapter, [_Uniform(model, adapter, sched, s, layers_plan, progress)], calib_ids, device=dev,
                  batch_size=s.batch_size)
@@ -204,6 +218,8 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: FLAPS
 
     settle_biases(model, adapter)  # the flags / zero biases the checkpoint will carry, counted in the plan
     plan.params_before, plan.params_after = plan_params(model, plan)
+    if s.structure == "uniform" and "search" in sched:
+        plan.notes["search"] = searched_notes(sched)
     return plan
 
 

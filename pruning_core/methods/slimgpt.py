@@ -39,6 +39,7 @@ from .. import obs
 from ..capture import Accumulator
 from ..engine import run_pass
 from ..plan import LayerPlan, PrunePlan
+from ..search import Budget, SearchSettings, search_schedule, searched_notes, with_profile
 from ..select import SCHEDULE_NAMES, check_ratio, sizes_plan, solve_schedule
 from .base import Method, MethodSettings, register
 
@@ -52,7 +53,10 @@ class SlimGPTSettings(MethodSettings):
     ffn_group_floor: int = Field(64, ge=1, description="smallest FFN batch of the DGS schedule (code: 64, paper text: 8)")
     ffn_group_cap: int = Field(1024, ge=1, description="largest FFN batch")
     compensate: bool = Field(True, description="OBS update of surviving columns (False: zero only, ablation)")
-    schedule: Literal[SCHEDULE_NAMES] = Field("log_increase", description=", ".join(SCHEDULE_NAMES))
+    schedule: Literal[(*SCHEDULE_NAMES, "search")] = Field(
+        "log_increase", description=", ".join(SCHEDULE_NAMES) + " or search (pruning_core/search.py)")
+    search: SearchSettings = Field(default_factory=SearchSettings, description="settings of schedule: search")
+    budget: Budget | None = Field(None, description="schedule: search under a serving-memory budget instead of ratio")
     r0_fraction: float = Field(0.25, ge=0.0, le=1.0, description="r_0 = r0_fraction · r_last (README: 1/4)")
     # the defaults of gqa and head_ratio_scale were chosen by measurement: benchmarks/RESULTS.md, ood-slimgpt
     gqa: Literal["kv_group", "per_group"] = Field("per_group", description=(
@@ -152,14 +156,24 @@ class SlimGPTConsumer:
         return self._changed
 
 
+def _schedule(model, adapter, calib_ids, ratio, s: SlimGPTSettings, device, tables=None) -> dict:
+    if s.schedule != "search":
+        return solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
+                              uniform_heads=s.servable == "vllm")
+    sched = search_schedule(model, adapter, calib_ids, ratio, s.gqa, s.percdamp, s.compensate, s.head_score,
+                            s.search, s.budget, s.servable, device, s.batch_size, tables=tables, whole_blocks_ok=False)
+    return with_profile(model, adapter, sched, "log_increase", s.gqa, r0_fraction=s.r0_fraction,
+                        head_scale=s.head_ratio_scale)  # the default profile, for the report
+
+
 def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimGPTSettings | None = None,
-          device="cpu", progress=None) -> PrunePlan:
+          device="cpu", progress=None, tables: dict | None = None) -> PrunePlan:
     """SlimGPT on `model` in place (surviving o_proj / down_proj columns updated, pruned ones zeroed).
-    Returns the plan; `surgery.apply_plan(model, plan)` then removes the dead structures."""
+    Returns the plan; `surgery.apply_plan(model, plan)` then removes the dead structures.
+    `tables`: `search.build_tables`' artifact for `schedule: search` (computed here when absent)."""
     s = settings or SlimGPTSettings()
     ratio = check_ratio(ratio)
-    sched = solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
-                           uniform_heads=s.servable == "vllm")
+    sched = _schedule(model, adapter, calib_ids, ratio, s, device, tables)
     t0 = time.perf_counter()
     cons = SlimGPTConsumer(model, adapter, sched, s, torch.device(device), progress)
     with obs.exact_matmul():  # TF32 off for this block only (other threads' blocks counted, obs.py)
@@ -172,11 +186,15 @@ def prune(model, adapter, calib_ids: torch.Tensor, ratio: float, settings: SlimG
     plan.notes = {"r_last": sched["r_last"], "realised_decoder_ratio": sched["realised"],
                   "removed_head_units": sched["heads"], "removed_ffn": sched["ffn"],
                   "relative_layer_loss": cons.losses, "seconds": time.perf_counter() - t0}
+    if "search" in sched:
+        plan.notes["search"] = searched_notes(sched)
     return plan
 
 
 def planned_sizes(model, adapter, ratio: float, settings: SlimGPTSettings | None = None) -> PrunePlan:
     s = settings or SlimGPTSettings()
+    if s.schedule == "search":  # the searched widths need the calibration data: the profile it starts from
+        s = s.model_copy(update={"schedule": "log_increase"})
     sched = solve_schedule(model, adapter, check_ratio(ratio), s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
                            uniform_heads=s.servable == "vllm")
     return sizes_plan(model, adapter, sched, s.gqa, "slimgpt", s.model_dump(), ratio)

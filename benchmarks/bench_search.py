@@ -1,0 +1,150 @@
+"""`schedule: search` against the fixed log-increase profile, SlimGPT on SmolLM2-135M, out of domain (issue 21).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py run --seeds 42,43,44 --ratios 0.2,0.3
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py table
+
+Protocol: bench_ood's (calibration 16 x 256 tokens of pydoc's train split, `random_windows`, seed s;
+in-domain PPL on pydoc's eval split, out-of-domain PPL on `pkgdocs`, 256-token windows). Per seed the
+per-layer tables (`search.build_tables`) are built once and reused by every ratio; each row is one
+(schedule, ratio, seed). The search's cost is the table build + solve, as a multiple of the default
+SlimGPT prune at 20 % of the same seed. Rows append to `--json`; a rerun skips finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_ood import Bench, _agg, _append  # noqa: E402
+
+from pruning_core import search_tables  # noqa: E402
+from pruning_core.methods import get_method  # noqa: E402
+from pruning_core.surgery import apply_plan  # noqa: E402
+
+DEFAULT_JSON = HERE / ".bench_search.json"
+TABLES = HERE / ".bench_search_tables"
+ROWS = {  # row -> SlimGPT settings (defaults otherwise: per_group, heads at 0.75 r for the profile)
+    "slimgpt log_increase (default)": {},
+    "slimgpt search (kl)": {"schedule": "search"},
+    "slimgpt search (residual)": {"schedule": "search", "search": {"sensitivity": "residual"}},
+}
+
+
+def run(a) -> None:
+    path = Path(a.json)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    done = {(r["row"], r["ratio"], r["seed"]) for r in rows}
+    bench = Bench(a.model, a.id_windows, a.ood_windows, a.threads)
+    if not any(r["row"] == "dense" for r in rows):
+        row = bench.evaluate(bench.model, 0) | dict(row="dense", ratio=0.0, seed=0)
+        _append(path, row), rows.append(row)
+        print(json.dumps(row), flush=True)
+    meth = get_method("slimgpt")
+    names = [n.strip() for n in a.rows.split("|")] if a.rows else list(ROWS)
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        calib = bench.calib(a.calib, seed)
+        tables: dict = {}
+        for ratio in [float(r) for r in a.ratios.split(",")]:
+            for name in names:
+                if (name, ratio, seed) in done:
+                    continue
+                st = meth.parse_settings(ROWS[name])
+                row = dict(row=name, ratio=ratio, seed=seed, calib=a.calib)
+                tk = st.search.sensitivity
+                if st.schedule == "search" and tk not in tables:
+                    saved = TABLES / f"{a.calib}-{seed}-{tk}.safetensors"  # a restarted run reuses them
+                    if saved.exists():
+                        from safetensors.torch import load_file
+
+                        tables[tk] = load_file(str(saved))
+                    else:
+                        from safetensors.torch import save_file
+
+                        t0 = time.perf_counter()
+                        tables[tk] = search_tables.build_tables(bench.model, bench.adapter, calib, st.gqa, st.percdamp,
+                                                                st.compensate, st.head_score, st.search,
+                                                                batch_size=st.batch_size)
+                        row["tables_s"] = time.perf_counter() - t0
+                        TABLES.mkdir(exist_ok=True)
+                        save_file(tables[tk], str(saved))
+                m = copy.deepcopy(bench.model)
+                t0 = time.perf_counter()
+                plan = meth.prune(m, bench.adapter, calib, ratio, st,
+                                  tables=tables.get(tk) if st.schedule == "search" else None)
+                apply_plan(m, plan)
+                row["prune_s"] = time.perf_counter() - t0
+                if "search" in plan.notes:
+                    row["search"] = {k: v for k, v in plan.notes["search"].items() if k != "memory_at"}
+                row["removed_heads"] = plan.notes["removed_head_units"]
+                row["removed_ffn"] = plan.notes["removed_ffn"]
+                row |= bench.evaluate(m, 0)
+                _append(path, row), rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("search", "removed_heads", "removed_ffn")}),
+                      flush=True)
+    print(table(json.loads(path.read_text())))
+
+
+def table(rows: list[dict]) -> str:
+    seen, uniq = set(), []  # two processes sharing the file may have run a (row, ratio, seed) twice: the first counts
+    for r in rows:
+        k = (r["row"], r["ratio"], r["seed"])
+        if k not in seen:
+            seen.add(k)
+            uniq.append(r)
+    rows = uniq
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    head = ["row", "ratio", "params (M)", "seeds", "in-domain PPL (pydoc)", "out-of-domain PPL (pkgdocs)",
+            "OOD vs log_increase, per seed", "prune s", "search s (tables + solve) / default prune at 20 %"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if dense:
+        out.append(f"| dense | 0 | {dense['params'] / 1e6:.2f} | – | {dense['ppl_id']:.2f} | {dense['ppl_ood']:.2f} | – | – | – |")
+    base = {(r["ratio"], r["seed"]): r for r in rows if r["row"] == "slimgpt log_increase (default)"}
+    for name in ROWS:
+        for ratio in sorted({r["ratio"] for r in rows if r["row"] == name}):
+            rs = [r for r in rows if r["row"] == name and r["ratio"] == ratio]
+            rel = [f"{100 * (r['ppl_ood'] / base[ratio, r['seed']]['ppl_ood'] - 1):+.1f} %" for r in rs
+                   if (ratio, r["seed"]) in base and name != "slimgpt log_increase (default)"]
+            cost = []
+            for r in rs:
+                t = next((x.get("tables_s") for x in rows if x["row"] == name and x["seed"] == r["seed"]
+                          and x.get("tables_s")), None)
+                b = base.get((0.2, r["seed"]))
+                if t and b and "search" in r:
+                    cost.append((t + r["search"]["solve_seconds"]) / b["prune_s"])
+            out.append(f"| {name} | {ratio:g} | {statistics.mean(r['params'] for r in rs) / 1e6:.2f} | "
+                       f"{','.join(str(r['seed']) for r in rs)} | {_agg([r['ppl_id'] for r in rs], '{:.2f}')} | "
+                       f"{_agg([r['ppl_ood'] for r in rs], '{:.2f}')} | {', '.join(rel) or '–'} | "
+                       f"{_agg([r['prune_s'] for r in rs], '{:.0f}')} | {_agg(cost, '{:.2f}x') if cost else '–'} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", nargs="?", default="run", choices=("run", "table"))
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--ratios", default="0.2,0.3")
+    ap.add_argument("--rows", default="", help="'|'-separated row names (default: all)")
+    ap.add_argument("--calib", default="16x256")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--id-windows", type=int, default=32)
+    ap.add_argument("--ood-windows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=str(DEFAULT_JSON))
+    a = ap.parse_args(argv)
+    if a.cmd == "table":
+        print(table(json.loads(Path(a.json).read_text())))
+    else:
+        run(a)
+
+
+if __name__ == "__main__":
+    main()

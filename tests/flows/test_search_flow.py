@@ -1,0 +1,102 @@
+"""`schedule: search` through the real flow and command line: the per-layer tables are one cached step that a
+second budget reuses (only the solve and the prune are recomputed), and every bad search / budget field is
+one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.compress import compress
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _search_spec(tiny_spec: dict, **kw) -> dict:
+    return {**tiny_spec, "method": {"name": "slimgpt", "settings": {}}, "schedule": "search",
+            "search": {"kl_blocks": 2}, **kw}
+
+
+def test_a_second_budget_reuses_the_tables(prefect_harness, tiny_spec):
+    first = compress(spec=_search_spec(tiny_spec, ratio=0.4))
+    assert first["cache"]["layer_tables"] == "miss" and first["cache"]["prune"] == "miss"
+    second = compress(spec=_search_spec(tiny_spec, ratio=0.25))
+    assert second["cache"]["layer_tables"] == "hit", second["cache"]  # through Prefect's task cache + the store
+    assert second["cache"]["prune"] == "miss" and second["cache_why"]["prune"] == "settings: ratio: 0.4 -> 0.25"
+    # a memory budget: the same tables again
+    third = compress(spec=_search_spec({k: v for k, v in tiny_spec.items() if k != "ratio"},
+                                       budget={"memory_mb": 0.3, "seq_len": 64}))
+    assert third["cache"]["layer_tables"] == "hit"
+    # `pruneflow plan` solves over the cached tables: the widths the run used, and its memory figure
+    from flows.dryrun import dry_run
+    from flows.spec import build_spec
+
+    res = dry_run(build_spec(overrides=[], **_flat(_search_spec(tiny_spec, ratio=0.25))))
+    assert res["search"]["tables"] == "cached"
+    kept = second["plan_notes"]["search"]["kept_ffn"]
+    assert [r["ffn_after"] for r in res["layers"]] == kept
+    # a table setting is part of the key
+    fourth = compress(spec=_search_spec(tiny_spec, ratio=0.25, search={"kl_blocks": 1}))
+    assert fourth["cache"]["layer_tables"] == "miss"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("settings", "search", "budget"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_plan_shows_an_estimate_and_rejects_an_infeasible_budget(tiny_spec, tmp_path):
+    spec = {**_search_spec(tiny_spec), "search": {"ffn_multiple": 8}}
+    r = _cli(tmp_path, spec)
+    assert r.returncode == 0, r.stderr
+    assert "schedule: search (estimate)" in r.stdout and "serving memory" in r.stdout
+    spec.pop("ratio")
+    r = _cli(tmp_path, {**spec, "budget": {"memory_mb": 0.01, "seq_len": 64}})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "budget.memory_mb: got 0.01; accepted: memory_mb >= " in r.stderr, r.stderr
+
+
+def _cli(tmp: Path, spec: dict, *args: str) -> subprocess.CompletedProcess:
+    p = tmp / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return subprocess.run([sys.executable, "-m", "flows.cli", "plan", str(p), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"schedule": "searchh"}, "method.settings.schedule"),
+    ({"schedule": "search", "search": {"ffn_multiple": 0}}, "method.settings.search.ffn_multiple"),
+    ({"schedule": "search", "search": {"gird": 4}}, "method.settings.search.gird"),
+    ({"schedule": "search", "budget": {"memory_mb": "lots"}}, "method.settings.budget.memory_mb"),
+    ({"schedule": "search", "budget": {"memory_mb": 1, "seq": 3}}, "method.settings.budget.seq"),
+    ({"schedule": "search", "budget": 5}, "budget"),
+    ({"budget": {"memory_mb": 1}}, "budget"),
+    ({"schedule": "search", "budget": {"memory_mb": 1}, "params": "1M"}, "budget"),
+])
+def test_bad_search_fields_are_one_line_exit_2(tiny_spec, tmp_path, extra, field):
+    spec = {**tiny_spec, "method": {"name": "slimgpt", "settings": {}}, **extra}
+    spec.pop("ratio")
+    r = _cli(tmp_path, spec)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "accepted" in lines[0], r.stderr
+
+
+def test_a_sweep_builds_the_tables_once_for_its_ratios(prefect_harness, tiny_spec, pf_home):
+    from flows.sweep import run_sweep
+
+    spec = {**tiny_spec, "schedule": "search", "search": {"kl_blocks": 2, "ffn_multiple": 4}}  # wanda, per_group
+    res = run_sweep(spec, ["wanda"], [0.2, 0.4], "sequential")
+    c = res["step_counts"]
+    assert c["layer_tables"] == {"miss": 1, "hit": 0} and c["prune"] == {"miss": 2, "hit": 0}
+    rows = sorted(res["rows"], key=lambda r: r["ratio"])
+    assert rows[0]["params_after"] > rows[1]["params_after"]
