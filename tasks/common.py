@@ -174,7 +174,7 @@ def run_step(step: str, params: dict, compute: Callable[[], dict]) -> dict:
 # threads task runner several steps run at once: a thread's `clear_models` lets go of *its* models only,
 # and a model is dropped once no live thread holds it (never under another thread's feet).
 _MODELS: dict[tuple, tuple] = {}
-_USERS: dict[tuple, set[int]] = {}
+_USERS: dict[tuple, set[threading.Thread]] = {}
 _MODELS_LOCK = threading.RLock()
 
 
@@ -186,7 +186,7 @@ def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: boo
     from pruning_core.models import load_model
 
     key = (str(path), dtype, str(device), trust_remote_code, placement)
-    me = threading.get_ident()
+    me = threading.current_thread()
     with _MODELS_LOCK:
         if key not in _MODELS:
             clear_models()
@@ -199,11 +199,12 @@ def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: boo
         return _MODELS[key]
 
 
-def _release(key: tuple, thread: int) -> None:
+def _release(key: tuple, thread: threading.Thread) -> None:
     users = _USERS.get(key, set())
     users.discard(thread)
-    live = {t.ident for t in threading.enumerate()}
-    if not users & live:
+    # threads, not their idents: an ident is reused once its thread ends, and a dead step's model
+    # must not stay cached because a new thread happens to carry the same number
+    if not any(t.is_alive() for t in users):
         _MODELS.pop(key, None)
         _USERS.pop(key, None)
 
@@ -213,7 +214,7 @@ def clear_models() -> None:
     holds them, before another is read (a thread never holds two at once)."""
     import gc
 
-    me = threading.get_ident()
+    me = threading.current_thread()
     with _MODELS_LOCK:
         for k in list(_MODELS):
             _release(k, me)

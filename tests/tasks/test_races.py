@@ -29,7 +29,9 @@ def test_one_threads_clear_models_leaves_another_threads_model_cached(monkeypatc
         return (object(), object())
 
     monkeypatch.setattr(pruning_core.models, "load_model", fake_load)
-    common.clear_models()
+    # this test's own cache: what earlier tests' (possibly still running) threads hold is not its business
+    monkeypatch.setattr(common, "_MODELS", {})
+    monkeypatch.setattr(common, "_USERS", {})
     got, step = {}, threading.Barrier(2)
 
     def a():
@@ -53,6 +55,23 @@ def test_one_threads_clear_models_leaves_another_threads_model_cached(monkeypatc
     assert got["a2"] is got["a1"]  # A's model was not dropped under it by B
     assert loads == ["/m/dense", "/m/other"]
     assert not common._MODELS  # once both let go, nothing is held
+
+
+def test_a_model_held_only_by_ended_threads_is_dropped_at_the_next_clear(monkeypatch):
+    """A step's thread that ended without letting go (a pool thread of a finished sweep) must not pin
+    its model in memory for the rest of the process."""
+    import pruning_core.models
+    from tasks import common
+
+    monkeypatch.setattr(pruning_core.models, "load_model", lambda path, **kw: (object(), object()))
+    monkeypatch.setattr(common, "_MODELS", {})
+    monkeypatch.setattr(common, "_USERS", {})
+    t = threading.Thread(target=common.load_model_cached, args=("/m/left", "float32", "cpu"))
+    t.start()
+    t.join(30)
+    assert len(common._MODELS) == 1  # held by the ended thread until somebody clears
+    common.clear_models()
+    assert not common._MODELS
 
 
 def test_a_local_commit_never_deletes_a_live_writers_renamed_object(tmp_path, monkeypatch):
