@@ -173,12 +173,19 @@ def teacher_args(spec: RunSpec, run, model: dict, calib: dict) -> dict:
     model, text and k, whatever the method and ratio); {} for the other kinds."""
     if spec.recovery.kind != "distill":
         return {}
+    from pruning_core.distill import TEACHER_SAMPLES
+
     from .spec import distill_data
 
     d, c = distill_data(spec), spec.calibration
     same = d == {"source": c.source, "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed}
-    blocks = calib if same else run("distill_data", steps.calibration_task, model=model, **d)
     r = spec.recovery.settings
+    if d["source"] == TEACHER_SAMPLES:  # text the dense model writes (a cached step of its own)
+        blocks = run("distill_data", steps.teacher_samples_task, model=model, n_samples=d["n_samples"],
+                     seq_len=d["seq_len"], seed=d["seed"], temperature=r["sample_temperature"],
+                     batch_size=r["sample_batch_size"])
+    else:
+        blocks = calib if same else run("distill_data", steps.calibration_task, model=model, **d)
     teacher = run("teacher", steps.teacher_task, model=model, blocks=blocks, top_k=r["top_k"],
                   dtype=r["teacher_dtype"], batch_size=r["teacher_batch_size"])
     return {"teacher": teacher, "blocks": blocks}

@@ -171,7 +171,11 @@ def check_recovery(spec: RunSpec, folder: Path | None, data: bool = True) -> Non
     if pl == "disk" or (pl == "offload" and spec.device not in ("cpu", "auto")):
         raise ConfigError("model.placement", pl, f"device or auto for {kind} recovery (offload only on a CPU device)")
     if kind == "distill" and data:
+        from pruning_core.distill import TEACHER_SAMPLES
+
         d = distill_data(spec)
+        if d["source"] == TEACHER_SAMPLES:  # written by the dense model: any number of blocks
+            return
         check_blocks(spec, folder, d["source"], d["n_samples"], d["seq_len"], "recovery.settings")
 
 

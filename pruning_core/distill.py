@@ -15,6 +15,11 @@ same entries): the student keeps a tail where the teacher has one, which a renor
 push to zero. With k = vocabulary it is the exact KL. `kept_mass` (the teacher's probability inside its top-k, averaged over tokens) says how faithful a
 given k is.
 
+The training text can be text the dense model writes itself (`source: teacher-samples`): sequences
+sampled from BOS at temperature 1 (LLM-QAT's data-free distillation, Liu et al. 2023, §2.1). They cover
+what the model knows rather than one corpus, so what is learnt on them is less tied to the calibration
+domain (benchmarks/RESULTS.md, issue 20).
+
 What is trained (`train`):
 - `full`: every weight of the pruned model, AdamW on fp32 master copies when the model is half precision;
 - `lora`: peft adapters on the decoder's linear projections, merged afterwards (the pruned shapes stay);
@@ -55,8 +60,12 @@ class DistillSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
-    # the training text: any calibration source (null: the run's calibration text, blocks and seed)
-    source: str | None = Field(None, description="training text (a calibration source; null: calibration.source)")
+    # the training text: any calibration source, or text sampled from the dense model (null: the run's
+    # calibration text, blocks and seed)
+    source: str | None = Field(None, description="training text (a calibration source, or teacher-samples: "
+                               "sequences the dense model samples from BOS; null: calibration.source)")
+    sample_temperature: float = Field(1.0, gt=0, description="teacher-samples: sampling temperature")
+    sample_batch_size: int = Field(16, ge=1, description="teacher-samples: sequences sampled at once")
     n_blocks: int | None = Field(None, ge=1, description="training blocks (null: calibration.n_samples)")
     seq_len: int | None = Field(None, ge=2, description="block length (null: calibration.seq_len)")
     data_seed: int | None = Field(None, description="block sampling seed (null: calibration.seed)")
@@ -73,6 +82,49 @@ def parse_settings(settings: DistillSettings | dict | None) -> DistillSettings:
     if isinstance(settings, DistillSettings):
         return settings
     return validated(DistillSettings, settings, "recovery.settings")
+
+
+TEACHER_SAMPLES = "teacher-samples"  # recovery.settings.source: text sampled from the dense model
+
+
+@torch.no_grad()
+def sample_from_teacher(model: nn.Module, n: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
+                        batch_size: int = 16, progress=None) -> torch.Tensor:
+    """[n, seq_len] int64 token blocks sampled from `model` (ancestral sampling, KV cache, fp32
+    softmax at `temperature`, no top-k / top-p), each starting with the BOS token. An EOS does not end a
+    block: the model goes on with a new document, as in packed pre-training text. Batch b draws from a
+    generator seeded with (seed, b): the same seed and batch size give the same blocks."""
+    if n < 1 or seq_len < 2:
+        raise DataError("recovery.settings.n_blocks", (n, seq_len), "at least 1 block of at least 2 tokens")
+    cfg = model.config
+    bos = getattr(cfg, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(cfg, "eos_token_id", None)
+    if isinstance(bos, (list, tuple)):
+        bos = bos[0] if bos else None
+    if bos is None:
+        raise DataError("recovery.settings.source", TEACHER_SAMPLES, "a model whose config names a BOS (or EOS) token")
+    model.eval()
+    dev = _input_device(model)
+    out = []
+    for b, i in enumerate(range(0, n, batch_size)):
+        m = min(batch_size, n - i)
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        ids = torch.full((m, 1), int(bos), dtype=torch.long)
+        res = model(input_ids=ids.to(dev), use_cache=True)
+        past, rows = res.past_key_values, [ids]
+        for t in range(seq_len - 1):
+            probs = torch.softmax(res.logits[:, -1].float().cpu() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=g)
+            rows.append(nxt)
+            if t < seq_len - 2:
+                res = model(input_ids=nxt.to(dev), past_key_values=past, use_cache=True)
+                past = res.past_key_values
+        out.append(torch.cat(rows, 1))
+        del past, res
+        if progress:
+            progress(i + m, n)
+    return torch.cat(out)
 
 
 def teacher_bytes(n_tokens: int, k: int, value_bytes: int = 2) -> int:

@@ -539,6 +539,34 @@ def teacher_task(ctx: dict, model: dict, blocks: dict, top_k: int | None, dtype:
     return run_step("teacher", params, compute)
 
 
+def _samples_keyparts(p):
+    s = {k: p[k] for k in ("n_samples", "seq_len", "seed", "temperature", "batch_size")}
+    return s, [p["model"]], p["model"]["sha256"]
+
+
+define_step("teacher_samples", _samples_keyparts, lambda p: [_samples_keyparts, teacher_samples_task])
+
+
+@_task("teacher_samples", gpu=True)
+def teacher_samples_task(ctx: dict, model: dict, n_samples: int, seq_len: int, seed: int,
+                         temperature: float = 1.0, batch_size: int = 16) -> dict:
+    """Distillation text the dense model writes itself (`recovery.settings.source: teacher-samples`):
+    `n_samples` blocks of `seq_len` tokens sampled from BOS, stored like calibration blocks."""
+    params = {"ctx": ctx, "model": model, "n_samples": n_samples, "seq_len": seq_len, "seed": seed,
+              "temperature": temperature, "batch_size": batch_size}
+
+    def compute():
+        from pruning_core.distill import sample_from_teacher
+
+        m, _ = _open(model, ctx, "teacher_samples")
+        with _bar("teacher samples", n_samples, "block") as cb:
+            ids = sample_from_teacher(m, n_samples, seq_len, seed=seed, temperature=temperature,
+                                      batch_size=batch_size, progress=cb)
+        return _save_tensors({"input_ids": ids}, "calibration.safetensors", "calibration", "teacher_samples", ctx)
+
+    return run_step("teacher_samples", params, compute)
+
+
 # ================================================================================================
 # recover: LoRA (peft), replacement-layer training, or distillation from the teacher; `none` passes
 # the checkpoint through

@@ -77,6 +77,37 @@ def test_sweep_computes_the_teacher_once_for_every_method_and_ratio(prefect_harn
     assert len(uris) == 1 and uris.pop() in json.dumps(teacher)
 
 
+def test_teacher_samples_are_a_cached_step_the_teacher_is_computed_on(prefect_harness, tiny_spec, pf_home,
+                                                                       tiny_llama_dir):
+    """`source: teacher-samples`: the distillation blocks are the dense model's own samples (its step,
+    keyed by the model and the sampling settings, not by any text), the teacher's log-probs are taken
+    over exactly those blocks, and a second ratio reuses both."""
+    from pruning_core.checkpoint import load_pruned
+    from pruning_core.distill import sample_from_teacher
+
+    rec = {"kind": "distill", "settings": {**DISTILL["settings"], "source": "teacher-samples", "n_blocks": 3,
+                                           "sample_batch_size": 2}}
+    rep = compress(spec={**tiny_spec, "ratio": 0.4, "recovery": rec})
+    assert rep["cache"]["distill_data"] == "miss" and rep["cache"]["teacher"] == "miss"
+    store = rep["store"]
+    [samples] = _records(pf_home, "teacher_samples")
+    blocks = load_file(str(open_store(store).local_path(samples)))["input_ids"]
+    dense, _ = load_pruned(tiny_llama_dir)
+    want = sample_from_teacher(dense, 3, tiny_spec["calibration"]["seq_len"], seed=tiny_spec["calibration"]["seed"],
+                               batch_size=2)
+    assert torch.equal(blocks, want)
+    teacher = _tensors(pf_home, store, "teacher", rep["artifacts"]["teacher"])
+    assert teacher["indices"].shape[:2] == blocks.shape
+    assert torch.allclose(torch.log_softmax(_logits(tiny_llama_dir, blocks), -1).gather(-1, teacher["indices"].long()),
+                          teacher["values"], atol=1e-5)
+    again = compress(spec={**tiny_spec, "ratio": 0.5, "recovery": rec})
+    assert again["cache"]["distill_data"] == "hit" and again["cache"]["teacher"] == "hit"
+    assert again["cache"]["recover"] == "miss"
+    other = compress(spec={**tiny_spec, "ratio": 0.5, "recovery": {**rec, "settings": {**rec["settings"],
+                                                                                     "sample_temperature": 0.7}}})
+    assert other["cache"]["distill_data"] == "miss" and other["cache"]["teacher"] == "miss"
+
+
 def test_distill_is_refused_before_any_step_where_it_cannot_run(tiny_spec):
     from flows.preflight import preflight
     from flows.spec import build_spec, validate

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from pruning_core.checkpoint import load_pruned, save_pruned
-from pruning_core.distill import DistillSettings, distill_recover, kl_loss, parse_settings, teacher_topk
+from pruning_core.distill import (
+    DistillSettings,
+    distill_recover,
+    kl_loss,
+    parse_settings,
+    sample_from_teacher,
+    teacher_topk,
+)
 from pruning_core.errors import ConfigError, DataError
 from pruning_core.models import tiny_model
 from pruning_core.plan import LayerPlan, PrunePlan
@@ -165,3 +172,25 @@ def test_settings_are_checked():
     t = teacher_topk(model, _blocks(4), 4)
     with pytest.raises(DataError, match="recovery.teacher"):  # a teacher of other blocks
         distill_recover(model, _blocks(5), t, {"steps": 1})
+
+
+@torch.no_grad()
+def test_teacher_samples_are_the_models_own_continuations_from_bos():
+    """At a temperature near 0 ancestral sampling is greedy decoding: the KV-cache loop must give what a
+    full forward over the prefix gives at every step. At temperature 1 the draw is seeded (the same seed
+    gives the same blocks, another seed others) and every block starts with BOS."""
+    torch.manual_seed(0)
+    model = tiny_model(vocab=60, n_layers=2).eval()
+    model.config.bos_token_id = 2
+    cold = sample_from_teacher(model, 3, 12, seed=0, temperature=1e-6, batch_size=2)
+    ids = torch.full((3, 1), 2)
+    for _ in range(11):  # greedy, recomputing the whole prefix (no cache)
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cold, ids)
+    a = sample_from_teacher(model, 5, 16, seed=1, batch_size=2)
+    assert a.shape == (5, 16) and a.dtype == torch.long and (a[:, 0] == 2).all()
+    assert torch.equal(a, sample_from_teacher(model, 5, 16, seed=1, batch_size=2))
+    assert not torch.equal(a, sample_from_teacher(model, 5, 16, seed=2, batch_size=2))
+    model.config.bos_token_id = model.config.eos_token_id = None
+    with pytest.raises(DataError, match="recovery.settings.source"):
+        sample_from_teacher(model, 1, 4)
