@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_ood import Bench, _append, _row_spec  # noqa: E402
 
-from pruning_core.distill import distill_recover, teacher_topk  # noqa: E402
+from pruning_core.distill import distill_recover, sample_from_teacher, teacher_topk  # noqa: E402
 
 DEFAULT_JSON = HERE / ".bench_distill.json"
 CONFIGS = {
@@ -58,13 +58,21 @@ class DistillBench(Bench):
         self._teacher: dict = {}
         self._pruned: dict = {}
 
-    def teacher(self, seed: int) -> tuple[torch.Tensor, dict]:
-        key = (self.a.calib, seed, self.a.top_k)
+    def teacher(self, seed: int, samples: bool = False) -> tuple[torch.Tensor, dict]:
+        """(blocks, teacher) of a calibration seed: the calibration blocks, or (`samples`) `--samples` NxL
+        blocks the dense model samples from BOS (`source: teacher-samples`, sampling seed = the seed)."""
+        key = (self.a.calib, seed, self.a.top_k, samples and self.a.samples)
         if key not in self._teacher:
-            blocks = self.calib(self.a.calib, seed)
             t0 = time.perf_counter()
+            if samples:
+                n, L = (int(x) for x in self.a.samples.split("x"))
+                blocks = sample_from_teacher(self.model, n, L, seed=seed, batch_size=16)
+            else:
+                blocks = self.calib(self.a.calib, seed)
+            t_sample = time.perf_counter() - t0
             t = teacher_topk(self.model, blocks, self.a.top_k, batch_size=4)
             t["seconds"] = time.perf_counter() - t0
+            t["sample_seconds"] = t_sample if samples else 0.0
             self._teacher = {key: (blocks, t)}
         return self._teacher[key]
 
@@ -116,13 +124,15 @@ class DistillBench(Bench):
             m, info = lora_recover(m, self.tok, train, {"rank": 8, "steps": self.a.steps, "seed": seed},
                                    progress=progress)
         else:
-            blocks, t = self.teacher(seed)
-            train = recovery.removeprefix("distill-")
+            kind, _, source = recovery.partition("@")
+            blocks, t = self.teacher(seed, samples=source == "samples")
+            train = kind.removeprefix("distill-")
             settings = {"train": train, "steps": self.a.steps, "seed": seed, "lr": self.a.lr,
                         "batch_size": self.a.batch_size}
             if train == "lora":
                 settings["lr"] = self.a.lora_lr
             row["teacher_s"] = t["seconds"]
+            row["sample_s"] = t["sample_seconds"]
             m, info = distill_recover(m, blocks, t, settings, progress=progress)
             row["teacher_bytes"] = info["teacher_bytes"]
             row["kept_mass"] = info["kept_mass"]
@@ -136,18 +146,20 @@ class DistillBench(Bench):
 def run(a) -> None:
     path = Path(a.json)
     rows = json.loads(path.read_text()) if path.exists() else []
-    done = {(r["config"], r["recovery"], r["seed"], r["steps"]) for r in rows}
+    done = {(r["config"], r["recovery"], r["seed"], r["steps"], r.get("lr")) for r in rows}
     bench = None
     for seed in [int(s) for s in a.seeds.split(",")]:
         for config in [c.strip() for c in a.configs.split("|")]:
             for rec in a.recoveries.split(","):
                 steps = 0 if rec == "none" else a.steps
-                if (config, rec, seed, steps) in done:
+                lr = 2e-4 if rec == "lora-ce" else a.lora_lr if rec.startswith("distill-lora") else a.lr
+                if (config, rec, seed, steps, lr if steps else a.lr) in done or (rec == "none" and any(
+                        d[:4] == (config, rec, seed, 0) for d in done)):
                     continue
                 bench = bench or DistillBench(a)
                 t0 = time.perf_counter()
                 row = bench.recover(config, rec, seed)
-                row |= dict(config=config, recovery=rec, seed=seed, steps=steps, lr=a.lr if rec != "lora-ce" else 2e-4,
+                row |= dict(config=config, recovery=rec, seed=seed, steps=steps, lr=lr if steps else a.lr,
                             calib=a.calib, wall_s=time.perf_counter() - t0, id_windows=a.id_windows,
                             ood_windows=a.ood_windows, top_k=a.top_k)
                 _append(path, row)
@@ -165,21 +177,23 @@ def _agg(vals, fmt="{:.2f}") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "recovery", "steps", "seeds", "ID PPL", "OOD PPL", "OOD PPL before", "train s", "tokens/s",
-            "peak RSS MB", "teacher MB (kept mass)"]
+    head = ["config", "recovery", "steps", "lr", "seeds", "ID PPL", "OOD PPL", "OOD PPL before", "train s", "tokens/s",
+            "peak RSS MB", "teacher MB (kept mass)", "teacher s (of it sampling)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["config"], r["recovery"], r["steps"]), []).append(r)
-    for (config, rec, steps), rs in groups.items():
+        groups.setdefault((r["config"], r["recovery"], r["steps"], r.get("lr") if r["steps"] else None), []).append(r)
+    for (config, rec, steps, lr), rs in groups.items():
         tb = [r.get("teacher_bytes") for r in rs if r.get("teacher_bytes")]
         km = [r.get("kept_mass") for r in rs if r.get("kept_mass")]
         out.append("| " + " | ".join([
-            config, rec, str(steps), ",".join(str(r["seed"]) for r in rs), _agg([r["ppl_id"] for r in rs]),
+            config, rec, str(steps), f"{lr:g}" if lr else "–", ",".join(str(r["seed"]) for r in rs), _agg([r["ppl_id"] for r in rs]),
             _agg([r["ppl_ood"] for r in rs]), _agg([r["before"]["ppl_ood"] for r in rs]),
             _agg([r.get("recover_s") for r in rs], "{:.0f}"), _agg([r.get("tokens_per_s") for r in rs], "{:.0f}"),
             _agg([r.get("peak_rss_mb") for r in rs], "{:.0f}"),
-            (f"{tb[0] / 2**20:.1f} ({statistics.mean(km):.3f})" if tb else "–")]) + " |")
+            (f"{tb[0] / 2**20:.1f} ({statistics.mean(km):.3f})" if tb else "–"),
+            (_agg([r.get("teacher_s") for r in rs], "{:.0f}") + " (" + _agg([r.get("sample_s") for r in rs], "{:.0f}")
+             + ")") if any(r.get("teacher_s") for r in rs) else "–"]) + " |")
     curves = [r for r in rows if r.get("curve")]
     if curves:
         out.append("\nOOD PPL along training (equal wall time): " + "; ".join(
@@ -199,6 +213,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--calib", default="64x256", help="calibration = distillation blocks, NxL")
+    ap.add_argument("--samples", default="32x256", help="distill-<train>@samples: NxL blocks sampled from the "
+                    "dense model (source: teacher-samples)")
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--id-windows", type=int, default=8)
