@@ -52,15 +52,16 @@ score_i = (|W| p)_i * a_out_i, normalised per layer.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..engine import visit_layers
 from ..errors import DataError
 from ..metrics import plan_params
 from ..plan import LayerPlan, PrunePlan
+from ..search import Budget, SearchSettings, needs_tables
 from ..select import check_ratio, ffn_unit_ratio, plan_from_scores, unit_sizes
 from .base import Method, MethodSettings, register
 
@@ -191,18 +192,36 @@ Node = Literal["up", "down_in"]
 Allocation = Literal["local", "global"]
 
 
-class LLMRankSettings(MethodSettings):
+class _FFNScheduleSettings(MethodSettings):
+    """`schedule: search` for the FFN-channel rankers: each layer's FFN width comes from the search's
+    per-layer tables (pruning_core/search.py), the channels kept in it by the method's scores; heads are
+    never removed, so the tables' head units are not used."""
+
+    allocation: Allocation = Field("local", description="'local' (uniform) or 'global'")
+    schedule: Literal["uniform", "search"] = Field("uniform", description="uniform (allocation decides) or "
+                                                   "search (per-layer FFN widths searched; allocation local)")
+    search: SearchSettings = Field(default_factory=SearchSettings, description="settings of schedule: search")
+    budget: Budget | None = Field(None, description="schedule: search under a serving-memory budget instead of ratio")
+    targets: ClassVar[tuple[str, ...]] = ("ffn",)  # what the search may remove
+    gqa: ClassVar[str] = "per_group"  # head units: unused (no heads are removed)
+
+    @model_validator(mode="after")
+    def _one_allocator(self):
+        if self.schedule == "search" and self.allocation != "local":
+            raise ValueError("allocation: local with schedule: search (the search allocates the widths)")
+        return self
+
+
+class LLMRankSettings(_FFNScheduleSettings):
     gamma: float = Field(0.5, ge=0.0, le=1.0, description="damping in [0, 1]; 0 = activation norm")
     theta: float = Field(0.5, ge=0.0, le=1.0, description="weight vs degree transition mix in [0, 1]")
     pipeline: Pipeline = Field("isolated", description="'isolated' or 'chained'")
     node: Node = Field("down_in", description="'up' (up_proj output) or 'down_in' (down_proj input)")
-    allocation: Allocation = Field("local", description="'local' (uniform) or 'global'")
 
 
-class MPRSettings(MethodSettings):
+class MPRSettings(_FFNScheduleSettings):
     pipeline: Pipeline = Field("chained", description="'isolated' or 'chained'")
     node: Node = Field("up", description="'up' (up_proj output) or 'down_in' (down_proj input)")
-    allocation: Allocation = Field("local", description="'local' (uniform) or 'global'")
 
 
 def _norm(stats: dict, key: str) -> torch.Tensor:
@@ -262,6 +281,8 @@ def _score_mpr(model, adapter, stats, settings):
 def select_ffn(model, adapter, scores: dict, ratio: float, settings, method: str = "llm-rank") -> PrunePlan:
     """A PrunePlan keeping the highest-scoring FFN channels (local or global allocation)."""
     r = check_ratio(ratio)
+    if settings.schedule == "search":
+        raise needs_tables(method)
     idx = [i for i, _ in _decoder_layers(model, adapter)]
     missing = [i for i in idx if f"ffn.{i}" not in scores]
     if missing:

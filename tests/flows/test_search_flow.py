@@ -44,6 +44,23 @@ def test_a_second_budget_reuses_the_tables(prefect_harness, tiny_spec):
     assert fourth["cache"]["layer_tables"] == "miss"
 
 
+def test_llm_rank_searches_ffn_widths_only(prefect_harness, tiny_spec):
+    """LLM-Rank under `schedule: search`: the FFN widths come from the tables (they differ by layer), the
+    channels from PageRank, and no head is removed; the budget is met to one FFN channel."""
+    rep = compress(spec={**tiny_spec, "method": {"name": "llm-rank", "settings": {}}, "schedule": "search",
+                         "search": {"kl_blocks": 2}, "ratio": 0.3})
+    assert rep["cache"]["layer_tables"] == "miss"
+    notes = rep["plan_notes"]["search"]
+    assert len(set(notes["kept_ffn"])) > 1 and set(notes["kept_q"]) == {4}
+    cfg = yaml.safe_load((Path(tiny_spec["model"]["ref"]) / "config.json").read_text())
+    ch = 3 * cfg["hidden_size"]  # gate, up and down: one FFN channel's parameters
+    removed = sum(cfg["intermediate_size"] - k for k in notes["kept_ffn"]) * ch
+    dec = cfg["num_hidden_layers"] * (cfg["intermediate_size"] * ch + 2 * cfg["hidden_size"] ** 2
+                                      + 2 * cfg["hidden_size"] * cfg["num_key_value_heads"]
+                                      * cfg["hidden_size"] // cfg["num_attention_heads"])
+    assert abs(removed - 0.3 * dec) <= ch / 2 + 1
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

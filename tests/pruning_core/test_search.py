@@ -165,6 +165,30 @@ def test_flap_and_score_then_select_methods_take_the_searched_counts(setup):
         m = _model()
         apply_plan(m, plan)
         assert count_params(m) == plan.params_after
+    # LLM-Rank (FFN channels only): the searched FFN widths, PageRank's channels in them, no head removed
+    meth = get_method("llm-rank")
+    st = meth.parse_settings({"schedule": "search", "search": {"ffn_multiple": 8}})
+    from pruning_core.capture import capture_stats
+
+    scores = meth.score(m0, a, capture_stats(m0, a, ids), st)
+    with pytest.raises(ConfigError, match="^schedule: got 'search'"):
+        meth.select(m0, a, scores, 0.2, st)
+    tables = search_tables.build_tables(m0, a, ids, "per_group", compensate=False)
+    plan = search.select_searched(m0, a, scores, 0.2, st, "llm-rank", tables)
+    assert all(lp.heads is None and lp.kv_heads is None for lp in plan.layers)
+    full = [s.ffn for s in a.shapes(m0)]
+    kept = [full[i] if lp.ffn is None else len(lp.ffn) for i, lp in enumerate(plan.layers)]
+    assert all(k % 8 == 0 for k in kept) and len(set(kept)) > 1  # widths differ by layer
+    assert plan.notes["search"]["kept_ffn"] == kept
+    for i, lp in enumerate(plan.layers):  # within a layer: the highest-ranked channels
+        if lp.ffn is not None:
+            top = torch.argsort(scores[f"ffn.{i}"].double(), descending=True, stable=True)[: len(lp.ffn)]
+            assert sorted(top.tolist()) == lp.ffn
+    m = _model()
+    apply_plan(m, plan)
+    assert count_params(m) == plan.params_after
+    with pytest.raises(ConfigError, match="allocation: local with schedule: search"):
+        meth.parse_settings({"schedule": "search", "allocation": "global"})
 
 
 def test_report_plots_the_searched_widths_against_the_profile(setup, tmp_path):
