@@ -1,4 +1,5 @@
-"""`schedule: search` against the fixed log-increase profile, SlimGPT on SmolLM2-135M, out of domain (issue 21).
+"""`schedule: search` against each method's best fixed profile (SlimGPT's log-increase, FLAP kv_group uniform,
+Wanda-sp per_group uniform, LLM-Rank's defaults) on SmolLM2-135M, out of domain (issue 21).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py run --seeds 42,43,44 --ratios 0.2,0.3
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py table
@@ -32,14 +33,52 @@ from pruning_core.surgery import apply_plan  # noqa: E402
 
 DEFAULT_JSON = HERE / ".bench_search.json"
 TABLES = HERE / ".bench_search_tables"
-ROWS = {  # row -> SlimGPT settings (defaults otherwise: per_group, heads at 0.75 r for the profile)
-    "slimgpt log_increase (default)": {},
-    "slimgpt search (kl)": {"schedule": "search"},
-    "slimgpt search (residual)": {"schedule": "search", "search": {"sensitivity": "residual"}},
+ROWS = {  # row -> (method, settings); the first row of each method is its best fixed profile (bench_ood's
+    # ood-slimgpt table: SlimGPT per_group + log-increase, FLAP kv_group uniform, Wanda-sp per_group uniform,
+    # LLM-Rank's defaults), the others search under the same budget
+    "slimgpt log_increase (default)": ("slimgpt", {}),
+    "slimgpt search (kl)": ("slimgpt", {"schedule": "search"}),
+    "slimgpt search (residual)": ("slimgpt", {"schedule": "search", "search": {"sensitivity": "residual"}}),
+    "flap uniform kv_group (default)": ("flap", {}),
+    "flap search (kl)": ("flap", {"schedule": "search"}),
+    "wanda-sp per_group uniform": ("wanda", {"gqa": "per_group"}),
+    "wanda-sp per_group search (kl)": ("wanda", {"gqa": "per_group", "schedule": "search"}),
+    "llm-rank (default)": ("llm-rank", {}),
+    "llm-rank search (kl)": ("llm-rank", {"schedule": "search"}),
 }
+BASE = {}  # method -> its fixed row
+for _name, (_m, _s) in ROWS.items():
+    BASE.setdefault(_m, _name)
+
+
+def _tables(bench, calib, a, seed: int, st, cache: dict, row: dict) -> dict:
+    """The per-layer tables of (calibration, seed, sensitivity, gqa, OBS-compensated or not): built once,
+    saved for restarts, reused by every ratio and by the methods that share them."""
+    comp = bool(getattr(st, "compensate", False))
+    key = f"{a.calib}-{seed}-{st.search.sensitivity}" + ("" if comp else f"-zero-{st.gqa}")
+    if key not in cache:
+        saved = TABLES / f"{key}.safetensors"  # a restarted run reuses them
+        if saved.exists():
+            from safetensors.torch import load_file
+
+            cache[key] = load_file(str(saved))
+        else:
+            from safetensors.torch import save_file
+
+            t0 = time.perf_counter()
+            cache[key] = search_tables.build_tables(bench.model, bench.adapter, calib, st.gqa,
+                                                    getattr(st, "percdamp", 0.01), comp,
+                                                    getattr(st, "head_score", "grouped"), st.search,
+                                                    batch_size=getattr(st, "batch_size", 8))
+            row["tables_s"] = time.perf_counter() - t0
+            TABLES.mkdir(exist_ok=True)
+            save_file(cache[key], str(saved))
+    return cache[key]
 
 
 def run(a) -> None:
+    from pruning_core.search import select_searched
+
     path = Path(a.json)
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {(r["row"], r["ratio"], r["seed"]) for r in rows}
@@ -48,7 +87,6 @@ def run(a) -> None:
         row = bench.evaluate(bench.model, 0) | dict(row="dense", ratio=0.0, seed=0)
         _append(path, row), rows.append(row)
         print(json.dumps(row), flush=True)
-    meth = get_method("slimgpt")
     names = [n.strip() for n in a.rows.split("|")] if a.rows else list(ROWS)
     for seed in [int(s) for s in a.seeds.split(",")]:
         calib = bench.calib(a.calib, seed)
@@ -57,35 +95,26 @@ def run(a) -> None:
             for name in names:
                 if (name, ratio, seed) in done:
                     continue
-                st = meth.parse_settings(ROWS[name])
-                row = dict(row=name, ratio=ratio, seed=seed, calib=a.calib)
-                tk = st.search.sensitivity
-                if st.schedule == "search" and tk not in tables:
-                    saved = TABLES / f"{a.calib}-{seed}-{tk}.safetensors"  # a restarted run reuses them
-                    if saved.exists():
-                        from safetensors.torch import load_file
-
-                        tables[tk] = load_file(str(saved))
-                    else:
-                        from safetensors.torch import save_file
-
-                        t0 = time.perf_counter()
-                        tables[tk] = search_tables.build_tables(bench.model, bench.adapter, calib, st.gqa, st.percdamp,
-                                                                st.compensate, st.head_score, st.search,
-                                                                batch_size=st.batch_size)
-                        row["tables_s"] = time.perf_counter() - t0
-                        TABLES.mkdir(exist_ok=True)
-                        save_file(tables[tk], str(saved))
+                method, settings = ROWS[name]
+                meth = get_method(method)
+                st = meth.parse_settings(settings)
+                row = dict(row=name, method=method, ratio=ratio, seed=seed, calib=a.calib)
+                search = getattr(st, "schedule", None) == "search"
+                tabs = _tables(bench, calib, a, seed, st, tables, row) if search else None
                 m = copy.deepcopy(bench.model)
                 t0 = time.perf_counter()
-                plan = meth.prune(m, bench.adapter, calib, ratio, st,
-                                  tables=tables.get(tk) if st.schedule == "search" else None)
+                if meth.coupled:
+                    plan = meth.prune(m, bench.adapter, calib, ratio, st, **({"tables": tabs} if search else {}))
+                else:
+                    scores = meth.score(m, bench.adapter, bench.stats(a.calib, seed, meth.needs), st)
+                    plan = (select_searched(m, bench.adapter, scores, ratio, st, method, tabs) if search
+                            else meth.select(m, bench.adapter, scores, ratio, st))
                 apply_plan(m, plan)
                 row["prune_s"] = time.perf_counter() - t0
                 if "search" in plan.notes:
                     row["search"] = {k: v for k, v in plan.notes["search"].items() if k != "memory_at"}
-                row["removed_heads"] = plan.notes["removed_head_units"]
-                row["removed_ffn"] = plan.notes["removed_ffn"]
+                row["removed_heads"] = plan.notes.get("removed_head_units")
+                row["removed_ffn"] = plan.notes.get("removed_ffn")
                 row |= bench.evaluate(m, 0)
                 _append(path, row), rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("search", "removed_heads", "removed_ffn")}),
@@ -103,21 +132,22 @@ def table(rows: list[dict]) -> str:
     rows = uniq
     dense = next((r for r in rows if r["row"] == "dense"), None)
     head = ["row", "ratio", "params (M)", "seeds", "in-domain PPL (pydoc)", "out-of-domain PPL (pkgdocs)",
-            "OOD vs log_increase, per seed", "prune s", "search s (tables + solve) / default prune at 20 %"]
+            "OOD vs the method's fixed profile, per seed", "prune s", "search s (tables + solve) / default prune at 20 %"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if dense:
         out.append(f"| dense | 0 | {dense['params'] / 1e6:.2f} | – | {dense['ppl_id']:.2f} | {dense['ppl_ood']:.2f} | – | – | – |")
-    base = {(r["ratio"], r["seed"]): r for r in rows if r["row"] == "slimgpt log_increase (default)"}
-    for name in ROWS:
+    for name, (method, _s) in ROWS.items():
+        base = {(r["ratio"], r["seed"]): r for r in rows if r["row"] == BASE[method]}
         for ratio in sorted({r["ratio"] for r in rows if r["row"] == name}):
             rs = [r for r in rows if r["row"] == name and r["ratio"] == ratio]
             rel = [f"{100 * (r['ppl_ood'] / base[ratio, r['seed']]['ppl_ood'] - 1):+.1f} %" for r in rs
-                   if (ratio, r["seed"]) in base and name != "slimgpt log_increase (default)"]
+                   if (ratio, r["seed"]) in base and name != BASE[method]]
             cost = []
             for r in rs:
                 t = next((x.get("tables_s") for x in rows if x["row"] == name and x["seed"] == r["seed"]
                           and x.get("tables_s")), None)
-                b = base.get((0.2, r["seed"]))
+                b = next((x for x in rows if x["row"] == "slimgpt log_increase (default)" and x["ratio"] == 0.2
+                          and x["seed"] == r["seed"]), None)
                 if t and b and "search" in r:
                     cost.append((t + r["search"]["solve_seconds"]) / b["prune_s"])
             out.append(f"| {name} | {ratio:g} | {statistics.mean(r['params'] for r in rs) / 1e6:.2f} | "
