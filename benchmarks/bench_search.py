@@ -37,14 +37,19 @@ ROWS = {  # row -> (method, settings); the first row of each method is its best 
     # ood-slimgpt table: SlimGPT per_group + log-increase, FLAP kv_group uniform, Wanda-sp per_group uniform,
     # LLM-Rank's defaults), the others search under the same budget
     "slimgpt log_increase (default)": ("slimgpt", {}),
-    "slimgpt search (kl)": ("slimgpt", {"schedule": "search"}),
+    "slimgpt search (kl)": ("slimgpt", {"schedule": "search", "search": {"sensitivity": "kl"}}),
     "slimgpt search (residual)": ("slimgpt", {"schedule": "search", "search": {"sensitivity": "residual"}}),
     "flap uniform kv_group (default)": ("flap", {}),
-    "flap search (kl)": ("flap", {"schedule": "search"}),
+    "flap search (kl)": ("flap", {"schedule": "search", "search": {"sensitivity": "kl"}}),
+    "flap search (residual)": ("flap", {"schedule": "search", "search": {"sensitivity": "residual"}}),
     "wanda-sp per_group uniform": ("wanda", {"gqa": "per_group"}),
-    "wanda-sp per_group search (kl)": ("wanda", {"gqa": "per_group", "schedule": "search"}),
+    "wanda-sp per_group search (kl)": ("wanda", {"gqa": "per_group", "schedule": "search",
+                                                 "search": {"sensitivity": "kl"}}),
+    "wanda-sp per_group search (residual)": ("wanda", {"gqa": "per_group", "schedule": "search",
+                                                       "search": {"sensitivity": "residual"}}),
     "llm-rank (default)": ("llm-rank", {}),
-    "llm-rank search (kl)": ("llm-rank", {"schedule": "search"}),
+    "llm-rank search (kl)": ("llm-rank", {"schedule": "search", "search": {"sensitivity": "kl"}}),
+    "llm-rank search (residual)": ("llm-rank", {"schedule": "search", "search": {"sensitivity": "residual"}}),
 }
 BASE = {}  # method -> its fixed row
 for _name, (_m, _s) in ROWS.items():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from flows.compress import compress
@@ -117,3 +118,39 @@ def test_a_sweep_builds_the_tables_once_for_its_ratios(prefect_harness, tiny_spe
     assert c["layer_tables"] == {"miss": 1, "hit": 0} and c["prune"] == {"miss": 2, "hit": 0}
     rows = sorted(res["rows"], key=lambda r: r["ratio"])
     assert rows[0]["params_after"] > rows[1]["params_after"]
+
+
+def test_the_search_on_a_dask_cluster_gives_the_same_checkpoints(prefect_harness, tiny_spec, pf_home, tmp_path,
+                                                                 monkeypatch):
+    """The same searched sweep, once with the sequential runner and once on a (local, threaded) Dask cluster,
+    each into its own store: the tables are built once per run and the pruned checkpoints are the same bytes
+    (the store names objects by their content)."""
+    from flows.sweep import run_sweep
+
+    monkeypatch.setenv("PRUNEFLOW_DASK_PROCESSES", "0")
+    monkeypatch.setenv("PRUNEFLOW_DASK_WORKERS", "2")
+    spec = {**tiny_spec, "schedule": "search", "search": {"kl_blocks": 2}}
+    seq = run_sweep(spec, ["wanda"], [0.2, 0.4], "sequential")
+    dask = run_sweep({**spec, "store": {"url": str(tmp_path / "dask-store")}}, ["wanda"], [0.2, 0.4], "dask")
+    for res in (seq, dask):
+        assert res["step_counts"]["layer_tables"] == {"miss": 1, "hit": 0}, res["step_counts"]
+        assert res["step_counts"]["prune"] == {"miss": 2, "hit": 0}
+
+    def weights(res):  # ratio -> the checkpoint's tensors (its plan file also holds timings, which differ)
+        from safetensors.torch import load_file
+
+        out = {}
+        for r in res["rows"]:
+            files = sorted(Path(r["checkpoint"]).glob("*.safetensors"))
+            assert files, r["checkpoint"]
+            out[r["ratio"]] = {k: v for f in files for k, v in load_file(str(f)).items()}
+        return out
+
+    a, b = weights(seq), weights(dask)
+    assert sorted(a) == sorted(b) == [0.2, 0.4]
+    for ratio in a:
+        assert a[ratio].keys() == b[ratio].keys()
+        assert all(torch.equal(a[ratio][k], b[ratio][k]) for k in a[ratio]), ratio
+    assert a[0.2]["model.layers.0.mlp.up_proj.weight"].shape != a[0.4]["model.layers.0.mlp.up_proj.weight"].shape \
+        or a[0.2]["model.layers.1.mlp.up_proj.weight"].shape != a[0.4]["model.layers.1.mlp.up_proj.weight"].shape
+    assert str(tmp_path / "dask-store") in dask["rows"][0]["checkpoint"]
