@@ -423,8 +423,9 @@ def counts_plan(model, adapter, scores: dict, sched: dict, method: str, settings
 
 
 def select_searched(model, adapter, scores: dict, ratio: float, st, method: str, tables: dict):
-    """A score-then-select method (wanda, l1, l2, activation, random) under `schedule: search`: solve over
-    the tables, then keep the highest-scoring units in the searched numbers."""
+    """A score-then-select method (wanda, l1, l2, activation, random; llm-rank and mpr for FFN channels only,
+    their settings' `targets`) under `schedule: search`: solve over the tables, then keep the
+    highest-scoring units in the searched numbers."""
     t0 = time.perf_counter()
     targets = tuple(getattr(st, "targets", ("heads", "ffn")))
     sched = solve(model, adapter, tables, ratio, st.gqa, st.search, st.budget, st.servable, targets)
