@@ -41,7 +41,7 @@ def test_a_second_budget_reuses_the_tables(prefect_harness, tiny_spec):
     kept = second["plan_notes"]["search"]["kept_ffn"]
     assert [r["ffn_after"] for r in res["layers"]] == kept
     # a table setting is part of the key
-    fourth = compress(spec=_search_spec(tiny_spec, ratio=0.25, search={"kl_blocks": 1}))
+    fourth = compress(spec=_search_spec(tiny_spec, ratio=0.25, search={"sensitivity": "kl", "kl_blocks": 2}))
     assert fourth["cache"]["layer_tables"] == "miss"
 
 

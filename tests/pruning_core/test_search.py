@@ -45,9 +45,11 @@ def _check_shapes(s, m, a, st: search.SearchSettings, gqa):
         assert f == shape.ffn - s["ffn"][i]
 
 
-def test_tables_are_monotone_and_end_at_the_whole_block(setup):
+@pytest.mark.parametrize("sensitivity", ["residual", "kl"])
+def test_tables_are_monotone_and_end_at_the_whole_block(setup, sensitivity):
     m, a, ids, tabs = setup
-    t = tabs["per_group"]
+    t = tabs["per_group"] if sensitivity == "residual" else search_tables.build_tables(
+        m, a, ids, "per_group", settings=search.SearchSettings(sensitivity="kl", kl_blocks=2))
     for i in range(4):
         assert t[f"ffn.{i}"].shape == (129,) and t[f"attn.{i}"].shape == (4,)  # 0..3 heads per group removed
         for k in ("ffn", "attn"):
