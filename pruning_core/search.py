@@ -60,11 +60,14 @@ class SearchSettings(BaseModel):
     min_ffn: int = Field(1, ge=1, description="fewest FFN channels a layer keeps (unless FFN-free)")
     min_heads: int = Field(1, ge=1, description="fewest query heads a layer keeps (unless attention-free)")
     drop_blocks: bool = Field(False, description="allow attention-free / FFN-free layers (joint depth and width)")
-    # default residual: out of domain it beat kl for SlimGPT on every seed at 20 % and 30 %, costs ~1.2 x one
-    # prune instead of ~4.7 x, and streams layer by layer (kl runs whole-model forwards); benchmarks/RESULTS.md
-    sensitivity: Literal["kl", "residual"] = Field(
-        "residual", description="residual (layer error relative to the residual stream's energy) or kl (layer "
-                                "error calibrated by the KL of a one-layer prune to dense)")
+    # auto: residual for OBS-compensated tables (SlimGPT), kl for zeroing tables (FLAP, Wanda-sp, LLM-Rank and
+    # the other score-then-select methods). Out of domain (benchmarks/RESULTS.md, issue 21) residual beat kl for
+    # SlimGPT on every seed at 20 % and 30 % (at ~1.2 x one prune instead of ~4.7 x), while for the zeroing
+    # methods kl was far better (Wanda-sp 74.6 vs 102.7, LLM-Rank 69.8 vs 122.7 at 20 %, seed 42)
+    sensitivity: Literal["auto", "kl", "residual"] = Field(
+        "auto", description="auto (residual with OBS compensation, else kl), residual (layer error relative to "
+                            "the residual stream's energy) or kl (layer error calibrated by the KL of a "
+                            "one-layer prune to dense)")
     kl_blocks: int = Field(4, ge=1, description="calibration blocks for the KL calibration")
     ffn_batch: int = Field(128, ge=1, description="FFN columns per OBS batch while building the tables")
     grid: int = Field(16, ge=1, description="FFN channels per knapsack unit (coarse solve before the exact fix-up)")
@@ -78,6 +81,13 @@ class Budget(BaseModel):
     seq_len: int = Field(2048, ge=1, description="tokens of KV cache per sequence")
     batch: int = Field(1, ge=1, description="sequences served at once")
     bytes_per_param: int = Field(2, ge=1, le=8, description="bytes per weight and per KV entry (2: bf16)")
+
+
+def resolved_sensitivity(st: SearchSettings, compensate: bool) -> str:
+    """The sensitivity `build_tables` uses: `auto` is residual for OBS-compensated curves, kl otherwise."""
+    if st.sensitivity != "auto":
+        return st.sensitivity
+    return "residual" if compensate else "kl"
 
 
 def parse_search(raw: dict | None) -> SearchSettings:

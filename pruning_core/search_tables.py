@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .search import SearchSettings
+from .search import SearchSettings, resolved_sensitivity
 
 
 def _obs_column_losses(W: torch.Tensor, H: torch.Tensor, cols: torch.Tensor, Hinv: torch.Tensor,
@@ -158,7 +158,7 @@ def build_tables(model, adapter, calib_ids: torch.Tensor, gqa: str = "per_group"
     with exact_matmul():
         run_pass(model, adapter, [_Tables()], calib_ids, device=dev, batch_size=batch_size)
     scale = torch.ones(L, 2, dtype=torch.float64)
-    if st.sensitivity == "residual":
+    if resolved_sensitivity(st, compensate) == "residual":
         for i in range(L):
             if i in resid:
                 scale[i] = 1.0 / (2.0 * max(resid[i], 1e-30))

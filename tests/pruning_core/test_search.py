@@ -57,6 +57,21 @@ def test_tables_are_monotone_and_end_at_the_whole_block(setup, sensitivity):
     assert bool((t["scale"] > 0).all())
 
 
+def test_auto_sensitivity_is_residual_for_obs_curves_and_kl_for_zeroing_curves(setup):
+    m, a, ids, tabs = setup
+    auto, kl = search.SearchSettings(kl_blocks=2), search.SearchSettings(sensitivity="kl", kl_blocks=2)
+    assert search.resolved_sensitivity(auto, True) == "residual" and search.resolved_sensitivity(auto, False) == "kl"
+    res = search_tables.build_tables(m, a, ids, "per_group", settings=search.SearchSettings(sensitivity="residual"))
+    z_auto = search_tables.build_tables(m, a, ids, "per_group", compensate=False, settings=auto)
+    z_kl = search_tables.build_tables(m, a, ids, "per_group", compensate=False, settings=kl)
+    for k in tabs["per_group"]:
+        if k != "seconds":
+            assert torch.equal(tabs["per_group"][k], res[k]), k  # the default (auto, OBS) is residual
+            assert torch.equal(z_auto[k], z_kl[k]), k  # zeroing curves: kl
+    assert not torch.equal(z_auto["scale"], search_tables.build_tables(
+        m, a, ids, "per_group", compensate=False, settings=search.SearchSettings(sensitivity="residual"))["scale"])
+
+
 @pytest.mark.parametrize("gqa", ["per_group", "kv_group"])
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
 def test_parameter_budget_met_to_one_channel(setup, gqa, ratio):
