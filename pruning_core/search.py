@@ -33,8 +33,8 @@ Budgets: `ratio` (fraction of decoder-layer parameters removed, as everywhere), 
 left, whole model) or `memory_mb` at `seq_len` x `batch`: the serving footprint
 weights x bytes + KV cache = 2 · batch · seq_len · Σ_layers kv_heads · head_dim · bytes (`serving_bytes`).
 Constraints: `servable: vllm` (one query-head count in every layer), FFN and head width multiples, a
-minimum width per layer, and optionally attention-free / FFN-free layers (`drop_blocks`, solver only:
-the coupled SlimGPT prune does not apply them yet and rejects the plan).
+minimum width per layer, and optionally attention-free / FFN-free layers (`drop_blocks`, solver only —
+no method's surgery applies them yet: the pipeline refuses `search.drop_blocks: true` before any step).
 """
 
 from __future__ import annotations

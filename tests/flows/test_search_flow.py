@@ -93,6 +93,7 @@ def _cli(tmp: Path, spec: dict, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("extra,field", [
     ({"schedule": "searchh"}, "method.settings.schedule"),
     ({"schedule": "search", "search": {"ffn_multiple": 0}}, "method.settings.search.ffn_multiple"),
+    ({"schedule": "search", "search": {"drop_blocks": True}}, "search.drop_blocks"),
     ({"schedule": "search", "search": {"gird": 4}}, "method.settings.search.gird"),
     ({"schedule": "search", "budget": {"memory_mb": "lots"}}, "method.settings.budget.memory_mb"),
     ({"schedule": "search", "budget": {"memory_mb": 1, "seq": 3}}, "method.settings.budget.seq"),
