@@ -79,6 +79,8 @@ def test_a_library_version_changes_every_step_key(monkeypatch, tiny_llama_dir):
         "evaluate": {"target": m, "settings": {"ppl_seq_len": 32}, "model_revision": "r"},
         "export": {"checkpoint": m, "fmt": "vllm", "model_revision": "r"},
         "teacher": {"model": m, "blocks": m, "top_k": 64, "dtype": "float16"},
+        "teacher_samples": {"model": m, "n_samples": 4, "seq_len": 32, "seed": 0, "temperature": 1.0,
+                            "batch_size": 16},
         "layer_tables": {"model": m, "calib": m, "method": "slimgpt", "settings": {"gqa": "per_group"}},
     }
     assert set(params) == set(STEPS)
