@@ -64,9 +64,7 @@ def _cached_tables(spec: RunSpec, settings) -> dict | None:
     try:
         from tasks import steps  # noqa: F401 - defines the steps
         from tasks.common import STEPS
-        from tasks.store import open_store
-
-        from tasks.store import default_store_url
+        from tasks.store import default_store_url, open_store
 
         # as flows.compress.ctx_for (not imported: compress imports this module's callers)
         ctx = {"store": spec.store.url or default_store_url(), "device": spec.device, "placement": spec.model.placement}

@@ -204,11 +204,6 @@ class RunSpec(_Strict):
             if sched not in SCHEDULES and sched != "search":
                 field = "schedule" if self.schedule is not None else "method.settings.schedule"
                 raise ConfigError(field, sched, ", ".join(sorted(SCHEDULES)))
-            if sched == "search" and (self.method.settings.get("search") or {}).get("drop_blocks"):
-                # the solver can plan attention-free / FFN-free layers, but no method's surgery applies them
-                # yet: refused here, before any step, rather than in the prune step after the tables
-                raise ConfigError("search.drop_blocks", True, "false (no method removes whole attention / FFN "
-                                                              "blocks yet; pruning_core.search.solve plans them)")
         if self.recovery.kind == "lora":
             from pruning_core.recover import parse_settings
 

@@ -169,8 +169,11 @@ class Adapter:
     def _set_head_attrs(self, attn: nn.Module, n_q: int, n_kv: int) -> None:
         raise NotImplementedError
 
-    def prune_ffn(self, layer: nn.Module, keep: list[int]) -> None:
-        if not keep:
+    def prune_ffn(self, layer: nn.Module, keep: list[int], allow_empty: bool = False) -> None:
+        """Physically keep FFN channels `keep`. `allow_empty`: none may stay (an FFN-free layer of a
+        plan that removes the whole block: zero-width projections, the MLP then adds its output bias
+        or nothing)."""
+        if not keep and not allow_empty:
             raise ConfigError("ratio", 1.0, "a ratio that keeps at least one FFN channel per layer")
         idx = _idx(keep)
         mlp = self.mlp(layer)

@@ -12,7 +12,9 @@
   The query-head count is global (`num_attention_heads`), so it must be the same in every layer that
   keeps attention (prune with `servable: vllm`); KV heads and FFN widths are free per layer.
   A decoder layer becomes an attention+FFN block, LLM-Streamline's residual FFN x + MLP(norm(x)) an
-  attention-no-op block (its norm saved as `post_attention_layernorm`), and a layer the plan removed a
+  attention-no-op block (its norm saved as `post_attention_layernorm`; a searched attention-free layer is
+  the same module), an FFN-free layer (`ffn` 0, `search.drop_blocks`) an FFN-no-op block without its
+  zero-width MLP tensors, and a layer the plan removed a
   no-op block (both sides), so block i is the input model's layer i when `plan.json` tells the positions.
   Weights keep Llama's tensor names (`model.layers.<block>.self_attn.q_proj.weight`, ...).
   transformers has no `nemotron-nas` config class, so the folder carries `configuration_decilm.py`
@@ -141,7 +143,8 @@ def block_configs(config: dict, positions: list[int | None] | None = None) -> tu
                 raise ConfigError("export.format", "vllm", f"whole query heads per KV head (layer {i}: "
                                   f"{d['n_heads']} query / {d['n_kv_heads']} KV heads)")
             attn = {"no_op": False, "replace_with_linear": False, "n_heads_in_group": d["n_heads"] // d["n_kv_heads"]}
-            ffn = {"no_op": False, "replace_with_linear": False, "intermediate_size": int(d["ffn"])}
+            ffn = {"no_op": not d["ffn"], "replace_with_linear": False,  # ffn 0: an FFN-free layer (drop_blocks)
+                   "intermediate_size": int(d["ffn"]) or None}
         elif d["kind"] == "ffn":
             attn = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
             ffn = {"no_op": False, "replace_with_linear": False, "intermediate_size": int(d["ffn"])}
@@ -162,24 +165,29 @@ def block_configs(config: dict, positions: list[int | None] | None = None) -> tu
     return blocks, n_q
 
 
-def _rename(name: str, kinds: list[str], block_of: list[int]) -> str:
+def _rename(name: str, kinds: list[str], block_of: list[int], no_ffn: frozenset = frozenset()) -> str | None:
+    """The DeciLM name of a checkpoint tensor; None for one a no-op block has no place for (the zero-width
+    MLP and its norm of an FFN-free layer, index in `no_ffn`)."""
     m = _LAYER.match(name)
     if not m:
         return name
     i, rest = int(m.group(1)), m.group(2)
+    if i in no_ffn and rest.startswith(("mlp.", "post_attention_layernorm.")):
+        return None
     if kinds[i] == "ffn" and rest.startswith("norm."):
         rest = "post_attention_layernorm." + rest[len("norm."):]
     return f"model.layers.{block_of[i]}.{rest}"
 
 
-def _write_weights(src: Path, dst: Path, kinds: list[str], block_of: list[int]) -> None:
+def _write_weights(src: Path, dst: Path, kinds: list[str], block_of: list[int],
+                   no_ffn: frozenset = frozenset()) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise DataError("checkpoint", str(src), "a checkpoint folder with safetensors weights")
-    identity = all(k == "decoder" for k in kinds) and block_of == list(range(len(kinds)))
+    identity = all(k == "decoder" for k in kinds) and block_of == list(range(len(kinds))) and not no_ffn
     renamed = {}
     for f in files:
         if identity:
@@ -189,15 +197,17 @@ def _write_weights(src: Path, dst: Path, kinds: list[str], block_of: list[int]) 
             meta = sf.metadata() or {}
             tensors = {}
             for k in sf.keys():
-                new = _rename(k, kinds, block_of)
+                new = _rename(k, kinds, block_of, no_ffn)
                 renamed[k] = new
-                tensors[new] = sf.get_tensor(k)
+                if new is not None:
+                    tensors[new] = sf.get_tensor(k)
         save_file(tensors, str(dst / f.name), metadata={**meta, "format": meta.get("format", "pt")})
     index = src / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
         if not identity:
-            data["weight_map"] = {renamed.get(k, k): v for k, v in data.get("weight_map", {}).items()}
+            data["weight_map"] = {renamed.get(k, k): v for k, v in data.get("weight_map", {}).items()
+                                  if renamed.get(k, k) is not None}
         (dst / index.name).write_text(json.dumps(data, indent=2))
 
 
@@ -292,7 +302,8 @@ def _write_decilm(src: Path, tmp: Path, config: dict, positions: list[int | None
     blocks, n_q = block_configs(config, positions)
     kinds = [d["kind"] for d in layers]
     block_of = list(range(len(layers))) if positions is None else [positions.index(k) for k in range(len(layers))]
-    _write_weights(src, tmp, kinds, block_of)
+    no_ffn = frozenset(i for i, d in enumerate(layers) if d["kind"] == "decoder" and not d["ffn"])
+    _write_weights(src, tmp, kinds, block_of, no_ffn)
     attn = next(b["attention"] for b in blocks if not b["attention"]["no_op"])
     cfg = {k: v for k, v in config.items() if k != "pruneflow_layers"}
     cfg.update(architectures=[DECI_ARCH], model_type=DECI_MODEL_TYPE, num_hidden_layers=len(blocks),

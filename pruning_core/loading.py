@@ -116,7 +116,7 @@ def open_model(path: str | Path, placement: str = "device", device: str | torch.
                           for j in range(rep_new)]
                 adapter.prune_heads(model, layers[i], keep_q, list(range(desc["n_kv_heads"])))
             if desc["ffn"] != shape.ffn:
-                adapter.prune_ffn(layers[i], list(range(desc["ffn"])))
+                adapter.prune_ffn(layers[i], list(range(desc["ffn"])), allow_empty=True)
             with hfload.BUILD_LOCK, empty_init():
                 adapter.add_bias(layers[i], desc.get("bias", ()))  # biases the architecture hard-codes away
         else:

@@ -90,6 +90,14 @@ class _Replay(nn.Module):
         return hidden_states if self.out is None else self.out
 
 
+def attention_block_params(adapter, layer) -> int:
+    """Parameters an attention-free layer loses: everything but its MLP and the norm before it."""
+    from .replacements import ffn_norm_name
+    from .surgery import count_params
+
+    return count_params(layer) - count_params(adapter.mlp(layer)) - count_params(getattr(layer, ffn_norm_name(adapter)))
+
+
 def _lin(o: int, i: int, bias: bool) -> int:
     return o * i + (o if bias else 0)
 
@@ -156,6 +164,11 @@ def layer_table(model: nn.Module, plan: PrunePlan | None = None, context: int = 
 def _layer_delta(model, adapter, layer, lp, hd) -> int:
     s = adapter.layer_shape(model, layer)
     d = 0
+    if lp.heads == [] and lp.kv_heads == []:  # attention-free: only the FFN norm and the MLP stay
+        d = attention_block_params(adapter, layer)
+        lp = type(lp)(lp.index, ffn=lp.ffn)
+        d += _layer_delta(model, adapter, layer, lp, hd)
+        return d
     q, k, v, o = (adapter.proj(layer, n) for n in (adapter.q, adapter.k, adapter.v, adapter.o))
     nq = s.n_heads if lp.heads is None else len(lp.heads)
     nkv = s.n_kv_heads if lp.kv_heads is None else len(lp.kv_heads)

@@ -88,6 +88,13 @@ def ffn_from_layer(adapter: Adapter, layer: nn.Module) -> ResidualFFN:
     return ffn.to(device=p.device, dtype=p.dtype)
 
 
+def attention_free(adapter: Adapter, layer: nn.Module) -> ResidualFFN:
+    """`layer` without its attention sub-block (a searched plan's attention-free layer, `search.drop_blocks`):
+    x + MLP(ffn_norm(x)) from the layer's own modules (no copy; the attention and its norm are dropped).
+    Exact when the attention's output was zero (its o_proj weight and bias zeroed)."""
+    return ResidualFFN(getattr(layer, ffn_norm_name(adapter)), adapter.mlp(layer))
+
+
 def _ffn_empty(config, desc: dict) -> ResidualFFN:
     adapter = adapter_for(config)
     cfg = copy.deepcopy(config)

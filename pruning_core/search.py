@@ -33,8 +33,12 @@ Budgets: `ratio` (fraction of decoder-layer parameters removed, as everywhere), 
 left, whole model) or `memory_mb` at `seq_len` x `batch`: the serving footprint
 weights x bytes + KV cache = 2 · batch · seq_len · Σ_layers kv_heads · head_dim · bytes (`serving_bytes`).
 Constraints: `servable: vllm` (one query-head count in every layer), FFN and head width multiples, a
-minimum width per layer, and optionally attention-free / FFN-free layers (`drop_blocks`, solver only —
-no method's surgery applies them yet: the pipeline refuses `search.drop_blocks: true` before any step).
+minimum width per layer, and optionally whole sub-blocks (`drop_blocks`, joint depth and width as in
+Minitron and Puzzletron): an attention-free layer (its table cost at every head unit removed; it becomes
+its FFN as a residual layer), an FFN-free layer (zero-width MLP) or, both at once, a removed layer.
+SlimGPT zeroes such a block's output projection before the next layer's Hessians; the score-then-select
+methods keep no unit of it; FLAP refuses it (its compensation bias would have nowhere to go). The vLLM
+export writes them as DeciLM `no_op` blocks.
 """
 
 from __future__ import annotations
@@ -111,8 +115,11 @@ def serving_bytes(n_params: int, kv_heads: list[int], head_dim: int, budget: Bud
     return n_params * b + 2 * budget.batch * budget.seq_len * sum(kv_heads) * head_dim * b
 
 
-def _layer_options(u: dict, shape, st: SearchSettings, gqa: str, q_fixed: int | None, targets=("heads", "ffn")):
-    """[(kh, kept_q, kv_removed)] and [kf] allowed in a layer by the constraints."""
+def _layer_options(u: dict, shape, st: SearchSettings, gqa: str, q_fixed: int | None, targets=("heads", "ffn"),
+                   attn_free_ok: bool = True):
+    """[(kh, kept_q, kv_removed)] and [kf] allowed in a layer by the constraints. `q_fixed` (servable: vllm):
+    the query heads every layer with attention keeps; attention-free layers (drop_blocks) stay allowed
+    where `attn_free_ok` (not the first layer: vLLM's DeciLM starts its residual stream at an attention)."""
     rep = shape.n_heads // shape.n_kv_heads
     per_group = gqa == "per_group" and rep > 1
     n_units = rep if per_group else shape.n_kv_heads
@@ -121,11 +128,11 @@ def _layer_options(u: dict, shape, st: SearchSettings, gqa: str, q_fixed: int | 
         kept_q = shape.n_kv_heads * (rep - kh) if per_group else (shape.n_kv_heads - kh) * rep
         kv_rm = (0 if per_group else kh) if kh < n_units else shape.n_kv_heads
         if kh == n_units:
-            if not st.drop_blocks or q_fixed is not None:
+            if not st.drop_blocks or not attn_free_ok or u.get("attn_block") is None:
                 continue
         elif kept_q < st.min_heads or kept_q % st.head_multiple:
             continue
-        if q_fixed is not None and kept_q != q_fixed:
+        elif q_fixed is not None and kept_q != q_fixed:
             continue
         heads.append((kh, kept_q, kv_rm))
     ffn = [kf for kf in range(shape.ffn + 1 if "ffn" in targets else 1)
@@ -173,13 +180,20 @@ def solve(model, adapter, tables: dict[str, torch.Tensor], ratio: float | None =
     def cost_of(i, kh, kf):
         return float(tables[f"attn.{i}"][kh]) + float(tables[f"ffn.{i}"][kf])
 
+    first = max(0, G - len(dec)) if st.drop_blocks else G
+
     def run_dp(q_fixed):
+        """[(cost, picks)] of the cheapest path to every end state from `first` grid units on, cheapest first.
+        States are kept exactly up to G + the largest option (not clamped at G): with whole blocks an
+        overshoot the fix-up cannot give back (an FFN-free layer returns no single channel) yields to
+        another state, and states a little under G (each option's weight is floored) can be topped up."""
         opts_all = []
         for i in dec:
             u = units[i]
-            heads, ffn = _layer_options(u, shapes[i], st, gqa, q_fixed, targets)
+            heads, ffn = _layer_options(u, shapes[i], st, gqa, q_fixed, targets,
+                                        attn_free_ok=servable != "vllm" or i != dec[0])
             if not heads or not ffn:
-                return None
+                return []
             # the coarse grid: FFN removals whose kept width is a multiple of `grid`, plus the extremes
             coarse = sorted({kf for kf in ffn if (shapes[i].ffn - kf) % grid == 0 or kf in (ffn[0], ffn[-1])})
             opts = []
@@ -189,94 +203,106 @@ def solve(model, adapter, tables: dict[str, torch.Tensor], ratio: float | None =
                     w = saved * bpp + kv_rm * kvb
                     opts.append((int(w // U), cost_of(i, kh, kf), kh, kf))
             opts_all.append(opts)
-        max_w = sum(max(o[0] for o in opts) for opts in opts_all)
-        if max_w < G:
-            return None
-        dp = np.zeros(G + 1) + np.inf
+        if sum(max(o[0] for o in opts) for opts in opts_all) < first:
+            return []
+        top = G + max(o[0] for opts in opts_all for o in opts)  # the last state: "top or more"
+        dp = np.full(top + 1, np.inf)
         dp[0] = 0.0
         back = []
+        idx = np.arange(top + 1)
         for opts in opts_all:
-            new = np.full(G + 1, np.inf)
-            ch_o = np.full(G + 1, -1, dtype=np.int32)
-            src = np.zeros(G + 1, dtype=np.int64)
-            idx = np.arange(G + 1)
+            new = np.full(top + 1, np.inf)
+            ch_o = np.full(top + 1, -1, dtype=np.int32)
+            src = np.zeros(top + 1, dtype=np.int64)
             for k, (w, c, _, _) in enumerate(opts):
-                cand = np.full(G + 1, np.inf)
-                s = np.zeros(G + 1, dtype=np.int64)
+                cand = np.full(top + 1, np.inf)
+                s = np.zeros(top + 1, dtype=np.int64)
                 if w == 0:
                     cand[:] = dp + c
                     s[:] = idx
                 else:
-                    if w <= G:
-                        cand[w:G] = dp[:G - w] + c
-                        s[w:G] = idx[:G - w]
-                    lo = max(0, G - w)
+                    if w <= top:
+                        cand[w:top] = dp[:top - w] + c
+                        s[w:top] = idx[:top - w]
+                    lo = max(0, top - w)
                     j = int(np.argmin(dp[lo:])) + lo
-                    cand[G] = dp[j] + c
-                    s[G] = j
+                    cand[top] = dp[j] + c
+                    s[top] = j
                 better = cand < new
                 new[better], ch_o[better], src[better] = cand[better], k, s[better]
             back.append((ch_o, src))
             dp = new
-        if not np.isfinite(dp[G]):
-            return None
-        pick, b = [], G
-        for (ch_o, src), opts in zip(reversed(back), reversed(opts_all)):
-            o = opts[int(ch_o[b])]
-            pick.append((o[2], o[3]))
-            b = int(src[b])
-        return float(dp[G]), pick[::-1]
+        out = []
+        for end in sorted((b for b in range(first, top + 1) if np.isfinite(dp[b])), key=lambda b: (dp[b], b)):
+            pick, b = [], end
+            for (ch_o, src), opts in zip(reversed(back), reversed(opts_all)):
+                o = opts[int(ch_o[b])]
+                pick.append((o[2], o[3]))
+                b = int(src[b])
+            out.append((float(dp[end]), pick[::-1]))
+        return out
 
-    if servable == "vllm":
-        qs = sorted({q for i in dec for _, q, _ in _layer_options(units[i], shapes[i], st, gqa, None, targets)[0]})
-        best = None
-        for q in qs:
-            r = run_dp(q)
-            if r is not None and (best is None or r[0] < best[0]):
-                best = r
-    else:
-        best = run_dp(None)
-    if best is None:
-        raise ConfigError(field, value, _max_msg(units, shapes, dec, st, gqa, bpp, kvb, total, budget, n_all, hd,
-                                                 servable))
-    kh = {i: p[0] for i, p in zip(dec, best[1])}
-    kf = {i: p[1] for i, p in zip(dec, best[1])}
-
-    def saved_bytes():
+    def saved_bytes(kh, kf):
         s = 0
         for i in dec:
             s += _saved_params(units[i], shapes[i], gqa, kh[i], kf[i]) * bpp
             s += _kv_removed(shapes[i], gqa, kh[i]) * kvb
         return s
 
-    # exact fix-up with single FFN moves of `ffn_multiple` channels, cheapest marginal cost first
     m = st.ffn_multiple
-    for _ in range(100000):
-        r = saved_bytes() - goal
-        if budget is None:
-            if abs(r) <= m * step_w / 2:
-                break
-            sign = 1 if r < 0 else -1  # remove more (+) or give back (−)
-        else:
-            if r < 0:
-                sign = 1
-            elif r >= m * step_w:
-                sign = -1
+
+    def fix_up(kh, kf):
+        """The exact fix-up with single FFN moves of `ffn_multiple` channels, cheapest marginal cost first;
+        None when it cannot meet the budget from this coarse solution."""
+        kf = dict(kf)
+        for _ in range(100000):
+            r = saved_bytes(kh, kf) - goal
+            if budget is None:
+                if abs(r) <= m * step_w / 2:
+                    break
+                sign = 1 if r < 0 else -1  # remove more (+) or give back (−)
             else:
+                if r < 0:
+                    sign = 1
+                elif r >= m * step_w:
+                    sign = -1
+                else:
+                    break
+            best_i, best_d = None, math.inf
+            for i in dec:
+                nk = kf[i] + sign * m
+                if "ffn" not in targets or not _ffn_ok(shapes[i].ffn, nk, st):
+                    continue
+                d = sign * (cost_of(i, kh[i], nk) - cost_of(i, kh[i], kf[i]))
+                if d < best_d:
+                    best_i, best_d = i, d
+            if best_i is None:
                 break
-        best_i, best_d = None, math.inf
-        for i in dec:
-            nk = kf[i] + sign * m
-            if "ffn" not in targets or not _ffn_ok(shapes[i].ffn, nk, st):
-                continue
-            d = sign * (cost_of(i, kh[i], nk) - cost_of(i, kh[i], kf[i]))
-            if d < best_d:
-                best_i, best_d = i, d
-        if best_i is None:
+            kf[best_i] += sign * m
+        saved = saved_bytes(kh, kf)
+        if (budget is None and abs(saved - goal) > m * step_w) or (budget is not None and saved < goal):
+            return None
+        return kf
+
+    if servable == "vllm":
+        qs = sorted({q for i in dec for _, q, _ in _layer_options(units[i], shapes[i], st, gqa, None, targets)[0] if q})
+        coarse = sorted((r for q in qs for r in run_dp(q)), key=lambda r: r[0])
+    else:
+        coarse = run_dp(None)
+    best = None  # without whole blocks: the cheapest coarse solution (its fix-up always works from >= G)
+    for _cost, picks in coarse[:256]:  # with them: the cheapest after an exact fix-up
+        h = {i: p[0] for i, p in zip(dec, picks)}
+        f = fix_up(h, {i: p[1] for i, p in zip(dec, picks)})
+        if f is None:
+            continue
+        c = sum(cost_of(i, h[i], f[i]) for i in dec)
+        if best is None or c < best[0]:
+            best = (c, h, f)
+        if not st.drop_blocks:
             break
-        kf[best_i] += sign * m
-    saved = saved_bytes()
-    if (budget is None and abs(saved - goal) > m * step_w) or (budget is not None and saved < goal):
+    if best is not None:
+        _c, kh, kf = best
+    else:
         raise ConfigError(field, value, _max_msg(units, shapes, dec, st, gqa, bpp, kvb, total, budget, n_all, hd,
                                                  servable))
     heads = [kh.get(i, 0) for i in range(len(units))]
@@ -315,14 +341,9 @@ def _kv_removed(shape, gqa, kh):
 
 def _saved_params(u, shape, gqa, kh, kf):
     """Parameters removed by kh head units and kf FFN channels; a whole block also loses its norm."""
-    n_units = _n_units(shape, gqa)
-    if kh == n_units:  # attention-free: every attention weight goes
-        s = n_units * u["unit_params"]
-        if gqa == "per_group" and shape.n_heads // shape.n_kv_heads > 1:  # + the K and V rows
-            hidden = u["unit_params"] // (2 * shape.n_kv_heads * shape.head_dim)
-            s += 2 * shape.n_kv_heads * shape.head_dim * hidden
-    else:
-        s = kh * u["unit_params"]
+    if kh == _n_units(shape, gqa) and kf == shape.ffn:  # both sub-blocks: the layer goes
+        return u["total"]
+    s = u["attn_block"] if kh == _n_units(shape, gqa) else kh * u["unit_params"]  # attention-free: its norm too
     return s + kf * u["ch_params"]
 
 
@@ -339,13 +360,14 @@ def _max_msg(units, shapes, dec, st, gqa, bpp, kvb, total, budget, n_all, hd, se
             return "a budget the constraints allow (no width of some layer satisfies min_heads/head_multiple " \
                    "and min_ffn/ffn_multiple)"
         mx += max(_saved_params(units[i], shapes[i], gqa, kh, kf) * bpp + kv * kvb for kh, _, kv in heads for kf in ffn)
+    gaps = "; whole blocks are coarse, so not every ratio below it is met to one FFN channel" if st.drop_blocks else ""
     if budget is None:
         return f"a ratio <= {mx / total:.4f} under these constraints (servable {servable}, min_ffn {st.min_ffn}, " \
                f"min_heads {st.min_heads}, ffn_multiple {st.ffn_multiple}, head_multiple {st.head_multiple}, " \
-               f"drop_blocks {st.drop_blocks})"
+               f"drop_blocks {st.drop_blocks}){gaps}"
     kv0 = [shapes[i].n_kv_heads if units[i] else 0 for i in range(len(units))]
     least = serving_bytes(n_all, kv0, hd, budget) - mx
-    return f"memory_mb >= {least / 2**20:.1f} at seq_len {budget.seq_len}, batch {budget.batch} under these constraints"
+    return f"memory_mb >= {least / 2**20:.1f} at seq_len {budget.seq_len}, batch {budget.batch} under these constraints{gaps}"
 
 
 def search_schedule(model, adapter, calib_ids, ratio, gqa="per_group", percdamp=0.01, compensate=True,
@@ -363,7 +385,7 @@ def search_schedule(model, adapter, calib_ids, ratio, gqa="per_group", percdamp=
     sched = solve(model, adapter, tables, ratio, gqa, settings, budget, servable)
     if not whole_blocks_ok and (sched["drop_attn"] or sched["drop_ffn"]):
         raise ConfigError("search.drop_blocks", True, "false for this method (its prune does not remove whole "
-                                                       "attention / FFN blocks yet; export expresses them, surgery not)")
+                                                       "attention / FFN blocks)")
     sched["search"] = {"tables_seconds": float(tables["seconds"][0]), "tables_reused": hit,
                        "solve_seconds": sched["solve_seconds"], "seconds": time.perf_counter() - t0,
                        "candidates_scored": 0}
@@ -415,7 +437,12 @@ def counts_plan(model, adapter, scores: dict, sched: dict, method: str, settings
             continue
         rep = s.n_heads // s.n_kv_heads
         kh, kf = sched["heads"][i], sched["ffn"][i]
-        if kh and f"heads.{i}" in scores:
+        no_attn, no_ffn = i in sched.get("drop_attn", ()), i in sched.get("drop_ffn", ())
+        if no_attn and no_ffn:  # drop_blocks: both sub-blocks go, so does the layer
+            lp.keep = False
+        elif no_attn:  # attention-free: surgery keeps the FFN as a residual layer
+            lp.heads, lp.kv_heads = [], []
+        elif kh and f"heads.{i}" in scores:
             if gqa == "per_group" and rep > 1:
                 g = scores[f"heads.{i}"].double().view(s.n_kv_heads, rep)
                 keep = torch.argsort(g, dim=1, descending=True, stable=True)[:, : rep - kh]
@@ -425,7 +452,9 @@ def counts_plan(model, adapter, scores: dict, sched: dict, method: str, settings
                 g = scores[f"heads.{i}"].double().view(s.n_kv_heads, rep).sum(1)
                 lp.kv_heads = sorted(torch.argsort(g, descending=True, stable=True)[: s.n_kv_heads - kh].tolist())
                 lp.heads = [k * rep + j for k in lp.kv_heads for j in range(rep)]
-        if kf and f"ffn.{i}" in scores:
+        if no_ffn and not no_attn:  # FFN-free
+            lp.ffn = []
+        elif kf and f"ffn.{i}" in scores and lp.keep:
             lp.ffn = sorted(torch.argsort(scores[f"ffn.{i}"].double(), descending=True, stable=True)[: s.ffn - kf].tolist())
         lps.append(lp)
     plan = PrunePlan(method=method, settings=settings, layers=lps, target_ratio=ratio,
@@ -442,8 +471,6 @@ def select_searched(model, adapter, scores: dict, ratio: float, st, method: str,
     t0 = time.perf_counter()
     targets = tuple(getattr(st, "targets", ("heads", "ffn")))
     sched = solve(model, adapter, tables, ratio, st.gqa, st.search, st.budget, st.servable, targets)
-    if sched["drop_attn"] or sched["drop_ffn"]:
-        raise ConfigError("search.drop_blocks", True, f"false for {method!r} (its select does not remove whole blocks)")
     sched["search"] = {"tables_seconds": float(tables["seconds"][0]), "tables_reused": True,
                        "solve_seconds": sched["solve_seconds"], "seconds": time.perf_counter() - t0,
                        "candidates_scored": 0}

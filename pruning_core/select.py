@@ -19,6 +19,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .errors import ConfigError
+from .metrics import attention_block_params
 from .plan import LayerPlan, PrunePlan
 
 SCHEDULES: dict[str, Callable[..., list[float]]] = {}
@@ -244,7 +245,8 @@ def unit_counts(model, adapter, gqa: str) -> list[dict]:
             continue
         u = _units(model, adapter, layer, gqa)
         out.append(dict(units=u["kv_groups"], unit_params=u["unit_params"], per_group=u["group_size"], ffn=u["ffn"],
-                        ch_params=u["ch_params"], total=u["total"]))
+                        ch_params=u["ch_params"], total=u["total"],
+                        attn_block=attention_block_params(adapter, layer) if adapter.mlp_path else None))
     return out
 
 

@@ -4,7 +4,10 @@ Heads: q/k/v rows and o_proj columns of removed heads are sliced out (GQA: whole
 same number of query heads per kept group). FFN channels: gate/up rows (OPT: fc1 rows + bias) and
 down (fc2) columns. Layers: removed from the ModuleList; kept layers get consecutive `layer_idx`
 (their KV-cache slots) and the config's layer count / per-layer lists follow. A replacement
-(LLM-Streamline) is built by the layer kind registered under its name.
+(LLM-Streamline) is built by the layer kind registered under its name. Whole sub-blocks
+(`search.drop_blocks`): a layer whose plan keeps no head (`heads == kv_heads == []`) becomes its FFN
+as a residual layer (kind `ffn`); one that keeps no FFN channel (`ffn == []`) keeps zero-width MLP
+projections (exact: they add nothing), which the vLLM export writes as a no-op FFN block.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from . import hfload
 from .adapters import Adapter, LayerShape, adapter_for, stock_layer
 from .errors import ConfigError
 from .plan import PrunePlan
-from .replacements import layer_kind
+from .replacements import attention_free, layer_kind
 
 
 def count_params(model: nn.Module) -> int:
@@ -53,13 +56,20 @@ def apply_layer_plan(model: nn.Module, adapter: Adapter, layer: nn.Module, lp) -
         return layer_kind(lp.replacement["kind"]).from_plan(model, adapter, layer, lp.replacement)
     if getattr(layer, "pruneflow_kind", "decoder") == "decoder":
         shape = adapter.layer_shape(model, layer)
+        if lp.heads == [] and lp.kv_heads == []:  # attention-free (search.drop_blocks): its FFN as a layer
+            if lp.ffn == []:
+                raise ConfigError(f"plan.layers[{lp.index}]", "no heads and no FFN channels",
+                                  "keep: false for a layer that loses both sub-blocks")
+            if lp.ffn is not None and len(lp.ffn) != shape.ffn:
+                adapter.prune_ffn(layer, list(lp.ffn))
+            return attention_free(adapter, layer)
         if lp.heads is not None or lp.kv_heads is not None:
             keep_q = list(range(shape.n_heads)) if lp.heads is None else list(lp.heads)
             keep_kv = list(range(shape.n_kv_heads)) if lp.kv_heads is None else list(lp.kv_heads)
             if len(keep_q) != shape.n_heads or len(keep_kv) != shape.n_kv_heads:
                 adapter.prune_heads(model, layer, keep_q, keep_kv)
         if lp.ffn is not None and len(lp.ffn) != shape.ffn:
-            adapter.prune_ffn(layer, list(lp.ffn))
+            adapter.prune_ffn(layer, list(lp.ffn), allow_empty=True)  # [] : FFN-free (search.drop_blocks)
     return layer
 
 

@@ -6,7 +6,8 @@ CPU attention supports) is pruned by `surgery.apply_plan` with a hand-written pl
 Used by tests/pruning_core/test_export.py (format) and tests/serve/test_vllm.py (a real vLLM).
 
 Kinds served by stock vLLM: uniform (stock folder), ffn_widths, removed_layer, ffn_replacement,
-uniform_heads (DeciLM). Kinds only pruneflow's vLLM plugin serves (`pruneflow_vllm`): per_group_heads
+uniform_heads, whole_blocks (`search.drop_blocks`: attention-free, FFN-free and removed layers) (DeciLM).
+Kinds only pruneflow's vLLM plugin serves (`pruneflow_vllm`): per_group_heads
 (query heads per layer, as SlimGPT's default `gqa: per_group` leaves them: `make run`'s result),
 flap_bias (FLAP's compensation biases on o_proj / down_proj, per-layer heads), attention_free_first
 (a Streamline replacement — an attention-free layer — before any attention), qwen2_per_group_heads
@@ -86,15 +87,19 @@ def plans() -> dict[str, PrunePlan]:
                              LayerPlan(2, heads=q, kv_heads=kv, ffn=_ffn(224, 2)), LayerPlan(3)])
     out["attention_free_first"] = plan([LayerPlan(0, replacement={"kind": "ffn", "span": [0, 2]}),
                                         LayerPlan(1, keep=False), LayerPlan(2, ffn=_ffn(128, 2)), LayerPlan(3)])
+    # `search.drop_blocks`: an attention-free layer (its FFN as a residual layer), an FFN-free one (zero-width MLP)
+    # and a layer that lost both (removed)
+    out["whole_blocks"] = plan([LayerPlan(0, ffn=_ffn(192, 0)), LayerPlan(1, heads=[], kv_heads=[], ffn=_ffn(160, 1)),
+                                LayerPlan(2, ffn=[]), LayerPlan(3, keep=False)])
     out["qwen2_per_group_heads"] = out["per_group_heads"]  # on a Qwen2 (q/k/v biases; no DeciLM form)
     return out
 
 
-KINDS = ("uniform", "ffn_widths", "removed_layer", "ffn_replacement", "uniform_heads",
+KINDS = ("uniform", "ffn_widths", "removed_layer", "ffn_replacement", "uniform_heads", "whole_blocks",
          "per_group_heads", "flap_bias", "attention_free_first", "qwen2_per_group_heads")
 # the layout `export` chooses for each (the lightest format that serves it)
 LAYOUTS = {"uniform": "stock", "ffn_widths": "decilm", "removed_layer": "decilm", "ffn_replacement": "decilm",
-           "uniform_heads": "decilm", "per_group_heads": "plugin", "flap_bias": "plugin",
+           "uniform_heads": "decilm", "whole_blocks": "decilm", "per_group_heads": "plugin", "flap_bias": "plugin",
            "attention_free_first": "plugin", "qwen2_per_group_heads": "plugin"}
 
 

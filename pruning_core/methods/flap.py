@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..capture import Accumulator
 from ..engine import run_pass
@@ -62,6 +62,13 @@ class FLAPSettings(MethodSettings):
         "uniform (the structure's counts) or search (pruning_core/search.py; structure uniform only)"))
     search: SearchSettings = Field(default_factory=SearchSettings, description="settings of schedule: search")
     budget: Budget | None = Field(None, description="schedule: search under a serving-memory budget instead of ratio")
+
+    @model_validator(mode="after")
+    def _no_whole_blocks(self):
+        if self.schedule == "search" and self.search.drop_blocks:
+            raise ConfigError("search.drop_blocks", True, "false for flap (its compensation bias on o_proj / down_proj "
+                                                          "has no place in an attention- or FFN-free layer)")
+        return self
 
 
 # -- pure maths ----------------------------------------------------------------------------------

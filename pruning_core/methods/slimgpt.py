@@ -86,6 +86,12 @@ def _hessian(grams: Accumulator, key: str) -> torch.Tensor:
     return grams.data[key] * (2.0 / max(grams.rows[key], 1))
 
 
+def _zero_output(lin) -> None:
+    lin.weight.data.zero_()
+    if lin.bias is not None:
+        lin.bias.data.zero_()
+
+
 class SlimGPTConsumer:
     """The per-layer OBS step as a consumer of the layer engine: `begin` takes the Hessians on the
     layer's inputs (the already pruned layers' outputs), prunes and updates it in place; the engine
@@ -111,13 +117,27 @@ class SlimGPTConsumer:
             return
         self._changed = True
         o_lin, d_lin = adapter.proj(layer, adapter.o), adapter.proj(layer, adapter.mlp_out)
+        # search.drop_blocks: a whole sub-block goes — its output projection is zeroed (no OBS: nothing is
+        # left to compensate with), surgery then removes it exactly
+        no_attn, no_ffn = i in self.sched.get("drop_attn", ()), i in self.sched.get("drop_ffn", ())
         grams = Accumulator(sdt)
-        h_attn = {adapter.module_name(adapter.o): grams.gram_hook("attn")}
-        h_mlp = {adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")}
+        h_attn = {adapter.module_name(adapter.o): grams.gram_hook("attn")} if not no_attn else {}
+        h_mlp = {adapter.module_name(adapter.mlp_out): grams.gram_hook("mlp")} if not no_ffn else {}
         hooks = h_attn if kh > 0 else {**h_attn, **h_mlp}
-        dense_out = step.run(hooks=hooks, keep_outputs=s.hessian_inputs == "dense")
+        dense = s.hessian_inputs == "dense"
+        dense_out = step.run(hooks=hooks, keep_outputs=dense) if hooks or dense else None
         loss = {}
-        if kh > 0:
+        if no_attn:
+            _zero_output(o_lin)
+            lp.heads, lp.kv_heads = [], []
+            loss["attn"] = 1.0
+            if h_mlp:
+                step.run(hooks=h_mlp, keep_outputs=False)  # the MLP's inputs without the attention
+        if no_ffn:
+            _zero_output(d_lin)
+            lp.ffn, loss["ffn"] = [], 1.0
+            lp.keep = not no_attn  # both sub-blocks gone: the layer goes
+        if kh > 0 and not no_attn:
             W = o_lin.weight.data.to(sdt).clone()
             H, _ = obs.prepare_hessian(_hessian(grams, "attn"), W, s.percdamp)
             W0, H0 = W.clone(), H.clone()
@@ -134,9 +154,9 @@ class SlimGPTConsumer:
                 lp.kv_heads = list(range(shape.n_kv_heads))
             loss["attn"] = obs.layer_loss(W0, W, H0) / max(float((W0 @ H0 * W0).sum()), 1e-30)
             o_lin.weight.data.copy_(W.to(o_lin.weight.dtype))
-            if kf > 0:
+            if kf > 0 and h_mlp:
                 step.run(hooks=h_mlp, keep_outputs=False)
-        if kf > 0:
+        if kf > 0 and not no_ffn:
             W = d_lin.weight.data.to(sdt).clone()
             H, _ = obs.prepare_hessian(_hessian(grams, "mlp"), W, s.percdamp)
             W0, H0 = W.clone(), H.clone()
@@ -161,7 +181,7 @@ def _schedule(model, adapter, calib_ids, ratio, s: SlimGPTSettings, device, tabl
         return solve_schedule(model, adapter, ratio, s.schedule, s.r0_fraction, s.gqa, s.head_ratio_scale,
                               uniform_heads=s.servable == "vllm")
     sched = search_schedule(model, adapter, calib_ids, ratio, s.gqa, s.percdamp, s.compensate, s.head_score,
-                            s.search, s.budget, s.servable, device, s.batch_size, tables=tables, whole_blocks_ok=False)
+                            s.search, s.budget, s.servable, device, s.batch_size, tables=tables)
     return with_profile(model, adapter, sched, "log_increase", s.gqa, r0_fraction=s.r0_fraction,
                         head_scale=s.head_ratio_scale)  # the default profile, for the report
 

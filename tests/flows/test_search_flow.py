@@ -93,7 +93,8 @@ def _cli(tmp: Path, spec: dict, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("extra,field", [
     ({"schedule": "searchh"}, "method.settings.schedule"),
     ({"schedule": "search", "search": {"ffn_multiple": 0}}, "method.settings.search.ffn_multiple"),
-    ({"schedule": "search", "search": {"drop_blocks": True}}, "search.drop_blocks"),
+    ({"schedule": "search", "search": {"drop_blocks": True}, "method": {"name": "flap", "settings": {}}},
+     "search.drop_blocks"),  # FLAP's compensation bias has no place in a whole-block-free layer
     ({"schedule": "search", "search": {"gird": 4}}, "method.settings.search.gird"),
     ({"schedule": "search", "budget": {"memory_mb": "lots"}}, "method.settings.budget.memory_mb"),
     ({"schedule": "search", "budget": {"memory_mb": 1, "seq": 3}}, "method.settings.budget.seq"),
@@ -155,3 +156,27 @@ def test_the_search_on_a_dask_cluster_gives_the_same_checkpoints(prefect_harness
     assert a[0.2]["model.layers.0.mlp.up_proj.weight"].shape != a[0.4]["model.layers.0.mlp.up_proj.weight"].shape \
         or a[0.2]["model.layers.1.mlp.up_proj.weight"].shape != a[0.4]["model.layers.1.mlp.up_proj.weight"].shape
     assert str(tmp_path / "dask-store") in dask["rows"][0]["checkpoint"]
+
+
+def test_whole_blocks_run_through_the_pipeline(prefect_harness, tiny_spec):
+    """`search.drop_blocks` end to end: at 50 % with `min_ffn: 64` width alone cannot meet the budget, so the
+    searched plan removes whole sub-blocks; prune, save, evaluation and report run on it, the budget holds."""
+    rep = compress(spec=_search_spec(tiny_spec, ratio=0.5, search={"kl_blocks": 2, "drop_blocks": True, "min_ffn": 64}))
+    notes = rep["plan_notes"]["search"]
+    assert notes["drop_attn"] or notes["drop_ffn"], notes
+    cfg = yaml.safe_load((Path(tiny_spec["model"]["ref"]) / "config.json").read_text())
+    ch = 3 * cfg["hidden_size"]  # one FFN channel's parameters
+    dec = rep["decoder_params_before"]
+    assert abs(rep["removed_decoder_fraction"] * dec - 0.5 * dec) <= ch / 2 + 1, rep["removed_decoder_fraction"]
+    # the checkpoint holds the searched blocks: zero-width MLPs / attention-free layers, as the solve planned
+    from pruning_core.checkpoint import load_pruned
+
+    ck = Path(rep["artifacts"]["checkpoint_local"])
+    layers = yaml.safe_load((ck / "config.json").read_text())["pruneflow_layers"]
+    for i in notes["drop_ffn"]:
+        assert layers[i]["ffn"] == 0, layers[i]
+    for i in notes["drop_attn"]:
+        assert layers[i]["n_heads"] == 0 or layers[i]["kind"] != "decoder", layers[i]
+    model, _ = load_pruned(ck)
+    assert sum(p.numel() for p in model.parameters()) == rep["params_after"] == notes["params_after"]
+    assert torch.isfinite(torch.tensor(rep["metrics_after"]["ppl"]))

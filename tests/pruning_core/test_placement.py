@@ -15,6 +15,7 @@ from pruning_core.memory import choose_placement
 from pruning_core.methods import get_method, list_methods
 from pruning_core.metrics import perplexity
 from pruning_core.residency import home_of, is_resident
+from pruning_core.surgery import apply_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +69,9 @@ CASES += [("llm-streamline", {**FAST["llm-streamline"], "replacement": "ffn"}),
           ("flap", {"structure": "al_am", "servable": "vllm"}),
           ("flap", {"gqa": "per_group", "metric": "wifn"}),
           ("flap", {"bias_compensation": False}),
-          ("llm-rank", {"pipeline": "isolated", "allocation": "global"})]
+          ("llm-rank", {"pipeline": "isolated", "allocation": "global"}),
+          # search.drop_blocks: an FFN-free layer at 30 % (min_ffn 64 leaves no cheaper width)
+          ("slimgpt", {"schedule": "search", "search": {"drop_blocks": True, "min_ffn": 64}})]
 
 
 @pytest.mark.parametrize("name,settings", CASES, ids=[f"{n}-{'-'.join(map(str, s.values()))}" for n, s in CASES])
@@ -113,6 +116,23 @@ def test_non_uniform_round_trip_under_every_placement(dense_dir, tmp_path):
     save_pruned(m, None, None, tmp_path / "again")  # save -> load keeps the logits exactly
     for pl in PLACEMENTS:
         assert torch.equal(_logits(tmp_path / "again", pl), ref), pl
+
+
+@pytest.mark.parametrize("where", ["offload", "disk"])
+def test_streaming_save_of_whole_blocks_equals_surgery_on_device(tmp_path, where):
+    """An attention-free layer (its FFN becomes the layer), an FFN-free one and a removed one, written
+    layer by layer from a model under `offload` / `disk`: the same checkpoint as surgery in memory."""
+    from tests.serve_kinds import plans, tiny_llama
+
+    plan = plans()["whole_blocks"]
+    save_pruned(tiny_llama(5), None, None, tmp_path / "dense")
+    m, _ = open_model(tmp_path / "dense", placement=where, device="cpu", dtype="float32")
+    save_streaming(m, None, plan, tmp_path / "streamed", shard_bytes=40_000)
+    dev, _ = open_model(tmp_path / "dense", placement="device", device="cpu", dtype="float32")
+    save_pruned(apply_plan(dev, plan), None, plan, tmp_path / "surgery")
+    cfg = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert [(d["kind"], d["ffn"]) for d in cfg["pruneflow_layers"]] == [("decoder", 192), ("ffn", 160), ("decoder", 0)]
+    assert torch.equal(_logits(tmp_path / "streamed"), _logits(tmp_path / "surgery"))
 
 
 def test_disk_layers_hold_no_data_outside_their_forward(dense_dir):

@@ -148,9 +148,6 @@ def test_slimgpt_applies_the_searched_widths(setup):
     apply_plan(m, plan)
     assert count_params(m) == s["params_after"] == plan.params_after
     assert [len(lp.ffn) if lp.ffn is not None else 128 for lp in plan.layers] == s["kept_ffn"]
-    bad = meth.parse_settings({"schedule": "search", "search": {"drop_blocks": True}})
-    with pytest.raises(ConfigError, match="^search.drop_blocks"):
-        meth.prune(_model(), a, ids, 0.75, bad, tables=tabs["per_group"])
 
 
 def test_flap_and_score_then_select_methods_take_the_searched_counts(setup):
