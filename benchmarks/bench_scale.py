@@ -15,6 +15,10 @@ machine's memory is never held in memory; the tokenizer is SmolLM2's (vocab 4915
     # the layer engine (issue 22): prune + evaluate in-process under offload and disk, this tree against
     # an older checkout (e.g. `git worktree add /tmp/old56 56b0293`), with the bytes read from weight files
     python benchmarks/bench_scale.py engine --layers 4 --before-root /tmp/old56
+    # the same where the checkpoint does not fit in the page cache (a model larger than RAM, which is what
+    # `disk` is for): each worker in a memory cgroup of 3 GiB (page cache included), the spec's 16 windows
+    python benchmarks/bench_scale.py engine --layers 8 --placements disk --ppl-windows 16 \
+        --memory-limit-gb 3 --before-root /tmp/old56
 """
 
 from __future__ import annotations
@@ -233,6 +237,38 @@ def engine_worker(a) -> None:
     print("RESULT " + json.dumps({"steps": steps, "ppl": state["ppl"]}), flush=True)
 
 
+def evict(folder: Path) -> None:
+    """Drop `folder`'s files from the page cache (posix_fadvise DONTNEED after a sync), so that the next reader
+    starts cold and its page cache is charged to its own memory cgroup."""
+    os.sync()
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def memory_cgroup(limit_bytes: int) -> Path:
+    """A new memory cgroup (v2, else v1) limited to `limit_bytes`. The kernel charges a cgroup's page cache
+    to its limit, so a checkpoint larger than the limit cannot stay cached: every re-read reaches storage,
+    as on a machine whose RAM is smaller than the model. Needs write access to /sys/fs/cgroup."""
+    name = f"pruneflow-bench-{os.getpid()}"
+    try:
+        if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            cg = Path("/sys/fs/cgroup") / name
+            cg.mkdir()
+            (cg / "memory.max").write_text(str(limit_bytes))
+        else:
+            cg = Path("/sys/fs/cgroup/memory") / name
+            cg.mkdir()
+            (cg / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    except OSError as e:
+        sys.exit(f"--memory-limit-gb: cannot create a memory cgroup here ({e}); run without it")
+    return cg
+
+
 def engine_mode(a, work: Path, n_layers: int) -> None:
     """Before / after table of the layer engine: `engine_worker` once per (code, placement)."""
     ckpt = work / f"llama-8b-{n_layers}L"
@@ -242,6 +278,14 @@ def engine_mode(a, work: Path, n_layers: int) -> None:
     print("(the pruned checkpoint's decoder layers are what `evaluate` reads: once per evaluation is their size)")
     roots = ([("before", Path(a.before_root))] if a.before_root else []) + [("after", ROOT)]
     rows = []
+    cg = memory_cgroup(int(a.memory_limit_gb * 2**30)) if a.memory_limit_gb else None
+    if cg:
+        procs = cg / "cgroup.procs"
+
+        def join():  # runs in the child before exec: the worker and its page cache belong to the cgroup
+            procs.write_text(str(os.getpid()))
+        print(f"each worker runs in memory cgroup {cg} limited to {a.memory_limit_gb} GiB (page cache included); "
+              "the dense checkpoint is evicted from the page cache before each worker", flush=True)
     print(f"# bench_scale engine: 8B-shaped x {n_layers} layers ({size / 2**30:.2f} GiB {a.dtype}), wanda {a.ratio}, "
           f"calibration {a.n_samples}x{a.seq_len}, ppl {a.ppl_windows}x{a.ppl_seq_len} eval batch {a.eval_batch}, "
           f"device {a.device}", flush=True)
@@ -255,8 +299,10 @@ def engine_mode(a, work: Path, n_layers: int) -> None:
                    "--ppl-windows", str(a.ppl_windows), "--ppl-seq-len", str(a.ppl_seq_len),
                    "--eval-batch", str(a.eval_batch)]
             env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+            if cg:
+                evict(ckpt)
             t0 = time.perf_counter()
-            p = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True)
+            p = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, preexec_fn=join if cg else None)
             wall = time.perf_counter() - t0
             res = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not res:
@@ -279,6 +325,8 @@ def engine_mode(a, work: Path, n_layers: int) -> None:
               f"{s['evaluate']['weight_bytes_read'] / 2**30:.2f} | {s['evaluate']['io_read_bytes'] / 2**30:.2f} | "
               f"{r['ppl']:.6g} |")
     (work / "bench_scale_engine.json").write_text(json.dumps(rows, indent=1))
+    if cg:
+        cg.rmdir()
 
 
 def gib(b) -> str:
@@ -306,6 +354,8 @@ def main() -> None:
     ap.add_argument("--before-root", default=None, help="engine: a checkout of the code to compare against")
     ap.add_argument("--ppl-seq-len", type=int, default=256, help="engine: perplexity window (the spec's default)")
     ap.add_argument("--eval-batch", type=int, default=1, help="engine: evaluation batch (the spec's default)")
+    ap.add_argument("--memory-limit-gb", type=float, default=None,
+                    help="engine: run each worker in a memory cgroup of this size (page cache included)")
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
