@@ -3,6 +3,9 @@ Wanda-sp per_group uniform, LLM-Rank's defaults) on SmolLM2-135M, out of domain 
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py run --seeds 42,43,44 --ratios 0.2,0.3
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py table
+    # why SlimGPT's search loses to log-increase: the summed table cost of both plans beside their PPL, and
+    # the dense residual stream per layer (energy, share of its top hidden dimensions)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py why --seeds 42
 
 Protocol: bench_ood's (calibration 16 x 256 tokens of pydoc's train split, `random_windows`, seed s;
 in-domain PPL on pydoc's eval split, out-of-domain PPL on `pkgdocs`, 256-token windows). Per seed the
@@ -39,6 +42,8 @@ ROWS = {  # row -> (method, settings); the first row of each method is its best 
     "slimgpt log_increase (default)": ("slimgpt", {}),
     "slimgpt search (kl)": ("slimgpt", {"schedule": "search", "search": {"sensitivity": "kl"}}),
     "slimgpt search (residual)": ("slimgpt", {"schedule": "search", "search": {"sensitivity": "residual"}}),
+    "slimgpt search (residual, median)": ("slimgpt", {"schedule": "search",
+                                                      "search": {"sensitivity": "residual", "residual_energy": "median"}}),
     "slimgpt search (residual, drop_blocks)": ("slimgpt", {"schedule": "search",
                                                            "search": {"sensitivity": "residual", "drop_blocks": True}}),
     "flap uniform kv_group (default)": ("flap", {}),
@@ -64,7 +69,8 @@ def _tables(bench, calib, a, seed: int, st, cache: dict, row: dict) -> dict:
     """The per-layer tables of (calibration, seed, sensitivity, gqa, OBS-compensated or not): built once,
     saved for restarts, reused by every ratio and by the methods that share them."""
     comp = bool(getattr(st, "compensate", False))
-    key = f"{a.calib}-{seed}-{st.search.sensitivity}" + ("" if comp else f"-zero-{st.gqa}")
+    key = (f"{a.calib}-{seed}-{st.search.sensitivity}" + ("" if comp else f"-zero-{st.gqa}")
+           + ("-median" if st.search.residual_energy == "median" else ""))
     if key not in cache:
         saved = TABLES / f"{key}.safetensors"  # a restarted run reuses them
         if saved.exists():
@@ -166,9 +172,46 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def why(a) -> None:
+    """For SlimGPT rows already in `--json`: the summed per-layer table cost (the search's objective, on the
+    seed's `residual` tables) of the default plan and of the searched plan, with their PPL; then the dense
+    model's residual stream per layer on the calibration blocks: mean energy per token and the share of it
+    in the 8 largest hidden dimensions (massive activations, Sun et al. 2024)."""
+    import torch
+
+    rows = json.loads(Path(a.json).read_text())
+    bench = Bench(a.model, 1, 1, a.threads)
+    meth = get_method("slimgpt")
+    for seed in [int(x) for x in a.seeds.split(",")]:
+        calib = bench.calib(a.calib, seed)
+        st = meth.parse_settings({"schedule": "search", "search": {"sensitivity": "residual"}})
+        tabs = _tables(bench, calib, a, seed, st, {}, {})
+        print(f"\nseed {seed}: summed table cost (residual) of each plan")
+        print("| row | ratio | cost: attention | cost: FFN | cost: total | of it layers 0-11 | in-domain PPL | out-of-domain PPL |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["seed"] != seed or not r["row"].startswith("slimgpt") or not r.get("removed_heads"):
+                continue
+            rh, rf = r["removed_heads"], r["removed_ffn"]
+            ca = [float(tabs[f"attn.{i}"][h]) for i, h in enumerate(rh)]
+            cf = [float(tabs[f"ffn.{i}"][c]) for i, c in enumerate(rf)]
+            print(f"| {r['row']} | {r['ratio']:g} | {sum(ca):.5f} | {sum(cf):.5f} | {sum(ca) + sum(cf):.5f} | "
+                  f"{sum(ca[:12]) + sum(cf[:12]):.5f} | {r['ppl_id']:.2f} | {r['ppl_ood']:.2f} |")
+        with torch.no_grad():
+            hs = bench.model(input_ids=calib[:8], output_hidden_states=True).hidden_states[1:]
+        print(f"\nseed {seed}: dense residual stream after each layer (8 calibration blocks)")
+        print("| layer | energy per token | share in the top-8 of " + str(hs[0].shape[-1]) + " dims | residual scale (1 / 2 energy) |")
+        print("|---|---|---|---|")
+        for i, h in enumerate(hs):
+            e = h.float().pow(2)
+            per_dim = e.sum((0, 1))
+            top = float(per_dim.topk(8).values.sum() / per_dim.sum())
+            print(f"| {i} | {float(e.sum(-1).mean()):.1f} | {top:.2f} | {float(tabs['scale'][i, 1]):.3g} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", nargs="?", default="run", choices=("run", "table"))
+    ap.add_argument("cmd", nargs="?", default="run", choices=("run", "table", "why"))
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--ratios", default="0.2,0.3")
     ap.add_argument("--rows", default="", help="'|'-separated row names (default: all)")
@@ -181,6 +224,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.cmd == "table":
         print(table(json.loads(Path(a.json).read_text())))
+    elif a.cmd == "why":
+        why(a)
     else:
         run(a)
 
