@@ -42,8 +42,6 @@ ROWS = {  # row -> (method, settings); the first row of each method is its best 
     "slimgpt log_increase (default)": ("slimgpt", {}),
     "slimgpt search (kl)": ("slimgpt", {"schedule": "search", "search": {"sensitivity": "kl"}}),
     "slimgpt search (residual)": ("slimgpt", {"schedule": "search", "search": {"sensitivity": "residual"}}),
-    "slimgpt search (residual, median)": ("slimgpt", {"schedule": "search",
-                                                      "search": {"sensitivity": "residual", "residual_energy": "median"}}),
     "slimgpt search (residual, drop_blocks)": ("slimgpt", {"schedule": "search",
                                                            "search": {"sensitivity": "residual", "drop_blocks": True}}),
     "flap uniform kv_group (default)": ("flap", {}),
@@ -69,8 +67,7 @@ def _tables(bench, calib, a, seed: int, st, cache: dict, row: dict) -> dict:
     """The per-layer tables of (calibration, seed, sensitivity, gqa, OBS-compensated or not): built once,
     saved for restarts, reused by every ratio and by the methods that share them."""
     comp = bool(getattr(st, "compensate", False))
-    key = (f"{a.calib}-{seed}-{st.search.sensitivity}" + ("" if comp else f"-zero-{st.gqa}")
-           + ("-median" if st.search.residual_energy == "median" else ""))
+    key = f"{a.calib}-{seed}-{st.search.sensitivity}" + ("" if comp else f"-zero-{st.gqa}")
     if key not in cache:
         saved = TABLES / f"{key}.safetensors"  # a restarted run reuses them
         if saved.exists():

@@ -72,9 +72,6 @@ class SearchSettings(BaseModel):
         "auto", description="auto (residual with OBS compensation, else kl), residual (layer error relative to "
                             "the residual stream's energy) or kl (layer error calibrated by the KL of a "
                             "one-layer prune to dense)")
-    residual_energy: Literal["median", "mean"] = Field(
-        "mean", description="with residual: the residual stream's energy per token as the median over tokens "
-                            "(robust to the few tokens that carry massive activations) or the mean")
     kl_blocks: int = Field(4, ge=1, description="calibration blocks for the KL calibration")
     ffn_batch: int = Field(128, ge=1, description="FFN columns per OBS batch while building the tables")
     grid: int = Field(16, ge=1, description="FFN channels per knapsack unit (coarse solve before the exact fix-up)")

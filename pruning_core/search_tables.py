@@ -134,8 +134,8 @@ def build_tables(model, adapter, calib_ids: torch.Tensor, gqa: str = "per_group"
             outs = step.run(hooks=hooks, keep_outputs=True)
             step.outputs = outs
             if outs is not None:
-                per_token = torch.cat([o.float().pow(2).sum(-1).flatten() for o in outs])
-                resid[i] = float(per_token.median() if st.residual_energy == "median" else per_token.mean())
+                e = sum(float((o.float() ** 2).sum()) for o in outs)
+                resid[i] = e / max(sum(o.shape[0] * o.shape[1] for o in outs), 1)
             for key, lin, kind in (("attn", adapter.o, "attn"), ("mlp", adapter.mlp_out, "ffn")):
                 mod = adapter.proj(layer, lin)
                 W = mod.weight.data.float().clone()

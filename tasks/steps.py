@@ -377,7 +377,7 @@ define_step("prune", _prune_keyparts, lambda p: [_score_module(p["method"]), _pr
 # model + calibration + the settings the tables depend on; every ratio and budget reuses it)
 # ================================================================================================
 TABLE_SETTINGS = ("gqa", "percdamp", "compensate", "head_score", "batch_size")
-TABLE_SEARCH = ("sensitivity", "residual_energy", "kl_blocks", "ffn_batch")
+TABLE_SEARCH = ("sensitivity", "kl_blocks", "ffn_batch")
 
 
 def _tables_keyparts(p):
