@@ -108,7 +108,10 @@ def build_tables(model, adapter, calib_ids: torch.Tensor, gqa: str = "per_group"
     """Per decoder layer i: `attn.i` [n_units+1] and `ffn.i` [ffn+1], the estimated cost (KL to dense, or
     relative error with `sensitivity: residual`) of removing k head units / k FFN channels (the last
     entry: the whole block); `raw_attn.i` / `raw_ffn.i` the layer errors, `scale` [L, 2] the calibration.
-    Computed on the dense model (`model` is left unchanged). One artifact for every ratio and budget."""
+    Computed on the dense model. With `kl`, one projection at a time is pruned for the calibration
+    forwards and then restored: `model` ends unchanged, but no other thread may run it meanwhile (the
+    pipeline's steps take turns on a shared model, `tasks.common.step_scope`). One artifact for every
+    ratio and budget."""
     from .capture import Accumulator
     from .engine import run_pass
     from .obs import exact_matmul, prepare_hessian

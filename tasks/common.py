@@ -21,7 +21,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pruning_core.errors import PruneflowError, StorageError
@@ -161,7 +162,8 @@ def run_step(step: str, params: dict, compute: Callable[[], dict]) -> dict:
             return hit
         why = explain_miss(store.history(step), parts)
         log.info("step %s: computing (key %s): %s", step, key[:12], format_reason(why))
-        man = compute()
+        with step_scope():
+            man = compute()
         man = {**man, "step": step, "key": key}
         man.pop("hit", None)
         man.pop("seconds", None)
@@ -176,17 +178,53 @@ def run_step(step: str, params: dict, compute: Callable[[], dict]) -> dict:
 _MODELS: dict[tuple, tuple] = {}
 _USERS: dict[tuple, set[threading.Thread]] = {}
 _MODELS_LOCK = threading.RLock()
+# Steps that compute on the same shared model take turns. The engine registers hooks on the model's
+# modules and swaps its layers for catchers while it catches their inputs; the search tables prune one
+# projection for a moment. On a model another thread is running, each of these changed what that thread
+# computed (a threads / Dask-threads sweep's results depended on timing). A step holds the lock of every
+# shared model it opens until its compute ends; steps on different models still run side by side.
+_USE_LOCKS: dict[tuple, threading.RLock] = {}
+_SCOPE = threading.local()
+
+
+@contextmanager
+def step_scope() -> Iterator[None]:
+    """One step's compute: the shared models it opens (`load_model_cached`) are its own until it ends."""
+    if getattr(_SCOPE, "held", None) is not None:  # nested: the outer scope releases
+        yield
+        return
+    _SCOPE.held = []
+    try:
+        yield
+    finally:
+        held, _SCOPE.held = _SCOPE.held, None
+        for lock in reversed(held):
+            lock.release()
+
+
+def _hold(key: tuple) -> None:
+    """Inside a step scope: wait for the other steps computing on this shared model, then hold it."""
+    held = getattr(_SCOPE, "held", None)
+    if held is None:
+        return
+    with _MODELS_LOCK:
+        lock = _USE_LOCKS.setdefault(key, threading.RLock())
+    if lock not in held:
+        lock.acquire()  # never while holding _MODELS_LOCK: the holder may need it to finish
+        held.append(lock)
 
 
 def load_model_cached(path: str, dtype: str, device: str, trust_remote_code: bool = False,
                       placement: str = "device"):
-    """(model, tokenizer) loaded once per process, read-only, shared by the threads that ask for it. A
-    thread holds one model at a time (its previous one is let go before the next is read). A step that
-    modifies the model opens its own (`loading.open_model`)."""
+    """(model, tokenizer) loaded once per process, shared by the threads that ask for it. A thread holds
+    one model at a time (its previous one is let go before the next is read). Inside a step scope the
+    step has the model to itself until its compute ends (`step_scope`). A step that modifies the model
+    for good opens its own (`loading.open_model`)."""
     from pruning_core.models import load_model
 
     key = (str(path), dtype, str(device), trust_remote_code, placement)
     me = threading.current_thread()
+    _hold(key)
     with _MODELS_LOCK:
         if key not in _MODELS:
             clear_models()

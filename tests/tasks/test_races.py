@@ -184,3 +184,56 @@ def test_objects_of_a_killed_s3_commit_are_collected_by_the_next_run(s3_env, tmp
     st.fs.invalidate_cache()
     assert done["objects_dropped"] and not st.fs.find(objects)
     assert not list(journal.journal_dir().glob("*.json"))
+
+
+def test_steps_on_one_shared_model_take_turns(tiny_llama_dir, pf_home, monkeypatch):
+    """`sensitivity: kl` calibrates each table by pruning one projection of the shared model for a moment,
+    and the engine hooks the model's modules and swaps its layers while it catches their inputs. A step
+    running beside it on the same model (threads and Dask-threads runners) saw those changes, so a
+    threaded sweep's checkpoints depended on timing. Steps on one shared model now take turns: the
+    layer_tables step starts only once the step holding the model has ended, and that step never sees the
+    model change."""
+    import torch
+
+    import pruning_core.search_tables as search_tables
+    from tasks import common, steps
+
+    ctx = {"store": str(pf_home / "artifacts"), "device": "cpu"}
+    model = steps.load_model_task.fn(ctx=ctx, ref=str(tiny_llama_dir))
+    calib = steps.calibration_task.fn(ctx=ctx, model=model, source="pydoc", n_samples=4, seq_len=32, seed=0)
+    ids = torch.arange(1, 33).reshape(2, 16)
+    ready, stop = threading.Event(), threading.Event()
+    seen = {"forwards": 0, "changed": 0, "ended": None, "tables_started": None}
+    real_build = search_tables.build_tables
+
+    def build(*a, **kw):
+        seen["tables_started"] = time.perf_counter()
+        return real_build(*a, **kw)
+
+    monkeypatch.setattr(search_tables, "build_tables", build)
+
+    def other_step():  # what a capture or an evaluation does on another thread, on the same shared model
+        with common.step_scope():
+            m, _ = steps._open(model, ctx, "capture")
+            with torch.no_grad():
+                ref = m(input_ids=ids).logits
+                ready.set()
+                t0 = time.perf_counter()
+                while not stop.is_set() and time.perf_counter() - t0 < 3.0:
+                    seen["forwards"] += 1
+                    seen["changed"] += not torch.equal(m(input_ids=ids).logits, ref)
+            seen["ended"] = time.perf_counter()
+        steps.clear_models()
+
+    t = threading.Thread(target=other_step)
+    t.start()
+    try:
+        assert ready.wait(60)
+        settings = {"gqa": "per_group", "schedule": "search", "search": {"sensitivity": "kl", "kl_blocks": 2}}
+        man = steps.layer_tables_task.fn(ctx=ctx, model=model, calib=calib, method="wanda", settings=settings)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not man["hit"] and seen["forwards"] > 0
+    assert seen["changed"] == 0, seen
+    assert seen["tables_started"] >= seen["ended"], seen
