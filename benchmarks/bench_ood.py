@@ -198,7 +198,7 @@ class Bench:
 
             st = sl.StreamlineSettings(**spec["settings"])
             plan = sl.select(m, self.adapter, sl.score(m, self.adapter, self.stats(spec["calib"], seed, {"cosine"}), st),
-                             None if st.n_layers else spec["ratio"], st)
+                             spec["ratio"], st)  # settings.n_layers, when set, overrides it
             apply_plan(m, plan)
             if st.replacement in ("layer", "ffn") and st.steps > 0:
                 plan.notes["training"] = sl.train_replacement(self.model, m, plan, calib, st)
