@@ -30,7 +30,8 @@ from .spec import RunSpec, validate
 
 log = logging.getLogger("pruneflow.flow")
 
-STEP_ORDER = ("load", "calibration", "capture", "score", "layer_tables", "prune", "distill_data", "teacher", "recover", "evaluate_dense", "evaluate", "export")
+STEP_ORDER = ("load", "calibration", "capture", "score", "layer_tables", "prune", "distill_data", "teacher", "recover",
+              "evaluate_dense", "evaluate_unrecovered", "evaluate", "export")
 
 
 def _host_memory() -> dict:
@@ -56,6 +57,7 @@ class StepLog:
         self.why: dict[str, str] = {}  # step -> why it missed (which part of its cache key is new)
         self.memory: dict[str, dict] = {}  # step -> host memory of this process after it (bytes)
         self.placement: dict | None = None  # the run's placement and why (`place`)
+        self.unrecovered: dict | None = None  # the pruned model's evaluation before its recovery, if asked for
         self.on_step = on_step
 
     def __call__(self, name: str, task, **kw) -> dict:
@@ -154,8 +156,12 @@ def prune_and_evaluate(spec: RunSpec, sl: StepLog, model: dict, calib: dict, sco
     ckpt = sl("prune", steps.prune_task, model=model, method=method, settings=settings, ratio=ratio,
               scores=scores, calib=calib if coupled else None, **extra)
     if spec.recovery.kind in RECOVERIES:
+        pruned = ckpt
         ckpt = sl("recover", steps.recover_task, **recover_args(spec, model, calib, settings),
                   **teacher_args(spec, sl, model, calib), checkpoint=ckpt)
+        if spec.evaluation.before_recovery:  # the same evaluation of the checkpoint the recovery started from
+            sl.unrecovered = sl("evaluate_unrecovered", steps.evaluate_task, target=pruned, settings=eval_settings(spec),
+                                model_revision=model["sha256"], label="pruned, before recovery", dtype=model["dtype"])
     else:  # none: the prune step's checkpoint as it is (an LLM-Streamline replacement stays untrained)
         sl.skip("recover")
     after = sl("evaluate", steps.evaluate_task, target=ckpt, settings=eval_settings(spec),
@@ -280,6 +286,7 @@ def build_report(spec: RunSpec, sl: StepLog, ckpt: dict, dense: dict, after: dic
         "stability": _stability(sl.ctx["store"], dense, after),
         "recovery_info": ({**{("module" if k == "kind" else k): v for k, v in rec.items() if k != "lr_curve"},
                            "kind": spec.recovery.kind} if rec else None),
+        "metrics_before_recovery": _metrics_view(sl.unrecovered["metrics"]) if sl.unrecovered else None,
         **plan_view(sl.ctx["store"], ckpt),
     }
     return {

@@ -83,6 +83,9 @@ class EvaluationSpec(_Strict):
     limit: int | None = Field(None, ge=1)
     efficiency: bool = False
     batch_size: int = Field(1, ge=1)
+    # with a recovery: evaluate the pruned model before it as well (the report's and the console's
+    # "before recovery" column), so what the recovery gave back is in the same table
+    before_recovery: bool = True
 
 
 class ExportSpec(_Strict):

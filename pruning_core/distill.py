@@ -22,6 +22,10 @@ domain (benchmarks/RESULTS.md, issue 20).
 
 What is trained (`train`):
 - `full`: every weight of the pruned model, AdamW on fp32 master copies when the model is half precision;
+- `decoder`: as `full` without the embeddings and the LM head (tied or not). They hold a vector per vocabulary
+  entry; with a narrow training text the output softmax still moves every row, towards that text. Frozen,
+  they keep what the dense model knew of the tokens the text lacks, and the step skips their weight
+  gradient and optimiser state (2 x 525 M parameters on Llama-3-8B; benchmarks/RESULTS.md, issue 20);
 - `lora`: peft adapters on the decoder's linear projections, merged afterwards (the pruned shapes stay);
 - `norms`: the RMS/LayerNorm weights and the biases only (a few thousand parameters: the cheapest).
 """
@@ -44,8 +48,9 @@ class DistillSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    train: Literal["full", "lora", "norms"] = Field("full", description="what is trained: every weight (fp32 "
-                                                    "masters), LoRA adapters (merged), or norms + biases")
+    train: Literal["full", "decoder", "lora", "norms"] = Field(
+        "full", description="what is trained: every weight (fp32 masters), the decoder layers' weights and the "
+        "final norm (embeddings and LM head frozen), LoRA adapters (merged), or norms + biases")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student (loss x T^2)")
     ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy term on the text's next tokens")
     top_k: int | None = Field(64, ge=1, description="teacher log-probs kept per token (null: the whole vocabulary)")
@@ -224,8 +229,12 @@ def _trainable(model: nn.Module, s: DistillSettings) -> tuple[nn.Module, list[nn
 
         wrapped, params = wrap_lora(model, s.targets, s.rank, s.alpha, s.dropout, s.seed)
         return wrapped, params, sum(p.numel() for p in params)
-    if s.train == "full":
+    if s.train in ("full", "decoder"):
         params = list(dict.fromkeys(model.parameters()))  # tied embeddings counted once
+        if s.train == "decoder":
+            frozen = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None and getattr(m, "weight", None) is not None}
+            params = [p for p in params if id(p) not in frozen]
     else:  # norms + biases
         params = [p for name, p in model.named_parameters()
                   if name.endswith(".bias") or "norm" in name.split(".")[-2].lower()]

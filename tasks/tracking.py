@@ -231,7 +231,8 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
                 "decoder_params_before", "stability"):
         if _num(report.get(key)) is not None:
             m[key] = _num(report.get(key))
-    for section, prefix in (("metrics_before", "before"), ("metrics_after", "after"), ("retention", "retention")):
+    for section, prefix in (("metrics_before", "before"), ("metrics_after", "after"), ("retention", "retention"),
+                            ("metrics_before_recovery", "before_recovery")):
         for k, v in flatten(report.get(section) or {}).items():
             if _num(v) is not None:
                 m[sanitize_metric_name(f"{prefix}.{k}")] = _num(v)

@@ -63,6 +63,18 @@ def test_distill_run_learns_from_exactly_the_stored_teacher(prefect_harness, tin
     # the rerun is all cache hits
     again = compress(spec={**tiny_spec, "ratio": 0.4, "recovery": DISTILL})
     assert again["cache"]["teacher"] == "hit" and again["cache"]["recover"] == "hit"
+    # the pruned model is evaluated before its recovery too (a column of the console's and the report's
+    # table): the same step, key and figures as a run without recovery, whose evaluation is then a hit
+    assert again["cache"]["evaluate_unrecovered"] == "hit"
+    before = rep["metrics_before_recovery"]
+    assert before["ppl"] != rep["metrics_after"]["ppl"] and "before recovery" in report_md
+    none = compress(spec={**tiny_spec, "ratio": 0.4})
+    assert none["cache"]["evaluate"] == "hit" and none["metrics_after"] == before
+    assert "metrics_before_recovery" not in none
+    from flows.cli import summary
+
+    head = [c.strip() for c in summary(rep).splitlines()[1].strip("| ").split("|")]
+    assert head == ["metric", "dense", "pruned, no distill", "+ distill", "retention"]
 
 
 def test_sweep_computes_the_teacher_once_for_every_method_and_ratio(prefect_harness, tiny_spec, pf_home):

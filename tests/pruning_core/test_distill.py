@@ -92,7 +92,7 @@ def test_a_top_k_teacher_keeps_the_students_tail():
     assert abs(float(loss.detach())) < 1e-6 and float(g.abs().max()) < 1e-7
 
 
-@pytest.mark.parametrize("train", ["full", "lora", "norms"])
+@pytest.mark.parametrize("train", ["full", "decoder", "lora", "norms"])
 def test_teacher_equal_to_student_gives_zero_loss_and_leaves_the_weights_unchanged(train):
     """Ratio 0: the student is the dense model. The KL is exactly 0 at every step, and AdamW moves nothing."""
     model = tiny_model("llama", n_layers=2, seed=1)
@@ -139,6 +139,27 @@ def test_distillation_moves_the_pruned_student_towards_the_teacher(train, tmp_pa
     again, _ = load_pruned(save_pruned(student, None, None, tmp_path / "d"))
     with torch.no_grad():
         assert torch.allclose(again(input_ids=held).logits, student(input_ids=held).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decoder_training_leaves_the_embeddings_and_the_head_as_they_were(tied):
+    """`train: decoder`: every decoder weight and the final norm move, the token embeddings and the LM head
+    (one tensor when tied, two when not) stay bit for bit."""
+    dense, pruned = _pruned_tiny()
+    emb = pruned.model.embed_tokens.weight
+    pruned.lm_head.weight = emb if tied else torch.nn.Parameter(emb.detach().clone() + 0.01)
+    ids = _blocks(8)
+    teacher = teacher_topk(dense, ids, None)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    student, info = distill_recover(pruned, ids, teacher, {"train": "decoder", "steps": 3, "lr": 1e-3,
+                                                           "warmup_steps": 0})
+    after = student.state_dict()
+    frozen = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all(torch.equal(after[k], before[k]) for k in frozen)
+    moved = {k for k in before if not torch.equal(after[k], before[k])}
+    assert moved == set(before) - frozen
+    n_emb = before["model.embed_tokens.weight"].numel() * (1 if tied else 2)
+    assert info["trainable_params"] == sum(p.numel() for p in dict.fromkeys(student.parameters())) - n_emb
 
 
 def test_half_precision_student_trains_on_fp32_masters():
