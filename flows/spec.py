@@ -14,7 +14,8 @@
                   (<run_dir>/servable-vllm: the stock folder, vLLM's DeciLM format, or pruneflow's vLLM
                   plugin architecture, the lightest that serves the result). Default: vllm
     recovery:     {kind: none|lora|replacement|distill, settings}  (distill: KL to the dense model's stored
-                  top-k log-probs, the `teacher` step; after LLM-Streamline's replacement is trained)
+                  top-k log-probs, the `teacher` step; after LLM-Streamline's replacement is trained).
+                  Default: distill for the embedded default model (its measured recipe), none for any other
     evaluation:   {source, ppl_seq_len, ppl_windows, tasks, limit, efficiency, batch_size}
     store:        {url}                   local folder (default $PRUNEFLOW_HOME/artifacts) or s3://bucket/prefix
     tracking:     {enabled, uri, experiment, on_failure: warn|fail, log_model}
@@ -266,6 +267,11 @@ DEFAULT_SPEC: dict[str, Any] = {
     "method": {"name": "slimgpt", "settings": {}},
     "ratio": 0.2,
     # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)
+    # distillation from the dense model (issue 20): the decoder's weights learn the dense model's top-64
+    # next-token distribution on the calibration blocks, 30 steps x 4 x 256 tokens, lr 2e-4 — the best
+    # out-of-domain recovery that fits `make run`'s ten minutes (benchmarks/RESULTS.md, distill sections).
+    # It applies to this model only (`with_defaults`); the console shows the pruned model without it too
+    "recovery": {"kind": "distill", "settings": {"train": "decoder", "lr": 2e-4, "steps": 30}},
     "evaluation": {"ppl_seq_len": 256, "ppl_windows": 16, "tasks": ["pydoc_next_sentence"], "limit": 50},
     # the run ends with <run_dir>/servable-vllm, which the summary's "serve it" line serves as it is
     "export": {"format": "vllm"},
@@ -388,6 +394,16 @@ def with_defaults(user: dict[str, Any]) -> dict[str, Any]:
     if isinstance(raw.get("method"), dict) and raw["method"].get("name") != default_method.get("name"):
         um = user.get("method") if isinstance(user.get("method"), dict) else {}
         raw["method"] = {**raw["method"], "settings": copy.deepcopy(um.get("settings", {}))}
+    if isinstance(raw.get("recovery"), dict):
+        ur = user.get("recovery") if isinstance(user.get("recovery"), dict) else {}
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        if model.get("ref") != DEFAULT_SPEC["model"]["ref"]:
+            # the default recovery is the embedded default's measured recipe (a 135 M model trained in
+            # minutes on a CPU); another model starts from none: full-weight training of a 7-70 B model is
+            # a decision (memory, placement, time), not a default
+            raw["recovery"] = copy.deepcopy(ur)
+        elif raw["recovery"].get("kind") != DEFAULT_SPEC["recovery"]["kind"]:  # another kind: its own settings
+            raw["recovery"] = {**raw["recovery"], "settings": copy.deepcopy(ur.get("settings", {}))}
     return raw
 
 

@@ -105,8 +105,8 @@ def test_run_console_in_a_log_file_has_one_line_per_step(tiny_llama_dir, tmp_pat
     assert "\r" not in raw and "\x1b" not in raw
     lines = raw.splitlines()
     steps = [ln.split()[1] for ln in lines if ln.startswith("✓ ")]
-    assert steps == ["prefect", "load", "calibration", "prune", "recover", "evaluate", "evaluate_dense",
-                     "export", "report"], lines  # export: the default run ends with its servable-vllm folder
+    assert steps == ["prefect", "load", "calibration", "prune", "recover", "evaluate_unrecovered", "evaluate",
+                     "evaluate_dense", "export", "report"], lines  # export: the default run ends with its servable-vllm folder
     # LoRA's training: a line per quarter of its steps, before the recover step's line
     milestones = [ln for ln in lines if ln.startswith("  lora: step ")]
     assert [m.split()[2] for m in milestones] == ["2/8", "4/8", "6/8", "8/8"], lines

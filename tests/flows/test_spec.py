@@ -64,6 +64,24 @@ def test_one_rule_for_defaults_no_file_empty_file_and_a_file(tmp_path):
     assert s.calibration.n_samples == 4 and s.calibration.seq_len == DEFAULT_SPEC["calibration"]["seq_len"]
 
 
+def test_the_default_recovery_belongs_to_the_embedded_default_model(tmp_path):
+    """Distillation is the embedded default's measured recipe; another model starts without recovery, and
+    another recovery kind never gets distillation's settings."""
+    d = build_spec().recovery
+    assert d.kind == "distill" and d.settings["train"] == "decoder" and d.settings["steps"] == 30
+    assert build_spec(None, **{"method.name": "l2"}).recovery.kind == "distill"  # any method of that model
+    other = build_spec(None, **{"model.ref": str(tmp_path / "llama")})
+    assert other.recovery.kind == "none" and other.recovery.settings == {}
+    mine = build_spec(None, ["recovery.kind=distill", "recovery.settings.steps=5"], **{"model.ref": "x/y"})
+    assert mine.recovery.kind == "distill" and mine.recovery.settings["steps"] == 5
+    from pruning_core.distill import parse_settings
+
+    assert mine.recovery.settings == parse_settings({"steps": 5, "seed": 0}).model_dump(mode="json")
+    lora = build_spec(None, ["recovery.kind=lora"]).recovery
+    assert lora.kind == "lora" and "train" not in lora.settings and lora.settings["rank"] == 8
+    assert build_spec(None, ["recovery.kind=none"]).recovery.kind == "none"
+
+
 @pytest.mark.parametrize("method", ["llm-rank", "mpr", "shortgpt", "llm-streamline", "slimgpt", "l2"])
 def test_a_method_never_gets_another_methods_default_settings(tmp_path, method):
     from pruning_core.methods import get_method
