@@ -9,7 +9,9 @@ pydoc eval, out-of-domain PPL on `pkgdocs`, non-overlapping 256-token windows, n
 of a (config, seed) is computed once and copied for each recovery.
 - `lora-ce`: today's `recovery: lora` (peft r 8 on every projection, cross-entropy on pydoc's train split);
 - `distill-<train>`: `recovery: distill` with `train: <train>`: KL to the dense model's top-k log-probs
-  (the `teacher`, computed once per calibration seed) on the calibration blocks;
+  (the `teacher`, computed once per calibration seed) on the calibration blocks; `train` is full, decoder
+  (embeddings and LM head frozen), lora or norms. `distill-<train>@samples` trains on `--samples` blocks the
+  dense model samples from BOS instead, `distill-<train>@mix` on the calibration blocks plus `--mix` of them;
 - `--steps` is the same for every recovery of a row (equal steps); equal wall time is read from the
   `--eval-every` curve (OOD PPL against training seconds), written beside each row.
 Each row records training seconds, tokens/s, the process's peak RSS and the teacher's size. Rows append
@@ -47,7 +49,22 @@ CONFIGS = {
 }
 
 
+def _reset_peak_rss() -> None:
+    """Linux: start the process's peak RSS (VmHWM) afresh, so each row reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _rss_mb() -> float:
+    """Peak RSS since the last `_reset_peak_rss` (VmHWM), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -58,21 +75,26 @@ class DistillBench(Bench):
         self._teacher: dict = {}
         self._pruned: dict = {}
 
-    def teacher(self, seed: int, samples: bool = False) -> tuple[torch.Tensor, dict]:
-        """(blocks, teacher) of a calibration seed: the calibration blocks, or (`samples`) `--samples` NxL
-        blocks the dense model samples from BOS (`source: teacher-samples`, sampling seed = the seed)."""
-        key = (self.a.calib, seed, self.a.top_k, samples and self.a.samples)
+    def teacher(self, seed: int, source: str = "") -> tuple[torch.Tensor, dict]:
+        """(blocks, teacher) of a calibration seed: the calibration blocks; (`samples`) `--samples` NxL
+        blocks the dense model samples from BOS (`source: teacher-samples`, sampling seed = the seed); or
+        (`mix`) the calibration blocks followed by `--mix` such samples (`mix_samples`)."""
+        key = (self.a.calib, seed, self.a.top_k, source, self.a.samples if source == "samples" else self.a.mix)
         if key not in self._teacher:
             t0 = time.perf_counter()
-            if samples:
+            if source == "samples":
                 n, L = (int(x) for x in self.a.samples.split("x"))
                 blocks = sample_from_teacher(self.model, n, L, seed=seed, batch_size=16)
+            elif source == "mix":
+                calib = self.calib(self.a.calib, seed)
+                blocks = torch.cat([calib, sample_from_teacher(self.model, self.a.mix, calib.shape[1], seed=seed,
+                                                               batch_size=16)])
             else:
                 blocks = self.calib(self.a.calib, seed)
             t_sample = time.perf_counter() - t0
             t = teacher_topk(self.model, blocks, self.a.top_k, batch_size=4)
             t["seconds"] = time.perf_counter() - t0
-            t["sample_seconds"] = t_sample if samples else 0.0
+            t["sample_seconds"] = t_sample if source else 0.0
             self._teacher = {key: (blocks, t)}
         return self._teacher[key]
 
@@ -101,6 +123,7 @@ class DistillBench(Bench):
         if recovery == "none":
             return row | {k: before[k] for k in ("ppl_id", "ppl_ood")}
         curve: list[dict] = []
+        _reset_peak_rss()  # this row's training, not the rows or the pruning before it
         t_start = [time.perf_counter()]
 
         def progress(step, steps, loss):
@@ -125,7 +148,7 @@ class DistillBench(Bench):
                                    progress=progress)
         else:
             kind, _, source = recovery.partition("@")
-            blocks, t = self.teacher(seed, samples=source == "samples")
+            blocks, t = self.teacher(seed, source)
             train = kind.removeprefix("distill-")
             settings = {"train": train, "steps": self.a.steps, "seed": seed, "lr": self.a.lr,
                         "batch_size": self.a.batch_size}
@@ -215,6 +238,8 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", default="64x256", help="calibration = distillation blocks, NxL")
     ap.add_argument("--samples", default="32x256", help="distill-<train>@samples: NxL blocks sampled from the "
                     "dense model (source: teacher-samples)")
+    ap.add_argument("--mix", type=int, default=64, help="distill-<train>@mix: the calibration blocks plus this "
+                    "many blocks sampled from the dense model (mix_samples)")
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--id-windows", type=int, default=8)

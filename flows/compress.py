@@ -30,7 +30,8 @@ from .spec import RunSpec, validate
 
 log = logging.getLogger("pruneflow.flow")
 
-STEP_ORDER = ("load", "calibration", "capture", "score", "layer_tables", "prune", "distill_data", "teacher", "recover",
+STEP_ORDER = ("load", "calibration", "capture", "score", "layer_tables", "prune", "distill_data", "distill_samples",
+              "distill_mix", "teacher", "recover",
               "evaluate_dense", "evaluate_unrecovered", "evaluate", "export")
 
 
@@ -192,6 +193,11 @@ def teacher_args(spec: RunSpec, run, model: dict, calib: dict) -> dict:
                      batch_size=r["sample_batch_size"])
     else:
         blocks = calib if same else run("distill_data", steps.calibration_task, model=model, **d)
+    if r["mix_samples"]:  # the model's own text beside the training text's blocks (two cached steps)
+        extra = run("distill_samples", steps.teacher_samples_task, model=model, n_samples=r["mix_samples"],
+                    seq_len=d["seq_len"], seed=d["seed"], temperature=r["sample_temperature"],
+                    batch_size=r["sample_batch_size"])
+        blocks = run("distill_mix", steps.concat_blocks_task, parts=[blocks, extra])
     teacher = run("teacher", steps.teacher_task, model=model, blocks=blocks, top_k=r["top_k"],
                   dtype=r["teacher_dtype"], batch_size=r["teacher_batch_size"])
     return {"teacher": teacher, "blocks": blocks}

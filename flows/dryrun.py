@@ -240,7 +240,7 @@ def distill_plan(spec: RunSpec, config) -> dict:
 
     d, r = distill_data(spec), spec.recovery.settings
     k = min(r["top_k"] or config.vocab_size, config.vocab_size)
-    tokens = d["n_samples"] * d["seq_len"]
+    tokens = (d["n_samples"] + r.get("mix_samples", 0)) * d["seq_len"]
     return {"teacher": {"tokens": tokens, "top_k": k, "source": d["source"], "train": r["train"],
                         "bytes": teacher_bytes(tokens, k, 2 if r["teacher_dtype"] == "float16" else 4)}}
 

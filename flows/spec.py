@@ -216,6 +216,11 @@ class RunSpec(_Strict):
             from pruning_core.distill import parse_settings as distill_settings
 
             self.recovery.settings = distill_settings({"seed": self.seed, **self.recovery.settings}).model_dump(mode="json")
+            from pruning_core.distill import TEACHER_SAMPLES
+
+            if self.recovery.settings["mix_samples"] and self.recovery.settings["source"] == TEACHER_SAMPLES:
+                raise ConfigError("recovery.settings.mix_samples", self.recovery.settings["mix_samples"],
+                                  f"0 when source is {TEACHER_SAMPLES} (its blocks are samples already: use n_blocks)")
         elif self.recovery.kind == "replacement":
             if "replacement" not in m.settings.model_fields:
                 raise ConfigError("recovery.kind", "replacement",
@@ -266,12 +271,12 @@ DEFAULT_SPEC: dict[str, Any] = {
     "calibration": {"source": "pydoc", "n_samples": 64, "seq_len": 256},  # seed: the run's `seed`
     "method": {"name": "slimgpt", "settings": {}},
     "ratio": 0.2,
-    # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)
     # distillation from the dense model (issue 20): the decoder's weights learn the dense model's top-64
     # next-token distribution on the calibration blocks, 30 steps x 4 x 256 tokens, lr 2e-4 — the best
     # out-of-domain recovery that fits `make run`'s ten minutes (benchmarks/RESULTS.md, distill sections).
     # It applies to this model only (`with_defaults`); the console shows the pruned model without it too
     "recovery": {"kind": "distill", "settings": {"train": "decoder", "lr": 2e-4, "steps": 30}},
+    # fixed-window perplexity on the held-out text + one offline lm-eval task (built from the same text)
     "evaluation": {"ppl_seq_len": 256, "ppl_windows": 16, "tasks": ["pydoc_next_sentence"], "limit": 50},
     # the run ends with <run_dir>/servable-vllm, which the summary's "serve it" line serves as it is
     "export": {"format": "vllm"},

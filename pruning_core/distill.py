@@ -18,7 +18,9 @@ given k is.
 The training text can be text the dense model writes itself (`source: teacher-samples`): sequences
 sampled from BOS at temperature 1 (LLM-QAT's data-free distillation, Liu et al. 2023, §2.1). They cover
 what the model knows rather than one corpus, so what is learnt on them is less tied to the calibration
-domain (benchmarks/RESULTS.md, issue 20).
+domain (benchmarks/RESULTS.md, issue 20). `mix_samples` appends such samples to the training text's blocks:
+the calibration domain and the model's own text side by side, which measured better out of domain than
+either alone.
 
 What is trained (`train`):
 - `full`: every weight of the pruned model, AdamW on fp32 master copies when the model is half precision;
@@ -51,7 +53,11 @@ class DistillSettings(BaseModel):
     train: Literal["full", "decoder", "lora", "norms"] = Field(
         "full", description="what is trained: every weight (fp32 masters), the decoder layers' weights and the "
         "final norm (embeddings and LM head frozen), LoRA adapters (merged), or norms + biases")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student (loss x T^2)")
+    # with a top-k teacher, T != 1 tempers the rest category as one entry, which understates the tail's
+    # share at T > 1: on SmolLM2-135M SlimGPT 20 %, T = 2 took the student to 140 PPL out of domain where
+    # T = 1 gave 54 (benchmarks/RESULTS.md, issue 20). T != 1 is exact only with top_k null
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student (loss x T^2; "
+                               "with a top-k teacher keep 1, see the comment)")
     ce_weight: float = Field(0.0, ge=0, description="weight of a cross-entropy term on the text's next tokens")
     top_k: int | None = Field(64, ge=1, description="teacher log-probs kept per token (null: the whole vocabulary)")
     min_kept_mass: float = Field(0.9, ge=0, le=1, description="below this mean teacher mass inside the top-k "
@@ -69,6 +75,9 @@ class DistillSettings(BaseModel):
     # calibration text, blocks and seed)
     source: str | None = Field(None, description="training text (a calibration source, or teacher-samples: "
                                "sequences the dense model samples from BOS; null: calibration.source)")
+    mix_samples: int = Field(0, ge=0, description="plus this many sequences the dense model samples from BOS "
+                             "(teacher-samples, seq_len tokens each), appended to the training text's blocks: "
+                             "general text beside the calibration domain (0: none)")
     sample_temperature: float = Field(1.0, gt=0, description="teacher-samples: sampling temperature")
     sample_batch_size: int = Field(16, ge=1, description="teacher-samples: sequences sampled at once")
     n_blocks: int | None = Field(None, ge=1, description="training blocks (null: calibration.n_samples)")

@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import task
 
-from pruning_core.errors import ConfigError, StorageError
+from pruning_core.errors import ConfigError, DataError, StorageError
 
 from .common import (
     cache_key_fn_for,
@@ -565,6 +565,31 @@ def teacher_samples_task(ctx: dict, model: dict, n_samples: int, seq_len: int, s
         return _save_tensors({"input_ids": ids}, "calibration.safetensors", "calibration", "teacher_samples", ctx)
 
     return run_step("teacher_samples", params, compute)
+
+
+def _concat_keyparts(p):
+    return {}, list(p["parts"]), None
+
+
+define_step("concat_blocks", _concat_keyparts, lambda p: [_concat_keyparts, concat_blocks_task])
+
+
+@_task("concat_blocks")
+def concat_blocks_task(ctx: dict, parts: list[dict]) -> dict:
+    """One block artifact: the blocks of `parts` (calibration-like artifacts of one block length), in order
+    (`recovery.settings.mix_samples`: the training text's blocks, then the dense model's samples)."""
+    params = {"ctx": ctx, "parts": parts}
+
+    def compute():
+        import torch
+
+        blocks = [load_calibration(p, ctx) for p in parts]
+        if len({b.shape[1] for b in blocks}) != 1:
+            raise DataError("recovery.settings.seq_len", [b.shape[1] for b in blocks], "blocks of one length to mix")
+        return _save_tensors({"input_ids": torch.cat(blocks)}, "calibration.safetensors", "calibration",
+                             "concat_blocks", ctx)
+
+    return run_step("concat_blocks", params, compute)
 
 
 # ================================================================================================

@@ -120,6 +120,33 @@ def test_teacher_samples_are_a_cached_step_the_teacher_is_computed_on(prefect_ha
     assert other["cache"]["distill_data"] == "miss" and other["cache"]["teacher"] == "miss"
 
 
+def test_mixed_text_is_the_calibration_blocks_then_the_dense_models_samples(prefect_harness, tiny_spec, pf_home,
+                                                                             tiny_llama_dir):
+    """`mix_samples: N`: the training blocks are the calibration's, then N samples of the dense model (its
+    cached step); the teacher is taken over exactly that concatenation, and a rerun hits all three steps."""
+    from pruning_core.checkpoint import load_pruned
+    from pruning_core.distill import sample_from_teacher
+
+    rec = {"kind": "distill", "settings": {**DISTILL["settings"], "mix_samples": 3, "sample_batch_size": 2}}
+    rep = compress(spec={**tiny_spec, "ratio": 0.4, "recovery": rec})
+    assert [rep["cache"][k] for k in ("distill_samples", "distill_mix", "teacher")] == ["miss"] * 3
+    assert "distill_data" not in rep["cache"]  # the calibration blocks themselves: no step of their own
+    store = rep["store"]
+    calib = _tensors(pf_home, store, "calibration", rep["artifacts"]["calibration"])["input_ids"]
+    mixed = _tensors(pf_home, store, "concat_blocks", rep["artifacts"]["distill_mix"])["input_ids"]
+    dense, _ = load_pruned(tiny_llama_dir)
+    samples = sample_from_teacher(dense, 3, calib.shape[1], seed=tiny_spec["calibration"]["seed"], batch_size=2)
+    assert torch.equal(mixed, torch.cat([calib, samples]))
+    teacher = _tensors(pf_home, store, "teacher", rep["artifacts"]["teacher"])
+    assert teacher["indices"].shape[:2] == mixed.shape
+    assert rep["recovery_info"]["teacher_uri"] == rep["artifacts"]["teacher"]
+    again = compress(spec={**tiny_spec, "ratio": 0.5, "recovery": rec})
+    assert [again["cache"][k] for k in ("distill_samples", "distill_mix", "teacher")] == ["hit"] * 3
+    with pytest.raises(ConfigError, match="recovery.settings.mix_samples"):
+        compress(spec={**tiny_spec, "recovery": {"kind": "distill", "settings": {"mix_samples": 2,
+                                                                                 "source": "teacher-samples"}}})
+
+
 def test_distill_is_refused_before_any_step_where_it_cannot_run(tiny_spec):
     from flows.preflight import preflight
     from flows.spec import build_spec, validate
