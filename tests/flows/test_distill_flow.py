@@ -165,5 +165,8 @@ def test_plan_estimates_the_teachers_size(tiny_spec):
 
     res = dry_run(validate({**tiny_spec, "recovery": {"kind": "distill", "settings": {"top_k": 16, "n_blocks": 6}}}))
     c = tiny_spec["calibration"]
-    assert res["teacher"] == {"tokens": 6 * c["seq_len"], "top_k": 16, "source": "pydoc", "train": "full",
+    assert res["teacher"] == {"tokens": 6 * c["seq_len"], "top_k": 16, "source": "pydoc", "train": "decoder",
                               "bytes": 6 * c["seq_len"] * 16 * 6}
+    mixed = dry_run(validate({**tiny_spec, "recovery": {"kind": "distill", "settings": {"top_k": 16, "n_blocks": 6,
+                                                                                       "mix_samples": 4}}}))
+    assert mixed["teacher"]["tokens"] == 10 * c["seq_len"]

@@ -46,7 +46,7 @@ def test_recovery_settings_are_validated():
     with pytest.raises(ConfigError, match="recovery.kind"):
         validate({"recovery": {"kind": "qat"}})
     d = validate({"seed": 7, "recovery": {"kind": "distill", "settings": {"steps": 3}}}).recovery.settings
-    assert d["steps"] == 3 and d["train"] == "full" and d["seed"] == 7  # the run's seed seeds the training
+    assert d["steps"] == 3 and d["train"] == "decoder" and d["seed"] == 7  # the run's seed seeds the training
 
 
 def test_one_rule_for_defaults_no_file_empty_file_and_a_file(tmp_path):
@@ -68,7 +68,7 @@ def test_the_default_recovery_belongs_to_the_embedded_default_model(tmp_path):
     """Distillation is the embedded default's measured recipe; another model starts without recovery, and
     another recovery kind never gets distillation's settings."""
     d = build_spec().recovery
-    assert d.kind == "distill" and d.settings["train"] == "decoder" and d.settings["steps"] == 30
+    assert d.kind == "distill" and d.settings["mix_samples"] == 64 and d.settings["steps"] == 30
     assert build_spec(None, **{"method.name": "l2"}).recovery.kind == "distill"  # any method of that model
     other = build_spec(None, **{"model.ref": str(tmp_path / "llama")})
     assert other.recovery.kind == "none" and other.recovery.settings == {}
