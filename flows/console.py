@@ -89,7 +89,7 @@ def _stray_output_to_log():
 class StepBars:
     """`with bars.step("prune") as done: ...; done("miss")` — one bar per step."""
 
-    width = 14
+    width = 20  # the longest step name (evaluate_unrecovered)
 
     @contextmanager
     def step(self, name: str):
