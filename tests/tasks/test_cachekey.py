@@ -82,6 +82,7 @@ def test_a_library_version_changes_every_step_key(monkeypatch, tiny_llama_dir):
         "teacher_samples": {"model": m, "n_samples": 4, "seq_len": 32, "seed": 0, "temperature": 1.0,
                             "batch_size": 16},
         "layer_tables": {"model": m, "calib": m, "method": "slimgpt", "settings": {"gqa": "per_group"}},
+        "concat_blocks": {"parts": [m, {"sha256": "s" * 64}]},
     }
     assert set(params) == set(STEPS)
     before = {s: STEPS[s].key(p) for s, p in params.items()}
