@@ -180,14 +180,15 @@ def summary(report: dict) -> str:
     if report.get("rounding"):
         out.append(f"  ({report['rounding']})")
     fb, fa = flatten_metrics(report.get("metrics_before")), flatten_metrics(report.get("metrics_after"))
-    fu = flatten_metrics(report["metrics_before_recovery"]) if report.get("metrics_before_recovery") else None
+    # with a recovery, the pruned model before it too: what the recovery gave back, beside it
+    fu = [flatten_metrics(report["metrics_before_recovery"])] if report.get("metrics_before_recovery") else []
     ret = report.get("retention", {})
-    mid = [] if fu is None else [f"pruned, no {report.get('recovery')}"]  # what the recovery gave back, beside it
-    rows = [[k, fb.get(k), *([fu.get(k)] if fu is not None else []), fa[k], ret.get(k)] for k in fa
+    mid = [f"pruned, no {report.get('recovery')}"] if fu else []
+    rows = [[k, fb.get(k), *[x.get(k) for x in fu], fa[k], ret.get(k)] for k in fa
             if k in ret or k.startswith("ppl.")]
     if "average" in ret:
         rows.append(["average retention", None, *[None] * len(mid), None, ret["average"]])
-    last = "pruned" if fu is None else f"+ {report.get('recovery')}"
+    last = f"+ {report.get('recovery')}" if fu else "pruned"
     out.append(table(["metric", "dense", *mid, last, "retention"], rows))
     a = report.get("artifacts", {})
     ckpt = a.get("checkpoint_local") or a.get("checkpoint")

@@ -213,11 +213,10 @@ class RunSpec(_Strict):
 
             self.recovery.settings = parse_settings({"seed": self.seed, **self.recovery.settings}).model_dump(mode="json")
         elif self.recovery.kind == "distill":
+            from pruning_core.distill import TEACHER_SAMPLES
             from pruning_core.distill import parse_settings as distill_settings
 
             self.recovery.settings = distill_settings({"seed": self.seed, **self.recovery.settings}).model_dump(mode="json")
-            from pruning_core.distill import TEACHER_SAMPLES
-
             if self.recovery.settings["mix_samples"] and self.recovery.settings["source"] == TEACHER_SAMPLES:
                 raise ConfigError("recovery.settings.mix_samples", self.recovery.settings["mix_samples"],
                                   f"0 when source is {TEACHER_SAMPLES} (its blocks are samples already: use n_blocks)")

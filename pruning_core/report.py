@@ -233,14 +233,11 @@ def render_markdown(report: dict, plots_dir: str | Path | None = None) -> str:
     ]))
     md += ["", "## Metrics", ""]
     keys = sorted(set(b) | set(a), key=lambda k: (not k.startswith("ppl"), "/" not in k, k))
-    u = flatten_metrics(report["metrics_before_recovery"]) if report.get("metrics_before_recovery") else None
-    if u is None:
-        md.append(_table(["metric", "dense", "pruned", "retention"],
-                         [[k, b.get(k), a.get(k), ret.get(k)] for k in keys]))
-    else:  # the pruned model before its recovery too: what the recovery gave back
-        rec = _recovery_name(report)
-        md.append(_table(["metric", "dense", "pruned, before recovery", f"after {rec}", "retention"],
-                         [[k, b.get(k), u.get(k), a.get(k), ret.get(k)] for k in keys]))
+    # with a recovery, the pruned model before it too: what the recovery gave back
+    u = [flatten_metrics(report["metrics_before_recovery"])] if report.get("metrics_before_recovery") else []
+    mid = ["pruned, before recovery"] if u else []
+    md.append(_table(["metric", "dense", *mid, f"after {_recovery_name(report)}" if u else "pruned", "retention"],
+                     [[k, b.get(k), *[x.get(k) for x in u], a.get(k), ret.get(k)] for k in keys]))
     if "average" in ret:
         md.append(f"\nAverage retention (quality metrics): **{ret['average']:.3f}**")
     if isinstance(report.get("stability"), (int, float)):
